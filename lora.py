@@ -1,0 +1,266 @@
+"""LoRA adapters for model.py, saved and loaded in PEFT's format.
+
+A LoRALinear *is* the nn.Linear it replaces (same `weight`, same `bias`, same module name), plus two small
+matrices: y = x W^T + b + (dropout(x) A^T B^T) * lora_alpha / r.  A starts kaiming-uniform, B starts at zero,
+so a fresh adapter changes nothing.  Because the base keeps its name, `model.layers.0.self_attn.q_proj.weight`
+is still the checkpoint key, and the adapter keys are PEFT's with the `base_model.model.` prefix dropped:
+`model.layers.0.self_attn.q_proj.lora_A.weight`.  Base weights may be bf16/fp16; the adapter stays fp32.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the model (keys, shapes, config)."""
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        nn.Module.__init__(self)  # take over base's tensors instead of allocating new ones
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.lora_alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device if base.weight.device.type != "meta" else "cpu"
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT (and nn.Linear) do
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        # Under autocast both matmuls run in the autocast dtype; otherwise the adapter runs in its own fp32.
+        a = self.lora_A.weight if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight if torch.is_autocast_enabled(x.device.type) else self.lora_B.weight.to(x.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """B A * scaling in fp32, the update that merging adds to W."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.lora_alpha}"
+
+
+def _targets(model: nn.Module, targets) -> list[str]:
+    """Names of the nn.Linear modules inside the blocks whose last name component is in targets (PEFT's rule)."""
+    targets = set(targets)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
+            and ".layers." in f".{name}" and name.rsplit(".", 1)[-1] in targets]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def apply_lora(model: nn.Module, r: int = 128, alpha: float = 16, dropout: float = 0.3, targets=DEFAULT_TARGETS,
+               use_rslora: bool = False, verbose: bool = True) -> nn.Module:
+    """Freeze everything, then wrap each targeted linear layer in a LoRALinear (paper: r=128, alpha=16, p=0.3)."""
+    if r <= 0:
+        raise AdapterError(f"LoRA rank must be positive, got r={r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = _targets(model, targets)
+    if not names:
+        raise AdapterError(f"no linear layer in the model matches LoRA targets {sorted(set(targets))}")
+    for name in names:
+        _set(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                             target_modules=sorted({n.rsplit(".", 1)[-1] for n in names}))
+    if verbose:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"LoRA r={r} alpha={alpha} dropout={dropout} on {len(names)} layers: trainable params "
+              f"{trainable:,} || all params {total:,} || trainable% {100 * trainable / total:.4f}")
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under our module names (`...q_proj.lora_A.weight`)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight
+    return out
+
+
+def merge_lora(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module):
+    for m in lora_modules(model).values():
+        m.unmerge()
+    return model
+
+
+def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
+    """adapter_config.json + adapter_model.safetensors, readable by peft.PeftModel.from_pretrained."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise AdapterError("model has no LoRA adapter to save (call apply_lora first)")
+    os.makedirs(out_dir, exist_ok=True)
+    base = base_model_name_or_path or str(getattr(model, "path", "") or "")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+        "target_modules": cfg["target_modules"], "bias": "none", "use_rslora": cfg["use_rslora"],
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_dora": False,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> nn.Module:
+    """Load a PEFT LoRA adapter (ours or PEFT's) into model, adding LoRA layers first if it has none."""
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    w_path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise AdapterError(f"{p}: not found (an adapter folder holds adapter_config.json and "
+                               "adapter_model.safetensors)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_path}: {key}=true is not supported")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_path}: per-layer {key} is not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise AdapterError(f"{cfg_path}: bias={cfg.get('bias')!r} / modules_to_save="
+                           f"{cfg.get('modules_to_save')!r} are not supported (only adapter matrices)")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) or not targets:
+        raise AdapterError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    if not lora_modules(model):
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   targets=targets, use_rslora=cfg.get("use_rslora", False), verbose=verbose)
+    tensors = load_file(w_path)
+    ours = lora_state_dict(model)
+    # PEFT writes "base_model.model.<name>.lora_A.weight"; older files may carry the adapter name too.
+    theirs = {k.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.",
+                                                                                        ".lora_B."): v
+              for k, v in tensors.items()}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    if missing or unexpected:
+        detail = [f"{len(names)} {what}" + (f" (e.g. {', '.join(names[:2])})" if names else "")
+                  for what, names in (("missing", missing), ("unexpected", unexpected))]
+        raise AdapterError(f"{w_path}: adapter does not fit the model: {', '.join(detail)}")
+    bad = [f"{k} {tuple(theirs[k].shape)} != {tuple(v.shape)}" for k, v in ours.items()
+           if theirs[k].shape != v.shape]
+    if bad:
+        raise AdapterError(f"{w_path}: {len(bad)} adapter tensors have the wrong shape, e.g. {bad[0]}")
+    with torch.no_grad():
+        for k, v in ours.items():
+            v.copy_(theirs[k].to(v.dtype))
+    scaling = (cfg["lora_alpha"] / math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["lora_alpha"] / cfg["r"])
+    for m in lora_modules(model).values():
+        m.scaling = scaling
+    return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def export_merged(model: nn.Module, base_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30):
+    """Write a merged Hugging Face folder (config, safetensors shards + index when large, tokenizer files)."""
+    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    state = {}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if ".lora_A." in k or ".lora_B." in k or (tie and k == "lm_head.weight"):
+                continue
+            state[k] = v
+        for name, m in lora_modules(model).items():
+            w = m.weight.float() if m.merged else m.weight.float() + m.delta_weight()
+            state[f"{name}.weight"] = w.to(m.weight.dtype)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".merged-", dir=parent)
+    shards, cur, size = [], {}, 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = state[k]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(base_dir, "config.json")) as f:
+        config = json.load(f)
+    dtype = next(iter(state.values())).dtype
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(base_dir, name)):
+            shutil.copy2(os.path.join(base_dir, name), os.path.join(tmp, name))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
