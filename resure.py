@@ -1,0 +1,340 @@
+"""ReSURE (arXiv 2508.19996, Sec. 3): down-weight supervision whose loss is unusually high for its turn depth.
+
+Per turn group b a running estimator (welford.py) tracks the unit losses. For one batch, with the statistics as they
+stood before it:
+  tau_b = mu_b + alpha * sigma_b                                   (Eq. 5)
+  l <= tau_b: reliable, w = 1, the loss enters the statistics      (Eq. 6)
+  l >  tau_b: unreliable, w = max(eps, exp(-(l - tau_b) / tau_b))  (Eqs. 6-7)
+  eps = floor_percentile-th percentile (numpy, linear) of the batch's weights before the floor
+  loss = 1/N * sum_s w_s * l_s, the weights are constants         (Eq. 1)
+Warm-up: a batch is a warm-up batch (all w = 1, every loss enters) while fewer than warmup_samples units had been seen
+before it; a group with fewer than min_count values in its estimator has no usable sigma, so its units are reliable.
+Ramp (our reading of the paper's "gradually increased filtering weight"): the s-th weigh() call after warm-up
+(s = 0, 1, ...) uses w_eff = 1 - r * (1 - w), r = min(1, (s + 1) / ramp_steps); ramp_steps = 0 means r = 1 at once.
+Modes: resure; sft (all w = 1; every loss enters the statistics, for logging); global (one group for all depths);
+hard (flagged w = 0, no floor). stats_update: reliable (paper) | winsorized (flagged enter as tau) | all.
+Non-finite losses get w = 0, are counted, never enter the statistics. Losses must be >= 0 (cross-entropy).
+Another weighting rule: edit weight_rule(). Another statistic: add it to welford.ESTIMATORS.
+"""
+import copy
+import math
+from collections import namedtuple
+
+import numpy as np
+import torch
+
+from welford import GroupedStats
+
+MODES, UPDATES = ("resure", "sft", "global", "hard"), ("reliable", "winsorized", "all")
+FIX = "--stats ema --stats-update winsorized or --stats mad --stats-update all"
+
+
+class ReSUREError(ValueError):
+    pass
+
+
+def weight_rule(l, tau):
+    """Eq. 6: weight of units whose loss l exceeds their threshold tau (numpy arrays; tau = 0 gives w = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(tau > 0, np.exp(-(l - tau) / np.where(tau > 0, tau, 1.0)), 0.0)
+
+
+def _np(x, dtype, name):
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ReSUREError(f"resure: {name} must be 1-D, got shape {tuple(x.shape)}")
+    if dtype == np.int64 and x.dtype.kind not in "iu" and x.size and not np.all(np.mod(x, 1) == 0):
+        raise ReSUREError(f"resure: {name} must be integers, got {x.dtype} values such as {x[np.mod(x, 1) != 0][0]}")
+    return x.astype(dtype)
+
+
+def _num(x):  # JSON-safe float: None for nan/inf
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class ReSURE:
+    CONFIG = ("alpha", "floor_percentile", "warmup_samples", "ramp_steps", "min_count", "max_turn_groups", "mode",
+              "stats_kind", "stats_update", "ema_decay", "window")
+    COUNTERS = ("calls", "seen", "ramp_pos", "units_total", "flagged_total", "nonfinite_total", "lag_run",
+                "collapse_run")
+
+    def __init__(self, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=50, min_count=2,
+                 max_turn_groups=8, mode="resure", stats="welford", stats_update="reliable", ema_decay=0.05,
+                 window=256, warn_steps=20, record=False):
+        if mode not in MODES or stats_update not in UPDATES:
+            raise ReSUREError(f"resure: mode must be one of {MODES} and stats_update one of {UPDATES}, "
+                              f"got mode={mode!r} stats_update={stats_update!r}")
+        if not (0 <= floor_percentile <= 100 and min_count >= 2 and max_turn_groups >= 1 and ramp_steps >= 0
+                and warmup_samples >= 0 and alpha >= 0):
+            raise ReSUREError("resure: need 0 <= floor_percentile <= 100, min_count >= 2, max_turn_groups >= 1, "
+                              "ramp_steps >= 0, warmup_samples >= 0, alpha >= 0")
+        self.alpha, self.floor_percentile, self.warmup_samples = float(alpha), float(floor_percentile), warmup_samples
+        self.ramp_steps, self.min_count, self.max_turn_groups, self.mode = ramp_steps, min_count, max_turn_groups, mode
+        self.stats_kind, self.stats_update, self.ema_decay, self.window = stats, stats_update, float(ema_decay), window
+        self.stats = GroupedStats(stats, ema_decay, window)
+        self.warn_steps, self.record, self.records = warn_steps, record, []
+        for k in self.COUNTERS:  # weigh() calls, finite units seen, calls after warm-up, ..., lag/collapse streaks
+            setattr(self, k, 0)
+        self.warned, self.pending, self.last, self.last_tau = [], [], {}, np.zeros(0)
+
+    def _groups(self, groups, n):
+        g = _np(groups, np.int64, "groups")
+        if len(g) != n:
+            raise ReSUREError(f"resure: {n} losses but {len(g)} groups")
+        if (g < 1).any():
+            raise ReSUREError(f"resure: unit {int(np.argmax(g < 1))} has turn group {g[g < 1][0]}; groups are >= 1")
+        return np.ones_like(g) if self.mode == "global" else np.minimum(g, self.max_turn_groups)
+
+    def _losses(self, losses):
+        l = _np(losses, np.float64, "losses")
+        bad = np.isfinite(l) & (l < 0)
+        if bad.any():
+            raise ReSUREError(f"resure: unit {int(np.argmax(bad))} has negative loss {float(l[bad][0])}; "
+                              "Eqs. 5-7 assume non-negative (cross-entropy) losses")
+        return l
+
+    def tau(self, b):
+        """Eq. 5 for group b as the statistics stand now (inf while the group has < min_count values)."""
+        est = self.stats[b]
+        return est.mean + self.alpha * est.std if est.count >= self.min_count else math.inf
+
+    def weigh(self, losses, groups, ids=None, turns=None):
+        """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
+        ids/turns (optional, per unit) only label the records."""
+        l = self._losses(losses)
+        g, n, finite = self._groups(groups, len(l)), len(l), np.isfinite(l)
+        pre = {int(b): (self.stats[b].count, self.stats[b].mean, self.stats[b].std, self.tau(b)) for b in set(g)}
+        tau = self.last_tau = np.array([pre[b][3] for b in g], dtype=np.float64)      # Eq. 5, before the batch
+        warm = self.seen < self.warmup_samples
+        active = not warm and self.mode != "sft"
+        flagged = finite & (l > tau) & active
+        w, eps, r = np.where(finite, 1.0, 0.0), None, 0.0
+        if active:
+            r = 1.0 if self.ramp_steps == 0 else min(1.0, (self.ramp_pos + 1) / self.ramp_steps)
+            self.ramp_pos += 1
+        if flagged.any():
+            if self.mode == "hard":
+                w[flagged] = 0.0                                              # filtering, not reweighting
+            else:
+                w[flagged] = weight_rule(l[flagged], tau[flagged])            # Eq. 6
+                eps = float(np.percentile(w[finite], self.floor_percentile))  # Eq. 7: floor
+                w[flagged] = np.maximum(w[flagged], eps)
+            if r < 1.0:
+                w[flagged] = 1.0 - r * (1.0 - w[flagged])                     # ramp
+        for i in np.flatnonzero(finite):                                      # fixed (gathered batch) order
+            if not flagged[i] or self.stats_update == "all":
+                self.stats.update(g[i], l[i])
+            elif self.stats_update == "winsorized":
+                self.stats.update(g[i], tau[i])
+        self.calls, self.seen, self.units_total = self.calls + 1, self.seen + int(finite.sum()), self.units_total + n
+        self.flagged_total += int(flagged.sum())
+        self.nonfinite_total += int(n - finite.sum())
+        self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active)
+        if self.record:
+            self.records += [{"call": self.calls, "id": None if ids is None else int(ids[i]),
+                              "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
+                              "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
+                              "flagged": bool(flagged[i])} for i in range(n)]
+        return w, flagged
+
+    def warmup_from(self, losses, groups):
+        """Initialize the statistics from a separate high-quality set (the paper: 640 dialogues); counts as seen."""
+        l = self._losses(losses)
+        g, ok = self._groups(groups, len(l)), np.isfinite(l)
+        for b, x in zip(g[ok], l[ok]):
+            self.stats.update(b, x)
+        self.seen += int(ok.sum())
+        self.nonfinite_total += int((~ok).sum())
+        return int(ok.sum())
+
+    # --- observability ------------------------------------------------------------------------------------------
+    def _summarize(self, l, g, w, flagged, finite, pre, warm, r, eps, active):
+        groups = {}
+        for b, (cnt, mu, sigma, tau) in sorted(pre.items()):
+            m = (g == b) & finite
+            groups[b] = {"n": cnt, "mu": _num(mu), "sigma": _num(sigma), "tau": _num(tau), "batch_units": int(m.sum()),
+                         "batch_loss": _num(l[m].mean()) if m.any() else None,
+                         "flagged": float(flagged[m].mean()) if m.any() else None}
+        nf, nflag, wf = int(finite.sum()), int(flagged.sum()), w[finite]
+        stat = (lambda f, x: _num(f(x)) if len(x) else None)
+        self.last = {"weigh_calls": self.calls, "seen": self.seen, "warmup": warm, "ramp": r, "units": len(l),
+                     "flagged_units": nflag, "flagged": nflag / nf if nf else 0.0,
+                     "loss_mean": stat(np.mean, l[finite]), "flagged_loss_mean": stat(np.mean, l[flagged]),
+                     "weight_mean": stat(np.mean, wf), "weight_min": stat(np.min, wf),
+                     "weight_median": stat(np.median, wf), "eps": eps, "nonfinite": len(l) - nf,
+                     "nonfinite_total": self.nonfinite_total, "flagged_total": self.flagged_total,
+                     "units_total": self.units_total, "groups": groups}
+        self._check_lag_collapse(active, nf, nflag, groups)
+
+    def _check_lag_collapse(self, active, nf, nflag, groups):
+        """Issue 9. Lag: nothing flagged while every judged group's batch loss is below its mean (so >= alpha*sigma
+        under tau); collapse: more than half of the units flagged. Each over warn_steps consecutive calls, once."""
+        if not active or not nf:
+            return
+        judged = [s for s in groups.values() if s["tau"] is not None and s["batch_units"]]
+        lag = nflag == 0 and bool(judged) and all(s["batch_loss"] < s["mu"] for s in judged)
+        self.lag_run = self.lag_run + 1 if lag else 0
+        self.collapse_run = self.collapse_run + 1 if nflag > nf / 2 else 0
+        if self.lag_run >= self.warn_steps and "lag" not in self.warned:
+            self.warned.append("lag")
+            self.pending.append(
+                f"resure warning (lag): nothing flagged for {self.lag_run} steps while every group's batch loss sat "
+                f"below its running mean, far under tau: the {self.stats_kind} statistics lag behind the falling loss "
+                f"and ReSURE acts as plain SFT; {FIX} track the loss")
+        if self.collapse_run >= self.warn_steps and "collapse" not in self.warned:
+            self.warned.append("collapse")
+            self.pending.append(
+                f"resure warning (collapse): more than half of the units flagged for {self.collapse_run} steps: with "
+                f"--stats-update {self.stats_update} the statistics see only losses below tau, so sigma shrinks and "
+                f"tau keeps falling; {FIX} avoid it")
+
+    def summary(self):
+        """The last weigh() call, JSON-safe: per group the statistics the batch was judged with (n, mu, sigma, tau)
+        beside its batch_units, batch_loss and flagged fraction; weight mean/min/median, eps, counters."""
+        return copy.deepcopy(self.last)
+
+    def warnings(self):
+        """Lag/collapse warnings raised since the last call (each at most once per run): print them."""
+        out, self.pending = self.pending, []
+        return out
+
+    def pop_records(self):
+        """Per-unit records (record=True) since the last call; call it every step, the list grows otherwise."""
+        out, self.records = self.records, []
+        return out
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"config": {k: getattr(self, k) for k in self.CONFIG}, **{k: getattr(self, k) for k in self.COUNTERS},
+                "warned": list(self.warned), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, s):
+        diff = [f"{k}: checkpoint {s['config'].get(k)!r} vs now {getattr(self, k)!r}"
+                for k in self.CONFIG if s["config"].get(k) != getattr(self, k)]
+        if diff:
+            raise ReSUREError("resure state does not match this run's settings: " + "; ".join(diff))
+        for k in self.COUNTERS:
+            setattr(self, k, int(s[k]))
+        self.warned = list(s["warned"])
+        self.stats.load_state_dict(s["stats"])
+
+
+# --- units and the reweighted loss (Eq. 1) ----------------------------------------------------------------------
+def _unit_masks(labels, turn_ids, unit):
+    sup = labels != -100
+    sup[:, 0] = False                          # position 0 predicts nothing (token_losses pads it with 0)
+    if unit == "dialogue":
+        return sup.unsqueeze(1), None                                           # [B, 1, T]
+    if unit != "turn":
+        raise ReSUREError(f"resure: unit must be 'dialogue' or 'turn', got {unit!r}")
+    if (sup & (turn_ids < 1)).any():
+        b = int((sup & (turn_ids < 1)).any(1).nonzero()[0])
+        raise ReSUREError(f"resure: sample {b} of the batch has a supervised token with turn id < 1")
+    turns = torch.arange(1, int(turn_ids[sup].max()) + 1 if sup.any() else 1, device=labels.device)
+    return sup.unsqueeze(1) & (turn_ids.unsqueeze(1) == turns[None, :, None]), turns   # [B, K, T]
+
+
+def count_units(labels, turn_ids=None, unit="dialogue"):
+    """(units, supervised tokens) that unit_losses will return for this batch, known before the forward pass."""
+    masks, _ = _unit_masks(labels, turn_ids, unit)
+    return int((masks.sum(-1) > 0).sum()), int(masks.sum())
+
+
+def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
+    """token_losses [B, T] as model.token_losses returns it (entry t = CE of labels[t], 0 where -100 and at t = 0).
+    A unit is a dialogue (mean CE over its supervised tokens, group = its depth groups[b]) or an assistant turn
+    with >= 1 supervised token (group = its 1-based turn id). Units come sample-major, turns ascending.
+    Returns losses [U] (with grad), groups [U], tokens [U], sample_index [U], turn [U] (0 for dialogue units)."""
+    if token_losses.shape != labels.shape or (turn_ids is not None and turn_ids.shape != labels.shape):
+        raise ReSUREError(f"resure: token_losses {tuple(token_losses.shape)}, labels {tuple(labels.shape)} and "
+                          f"turn_ids {None if turn_ids is None else tuple(turn_ids.shape)} must have one shape")
+    masks, turns = _unit_masks(labels, turn_ids, unit)
+    sums = torch.where(masks, token_losses.unsqueeze(1), 0.0).sum(-1)           # [B, K], deterministic
+    tok = masks.sum(-1)
+    sample, k = (tok > 0).nonzero(as_tuple=True)
+    losses, tokens = sums[sample, k] / tok[sample, k], tok[sample, k]
+    if unit == "dialogue":
+        return losses, torch.as_tensor(groups, device=labels.device)[sample].long(), tokens, sample, 0 * sample
+    return losses, turns[k], tokens, sample, turns[k]
+
+
+def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None, total_tokens=None,
+                    world_size=1):
+    """Eq. 1 with constant weights. sample: sum w*l / total_units; token: sum w*l*n_tokens / total_tokens.
+    total_* are GLOBAL counts over every rank and micro-batch of the optimizer step (default: this call's), so the
+    local shares add up, over ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks:
+    pass world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process gradient.
+    Units with weight 0 or a non-finite loss are left out of the sum (no 0 * nan)."""
+    w = torch.as_tensor(np.asarray(weights.detach().cpu() if torch.is_tensor(weights) else weights, np.float64))
+    if w.shape != unit_losses.shape:
+        raise ReSUREError(f"resure: {tuple(w.shape)} weights for {tuple(unit_losses.shape)} unit losses")
+    w = w.to(unit_losses.device, unit_losses.dtype)
+    keep = (w > 0) & torch.isfinite(unit_losses.detach())
+    if norm == "sample":
+        total, n = len(unit_losses) if total_units is None else total_units, 1
+    elif norm == "token":
+        total = int(unit_tokens.sum()) if total_tokens is None else total_tokens
+        n = unit_tokens.to(unit_losses.device, unit_losses.dtype)[keep]
+    else:
+        raise ReSUREError(f"resure: norm must be 'sample' or 'token', got {norm!r}")
+    return (w[keep] * unit_losses[keep] * n).sum() / max(total, 1) * world_size
+
+
+# --- distributed: every rank weighs the same gathered batch ------------------------------------------------------
+Gathered = namedtuple("Gathered", "losses groups tokens offsets")
+
+
+def _device():
+    dist = torch.distributed
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather(losses, groups, tokens):
+    """All-gather units from every rank (counts may differ), rank-major: numpy float64 losses, int64 groups/tokens.
+    Rank r's units are offsets[r]:offsets[r + 1]. Without torch.distributed: copies, offsets = [0, n]."""
+    cols = [_np(losses, np.float64, "losses"), _np(groups, np.int64, "groups"), _np(tokens, np.int64, "tokens")]
+    n = len(cols[0])
+    if not _distributed():
+        return Gathered(*cols, np.array([0, n]))
+    dist, dev, world = torch.distributed, _device(), torch.distributed.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev))
+    counts = [int(c) for c in counts]
+
+    def all_gather(x):  # pad to the longest rank, gather, strip
+        buf = torch.zeros(max(counts), dtype=torch.float64 if x.dtype == np.float64 else torch.int64, device=dev)
+        buf[:n] = torch.from_numpy(x).to(dev)
+        outs = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(outs, buf)
+        return np.concatenate([o[:c].cpu().numpy() for o, c in zip(outs, counts)])
+
+    return Gathered(*[all_gather(c) for c in cols], np.concatenate([[0], np.cumsum(counts)]))
+
+
+def all_reduce_sum(*counts):
+    """Sum integers (e.g. an optimizer step's units and tokens) over ranks; identity without torch.distributed."""
+    if not _distributed():
+        return tuple(int(c) for c in counts)
+    t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=_device())
+    torch.distributed.all_reduce(t)
+    return tuple(int(c) for c in t.tolist())
+
+
+# --- static pre-filtering baseline (paper Sec. 5.2) ---------------------------------------------------------------
+def prefilter(scores, keep=0.75):
+    """Keep the lowest-scoring fraction of a dataset scored once by the base model's per-sample loss (our stand-in
+    for the paper's reward-model quality indicator): floor(keep * n + 0.5) samples, ties broken by index,
+    non-finite scores last. Returns the kept indices, ascending."""
+    s = _np(scores, np.float64, "scores")
+    if not 0 < keep <= 1:
+        raise ReSUREError(f"resure: prefilter keep must be in (0, 1], got {keep}")
+    order = np.lexsort((np.arange(len(s)), np.where(np.isfinite(s), s, np.inf)))
+    return np.sort(order[:int(math.floor(keep * len(s) + 0.5))])
