@@ -1,0 +1,166 @@
+"""train.py end to end on a tiny random model: learning, torchrun equivalence, exact resume after SIGKILL."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+from data import synth
+from lora import load_adapter
+from resure import ReSURE
+
+ROOT = Path(__file__).resolve().parents[1]
+ESTIMATORS = [("welford", "reliable"), ("ema", "winsorized"), ("window", "reliable"), ("mad", "all")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smollm2_dir):
+    """A tiny random llama that speaks SmolLM2's tokenizer and chat template, and a small synthetic data set."""
+    import transformers  # oracle-side helper only: writes the random checkpoint
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   initializer_range=0.5)  # large enough that logits can move
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "tiny")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(Path(smollm2_dir) / f, d / "tiny" / f)
+    synth(d / "data", seed=3, n_train=96, n_test=8)
+    return d
+
+
+def run(setup, out, *extra, nproc=1, check=True, wait=True):
+    args = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl"), "--out", str(out),
+            "--max-len", "128", "--lora-r", "4", "--lora-alpha", "8", "--lr", "3e-3", "--log-every", "1",
+            "--warmup-samples", "16", "--ramp-steps", "2", *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(ROOT / "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def assert_close_tree(a, b, rtol, path="stats"):
+    """Same structure, same ints and strings, floats within rtol (losses differ in the last fp32 bits)."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close_tree(a[k], b[k], rtol, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_tree(x, y, rtol, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert abs(a - b) <= rtol * max(1.0, abs(a)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "weighted_loss" in r]  # training steps (eval rows carry "eval" instead)
+
+
+def test_loss_goes_down_and_outputs_reload(setup):
+    out = setup / "learn"
+    run(setup, out, "--max-steps", "30", "--batch-size", "8", "--grad-accum", "1", "--lora-dropout", "0", "--lr", "3e-2",
+        "--eval-data",
+        str(setup / "data" / "test.jsonl"))
+    m = metrics(out)
+    assert len(m) == 30 and [r["step"] for r in m] == list(range(1, 31))
+    first, last = sum(r["loss"] for r in m[:5]) / 5, sum(r["loss"] for r in m[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    net = M.Transformer.from_pretrained(setup / "tiny")
+    load_adapter(net, out / "adapter")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    ours = {k.removeprefix("base_model.model."): v for k, v in saved.items()}
+    for k, v in net.state_dict().items():
+        if ".lora_" in k:
+            assert torch.equal(v, ours[k])
+    rs = ReSURE(warmup_samples=16, ramp_steps=2)
+    rs.load_state_dict(json.loads((out / "resure_state.json").read_text()))
+    assert rs.seen == 30 * 8
+    report = json.loads((out / "report.json").read_text())
+    assert report["most_down_weighted"] and "precision" in report["flagging"]
+    assert any('"eval"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("stats,update", ESTIMATORS)
+def test_torchrun_two_ranks_equal_one_process(setup, stats, update):
+    common = ("--max-steps", "4", "--grad-accum", "2", "--lora-dropout", "0", "--lr", "1e-4", "--stats", stats,
+              "--stats-update", update, "--unit", "turn")
+    one, two = setup / f"one-{stats}", setup / f"two-{stats}"
+    run(setup, one, "--batch-size", "6", *common)
+    run(setup, two, "--batch-size", "3", *common, nproc=2)
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == 4
+    for a, b in zip(m1, m2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert a["units"] == b["units"] and a["flagged_units"] == b["flagged_units"]
+    s1 = json.loads((one / "resure_state.json").read_text())
+    s2 = json.loads((two / "resure_state.json").read_text())
+    assert s1["seen"] == s2["seen"] and s1["flagged_total"] == s2["flagged_total"]
+    assert_close_tree(s1["stats"], s2["stats"], 1e-6)
+    a1 = load_file(one / "adapter" / "adapter_model.safetensors")
+    a2 = load_file(two / "adapter" / "adapter_model.safetensors")
+    for k in a1:  # the gradient all-reduce sums in another order: fp32 rounding, relative to each tensor's norm
+        assert float((a1[k] - a2[k]).norm() / a1[k].norm()) <= 1e-6, k
+
+
+@pytest.mark.parametrize("stats,update", ESTIMATORS)
+def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update):
+    common = ("--max-steps", "8", "--batch-size", "4", "--grad-accum", "1", "--lora-dropout", "0.1", "--save-every", "2",
+              "--stats", stats, "--stats-update", update)
+    ref, cut = setup / f"ref-{stats}", setup / f"cut-{stats}"
+    run(setup, ref, *common)
+    p = run(setup, cut, *common, wait=False)
+    kill_after = {"welford": 2, "ema": 4, "window": 6, "mad": 4}[stats]  # different steps for different runs
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / f"step-{kill_after:07d}").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (cut / f"step-{kill_after:07d}").exists() and not (cut / "adapter").exists()
+    # a kill in the middle of writing the next checkpoint leaves only a temporary folder behind
+    (cut / ".tmp-step-0000099").mkdir(exist_ok=True)
+    (cut / ".tmp-step-0000099" / "trainer.pt").write_bytes(b"partial")
+    out = run(setup, cut, *common).stdout
+    assert "resumed from step-" in out
+    for f in ("adapter/adapter_model.safetensors", "resure_state.json"):
+        assert (ref / f).read_bytes() == (cut / f).read_bytes(), f
+    m_ref, m_cut = metrics(ref), metrics(cut)
+    last = {r["step"]: r["loss"] for r in m_cut}
+    assert all(last[r["step"]] == r["loss"] for r in m_ref)
+
+
+def test_bad_input_one_line_errors(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    cases = [
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data", str(bad)], "bad.jsonl"),
+        (["--model", str(tmp_path)], str(tmp_path)),
+        (["--batch-size", "0"], "--batch-size"),
+    ]
+    for extra, needle in cases:
+        args = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl"),
+                "--out", str(tmp_path / "o"), "--max-steps", "1", *extra]
+        p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (extra, p.stderr[-2000:])
+        assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, (extra, p.stderr)
