@@ -294,6 +294,10 @@ def main(argv=None):
     sampler = Sampler(len(examples), args.batch_size, rank=rank, world_size=world, seed=args.seed, shuffle=True,
                       group_by_length=[len(e["input_ids"]) for e in examples] if args.group_by_length else None)
     micro_per_epoch = len(sampler)
+    tail = len(examples) % (args.batch_size * world)
+    if 0 < tail < world:  # the last global batch would leave some rank empty: drop it, and say so
+        micro_per_epoch -= 1
+        log(f"sampler: dropping the last {tail} samples of each epoch (fewer than {world} ranks)")
     total = args.max_steps or max(1, int(args.epochs * micro_per_epoch) // args.grad_accum)
     warmup = math.ceil(args.warmup_ratio * total)
     epoch_batches = {}

@@ -1,0 +1,534 @@
+"""eval.py: per-turn loss, generation, answer files, accuracy, judging (local SmolLM2 and HTTP), Spearman."""
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spearman
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import rankdata, spearmanr
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 9, 40, 200):
+        for _ in range(20):
+            x = rng.integers(0, 4, n).astype(float)  # heavy ties, like settings H / H+N / H+N+L
+            y = np.round(rng.normal(size=n), 1) if n > 5 else rng.integers(0, 3, n).astype(float)
+            np.testing.assert_allclose(E.rankdata(y), rankdata(y), rtol=0, atol=0)
+            want = spearmanr(x, y).statistic
+            got = E.spearman(x, y)
+            if np.isnan(want):
+                assert np.isnan(got)
+            else:
+                assert got == pytest.approx(want, abs=1e-12)
+    assert E.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(E.EvalError, match="same length"):
+        E.spearman([1, 2, 3], [1, 2])
+    with pytest.raises(E.EvalError, match="finite"):
+        E.spearman([1, 2, float("nan")], [1, 2, 3])
+
+
+def run_cli(*args):
+    """eval.py's command line in this process (the script entry point itself is checked once, below)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = E.cli(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+def test_cli_spearman_and_bad_input(tmp_path):
+    r = run_cli("spearman", "--x", "1,1,2,2,3,3", "--y", "6.0,6.2,5.5,5.9,5.1,5.0")
+    assert r.returncode == 0, r.stderr
+    from scipy.stats import spearmanr
+    assert json.loads(r.stdout)["spearman"] == pytest.approx(spearmanr([1, 1, 2, 2, 3, 3],
+                                                                       [6.0, 6.2, 5.5, 5.9, 5.1, 5.0]).statistic)
+    r = subprocess.run([sys.executable, "eval.py", "spearman", "--x", "1,2,3", "--y", "1,2,x"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # the script itself: exit 2, one line
+    assert r.returncode == 2 and r.stderr == "eval.py: error: --y '1,2,x': expected comma-separated numbers\n"
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["hi"]}\n{"question_id": 2, "turns": [\n')
+    r = run_cli("judge", "--questions", str(bad), "--answers", str(bad), "--judge-name", "x", "--cache", "")
+    assert r.returncode == 2 and f"{bad}:2: invalid JSON" in r.stderr and r.stderr.count("\n") == 1
+    with pytest.raises(E.EvalError, match="nope.jsonl: no such file"):
+        E.read_questions(str(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# answer files and questions
+
+def test_answer_file_roundtrip_in_fastchat_format(tmp_path, fixtures_dir):
+    ref = [json.loads(line) for line in open(fixtures_dir / "mt_bench/reference_answer/gpt-4.jsonl")]
+    recs = [E.answer_record(r["question_id"], "tiny", r["choices"][0]["turns"]) for r in ref[:5]]
+    recs.append(E.answer_record(7, "tiny", ["ünïcode ✓\u2028\r\n```py\nprint(1)\n```", ""]))
+    path = tmp_path / "sub" / "answers.jsonl"
+    E.write_answers(path, recs)
+    lines = path.read_bytes().decode("utf-8").split("\n")[:-1]  # one object per \n-terminated line
+    assert len(lines) == len(recs)
+    for line, rec in zip(lines, recs):
+        row = json.loads(line)
+        assert row == rec
+        # the same keys and types as FastChat's own answer file
+        assert set(row) == set(ref[0]) and set(row["choices"][0]) == set(ref[0]["choices"][0])
+        assert [type(row[k]) for k in sorted(row)] == [type(ref[0][k]) for k in sorted(ref[0])]
+        assert row["choices"][0]["index"] == 0
+    back = E.read_answers(path)
+    assert back == {r["question_id"]: r["choices"][0]["turns"] for r in recs}
+    # FastChat's own file reads the same way
+    assert E.read_answers(fixtures_dir / "mt_bench/reference_answer/gpt-4.jsonl")[101] == ref[0]["choices"][0]["turns"]
+    assert E.answer_record(1, "m", ["a"])["answer_id"] == E.answer_record(1, "m", ["a"])["answer_id"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"question_id": 3, "choices": [{"turns": "x"}]}) + "\n")
+    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: not a model answer"):
+        E.read_answers(bad)
+    bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0]) + "\n")
+    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: a second answer to question_id 101"):
+        E.read_answers(bad)
+
+
+def test_read_mt_bench_questions(fixtures_dir, tmp_path):
+    qs = E.read_questions(str(fixtures_dir / "mt_bench/question.jsonl"))
+    assert len(qs) == 80 and all(len(q["turns"]) == 2 and q["context"] == [] for q in qs)
+    raw = [json.loads(line) for line in open(fixtures_dir / "mt_bench/question.jsonl")]
+    assert [q["turns"] for q in qs] == [r["turns"] for r in raw]
+    assert [q.get("reference") for q in qs] == [r.get("reference") for r in raw]
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["a"]}\n{"question_id": 2, "turns": []}\n')
+    with pytest.raises(E.EvalError, match=r"q.jsonl:2: a question needs"):
+        E.read_questions(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP judge against a scripted local server
+
+class Server:
+    """OpenAI-compatible stub on 127.0.0.1: each request takes the next scripted action
+    (("ok", content) | ("status", code) | ("sleep", seconds) | ("raw", bytes)); with the script empty: ok."""
+
+    def __init__(self, default="Rating: [[7]]"):
+        self.script, self.requests, self.default = [], [], default
+        srv = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                kind, val = srv.script.pop(0) if srv.script else ("ok", srv.default)
+                if kind == "sleep":
+                    threading.Event().wait(val)
+                    kind, val = "ok", srv.default
+                if kind == "status":
+                    self.send_response(val)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "nope"}}')
+                    return
+                out = val if kind == "raw" else json.dumps(
+                    {"choices": [{"index": 0, "message": {"role": "assistant", "content": val}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+MSGS = [{"role": "user", "content": "Rate this."}]
+
+
+def test_http_judge_url_key_from_env_and_request(server, monkeypatch):
+    monkeypatch.setenv("RESURE_JUDGE_URL", server.url)
+    monkeypatch.setenv("RESURE_JUDGE_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-other")
+    j = E.HTTPJudge("judge-1", timeout=5, retries=0)
+    assert j("single", MSGS) == {"score": 7.0, "reply": "Rating: [[7]]"}
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "judge-1" and req["body"]["messages"] == MSGS and req["body"]["temperature"] == 0
+    monkeypatch.delenv("RESURE_JUDGE_KEY")
+    E.HTTPJudge("judge-1", timeout=5, retries=0).chat(MSGS)
+    assert server.requests[1]["auth"] == "Bearer sk-other"
+    E.HTTPJudge("judge-1", url=server.url + "/chat/completions", key="flag", timeout=5).chat(MSGS)  # flags win
+    assert server.requests[2]["auth"] == "Bearer flag" and server.requests[2]["path"] == "/v1/chat/completions"
+
+
+def test_http_judge_timeouts_and_retries_with_backoff(server, monkeypatch):
+    waits = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(E.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
+    j = E.HTTPJudge("j", url=server.url, timeout=0.3, retries=3, backoff=0.01)
+    server.script = [("sleep", 1.0), ("status", 500), ("status", 429), ("ok", "Fine. Rating: [[9]]")]
+    assert j("single", MSGS)["score"] == 9.0
+    assert len(server.requests) == 4 and waits == [0.01, 0.02, 0.04]
+    # every attempt times out: a one-line error naming the URL, the attempts and the last error
+    server.script = [("sleep", 1.0)] * 3
+    j = E.HTTPJudge("j", url=server.url, timeout=0.2, retries=2, backoff=0.01)
+    with pytest.raises(E.JudgeError, match=r"no reply after 3 attempts \(last: .*timed out") as ei:
+        j.chat(MSGS)
+    assert "\n" not in str(ei.value) and server.url in str(ei.value)
+    # a client error is not retried
+    n = len(server.requests)
+    server.script = [("status", 401)]
+    with pytest.raises(E.JudgeError, match="HTTP 401"):
+        j.chat(MSGS)
+    assert len(server.requests) == n + 1
+    # nobody listening
+    with pytest.raises(E.JudgeError, match="no reply after 2 attempts"):
+        E.HTTPJudge("j", url="http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.01).chat(MSGS)
+
+
+def test_http_judge_malformed_reply(server):
+    j = E.HTTPJudge("j", url=server.url, timeout=5, retries=2, backoff=0.01)
+    for raw in (b"<html>bad gateway</html>", b'{"choices": []}', b'{"choices": [{"message": {"content": 3}}]}'):
+        server.script = [("raw", raw)]
+        n = len(server.requests)
+        with pytest.raises(E.JudgeError, match="malformed reply, expected JSON with choices") as ei:
+            j.chat(MSGS)
+        assert "\n" not in str(ei.value) and len(server.requests) == n + 1
+    # a well-formed reply without a strict verdict is unparsed (None), never guessed
+    for reply in ("I'd say 8.", "Rating: [[8]] ... or maybe [[6]]", "Rating: [[11]]", "Rating: [[0]]"):
+        server.script = [("ok", reply)]
+        assert j("single", MSGS)["score"] is None
+    server.script = [("ok", "A is clearer. Verdict: [[A]]")]
+    assert j("pair", MSGS)["verdict"] == "A"
+    assert E.parse_verdict("single", "Rating: [[ 10 ]]") == "10"
+    assert E.parse_verdict("pair", "[[B]] then [[B]]") == "B" and E.parse_verdict("pair", "[[D]]") is None
+
+
+QUESTIONS = [{"question_id": 1, "category": "x", "turns": ["Name a fruit.", "And a colour?"], "context": []},
+             {"question_id": 2, "category": "x", "turns": ["2+2?", "Times 3?"], "context": [],
+              "reference": ["4", "12"]}]
+GOOD = {1: ["An apple.", "Red."], 2: ["4", "12"]}
+BAD = {1: ["A chair.", "Seven."], 2: ["5", "15"]}
+
+
+def test_judge_cache_resumes_without_paying_twice(server, tmp_path):
+    cache_path = tmp_path / "cache.jsonl"
+    j = E.HTTPJudge("j", url=server.url, timeout=5, retries=0, backoff=0.01)
+    server.script = [("ok", "Rating: [[8]]"), ("ok", "Rating: [[5]]"), ("status", 401)]
+    with pytest.raises(E.JudgeError):  # interrupted after two paid judgments
+        E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    assert len(cache_path.read_text().splitlines()) == 2 and len(server.requests) == 3
+    server.script = [("ok", "Rating: [[3]]"), ("ok", "no verdict here")]
+    with open(cache_path, "a") as f:
+        f.write('{"key": "abc", "res')  # a half-written line from a killed run
+    res = E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    assert len(server.requests) == 5  # only the two missing judgments were requested
+    assert res["cache_hits"] == 2 and res["judged"] == 3 and res["unparsed"] == 1 and res["missing"] == 0
+    # judged in order q1t1=8, q1t2=5, q2t1=3, q2t2=unparsed
+    assert res["score"] == pytest.approx(16 / 3) and res["per_turn"] == {1: 5.5, 2: 5.0}
+    assert all(json.loads(line)["key"] for line in cache_path.read_text().splitlines())  # the torn line is gone
+    res2 = E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    assert len(server.requests) == 5 and res2["cache_hits"] == 4 and res2["score"] == res["score"]
+    # other answers or another judge are other keys
+    E.judge_single(j, QUESTIONS, BAD, E.JudgeCache(str(cache_path)))
+    assert len(server.requests) == 9
+    # the question and the answers are in the prompt the judge saw
+    text = server.requests[-1]["body"]["messages"][1]["content"]
+    assert "Times 3?" in text and "15" in text and "Reference answer" in text and "12" in text
+    bad = tmp_path / "bad_cache.jsonl"
+    bad.write_text('garbage\n{"key": "k", "result": {}}\n')
+    with pytest.raises(E.EvalError, match="bad_cache.jsonl:1: not a judge-cache line"):
+        E.JudgeCache(str(bad))
+
+
+def test_cli_judge_http_pairwise_resumes(server, tmp_path):
+    q, a, b, cache = (tmp_path / n for n in ("q.jsonl", "a.jsonl", "b.jsonl", "cache.jsonl"))
+    q.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "context"}) + "\n" for x in QUESTIONS))
+    E.write_answers(a, [E.answer_record(k, "good", v) for k, v in GOOD.items()])
+    E.write_answers(b, [E.answer_record(k, "bad", v) for k, v in BAD.items()])
+    server.default = "Verdict: [[C]]"
+    server.script = [("ok", "Verdict: [[A]]"), ("ok", "[[B]]"), ("status", 503), ("ok", "[[A]]"), ("ok", "[[A]]")]
+    args = ("judge", "--questions", str(q), "--answers", str(a), "--answers-b", str(b), "--judge-name", "j",
+            "--judge-url", server.url, "--cache", str(cache), "--retries", "2", "--out", str(tmp_path / "r.json"))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    # q1t1: A then B (both orders pick GOOD) = win; q1t2: A, A = position bias = tie; q2: C, C = ties
+    assert (res["win"], res["tie"], res["loss"], res["missing"]) == (1, 3, 0, 0) and len(server.requests) == 9
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+    r = run_cli(*args)  # everything cached: no request paid twice
+    assert r.returncode == 0 and len(server.requests) == 9 and json.loads(r.stdout)["cache_hits"] == 8
+    server.script = [("raw", b"oops")]
+    r = run_cli(*args[:-4], "--cache", "")
+    assert r.returncode == 1 and "malformed reply" in r.stderr and r.stderr.count("\n") == 1
+
+
+class StubJudge:
+    """Prefers the conversation whose answers are from GOOD; with bias=True always says A (position bias)."""
+    backend, id = "http", "stub"
+
+    def __init__(self, bias=False):
+        self.bias, self.calls = bias, 0
+
+    def __call__(self, kind, messages):
+        self.calls += 1
+        if self.bias:
+            return {"verdict": "A"}
+        text = messages[1]["content"]
+        a = text.split("[Conversation with assistant A]")[1].split("[Conversation with assistant B]")[0]
+        return {"verdict": "A" if any(g in a for g in ("apple", "Red.")) or "### Assistant:\n4" in a else "B"}
+
+
+def test_pairwise_both_orders_cancel_position_bias():
+    j = StubJudge()
+    res = E.judge_pairwise(j, QUESTIONS, GOOD, BAD)
+    assert (res["win"], res["tie"], res["loss"], res["win_rate"]) == (4, 0, 0, 1.0) and j.calls == 8
+    res = E.judge_pairwise(StubJudge(), QUESTIONS, BAD, GOOD)
+    assert (res["win"], res["tie"], res["loss"]) == (0, 0, 4)
+    res = E.judge_pairwise(StubJudge(bias=True), QUESTIONS, GOOD, BAD)
+    assert (res["win"], res["tie"], res["loss"], res["win_rate_ties_half"]) == (0, 4, 0, 0.5)
+    res = E.judge_pairwise(StubJudge(), QUESTIONS, GOOD, {1: ["A chair."]})  # B lacks 3 turns: counted
+    assert res["missing"] == 3 and res["win"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny random llama with SmolLM2's tokenizer and chat template
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    import shutil
+    import transformers
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                   rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(Path(smollm2_dir) / f, d / f)
+    model, template = E.load(str(d))
+    return d, hf, model, template
+
+
+CONVS = [
+    {"messages": [{"role": "user", "content": "Start a counter at 12 and reply with its value only."},
+                  {"role": "assistant", "content": "12"}, {"role": "user", "content": "Add 3."},
+                  {"role": "assistant", "content": "15"}, {"role": "user", "content": "Minus 4."},
+                  {"role": "assistant", "content": "11"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo ✓ — 1+1?"},
+                  {"role": "assistant", "content": "2, of course.\n```py\nprint(1 + 1)\n```"}]},
+    {"messages": [{"role": "user", "content": "Keep a shopping list. Start with milk."},
+                  {"role": "assistant", "content": "milk"}, {"role": "user", "content": "Add eggs."},
+                  {"role": "assistant", "content": "milk, eggs"}, {"role": "user", "content": "Drop milk."},
+                  {"role": "assistant", "content": "eggs"}, {"role": "user", "content": "Add tea."},
+                  {"role": "assistant", "content": "eggs, tea"}]},
+]
+
+
+def test_per_turn_loss_equals_hand_computation(tiny):
+    from data import build_examples
+    _, hf, model, template = tiny
+    examples, _ = build_examples(CONVS, template, max_len=512)
+    # oracle: transformers' logits of each conversation alone, cross-entropy by hand in float64, per turn depth
+    want = {None: {}, 2: {}}
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
+        for t in range(1, len(ex["input_ids"])):
+            if ex["labels"][t] != -100:
+                nll = -logp[t - 1, ex["labels"][t]].item()
+                for cap in want:
+                    d = min(ex["turn_ids"][t], cap or 99)
+                    s, n = want[cap].get(d, (0.0, 0))
+                    want[cap][d] = (s + nll, n + 1)
+    for cap, w in want.items():
+        got = E.per_turn_loss(model, examples, batch_size=2, pad_id=template.pad_id, max_turn_groups=cap)
+        assert sorted(got["per_turn"]) == sorted(w) == ([1, 2, 3, 4] if cap is None else [1, 2])
+        for d, (s, n) in w.items():
+            r = got["per_turn"][d]
+            assert r["tokens"] == n and r["loss"] == pytest.approx(s / n, rel=1e-5)
+            assert r["ppl"] == pytest.approx(np.exp(s / n), rel=1e-5)
+        S, N = sum(s for s, _ in w.values()), sum(n for _, n in w.values())
+        assert got["overall"]["tokens"] == N and got["overall"]["loss"] == pytest.approx(S / N, rel=1e-5)
+
+
+def test_cli_loss_table_and_json(tiny, tmp_path):
+    d, _, model, template = tiny
+    f = tmp_path / "convs.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in CONVS))
+    r = run_cli("loss", "--model", str(d), "--data", str(f), "--out", str(tmp_path / "loss.json"))
+    assert r.returncode == 0, r.stderr
+    assert "turn   4" in r.stdout and "turn all" in r.stdout
+    from data import build_examples
+    want = E.per_turn_loss(model, build_examples(CONVS, template, 2048)[0], pad_id=template.pad_id)
+    got = json.loads((tmp_path / "loss.json").read_text())
+    assert got["overall"] == pytest.approx(want["overall"], rel=1e-5)
+    assert sorted(got["per_turn"]) == ["1", "2", "3", "4"]
+    for k, v in want["per_turn"].items():
+        assert got["per_turn"][str(k)] == pytest.approx(v, rel=1e-5)
+    r = run_cli("loss", "--model", str(tmp_path / "nothing"), "--data", str(f))
+    assert r.returncode == 2 and "not a folder" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    f.write_text(json.dumps(CONVS[0]) + "\n" + '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    r = run_cli("loss", "--model", str(d), "--data", str(f))
+    assert r.returncode == 2 and "convs.jsonl:2: unknown role" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_generate_answers_equal_model_generate_and_roundtrip(tiny, tmp_path, fixtures_dir):
+    import model as M
+    d, _, model, template = tiny
+    questions = E.read_questions(str(fixtures_dir / "mt_bench/question.jsonl"))[:3]
+    conv_file = tmp_path / "convs.jsonl"
+    open_end = {"messages": CONVS[2]["messages"][:5]}  # ends with the user's "Drop milk."
+    conv_file.write_text("".join(json.dumps(c) + "\n" for c in ({"id": "c1", **CONVS[0]}, CONVS[1], open_end)))
+    conv_qs = E.read_questions(str(conv_file))
+    assert [q["question_id"] for q in conv_qs] == ["c1", 1, 2]
+    assert [q["turns"] for q in conv_qs] == [["Minus 4."], ["Héllo ✓ — 1+1?"], ["Drop milk."]]
+    assert conv_qs[0]["context"] == CONVS[0]["messages"][:4] and conv_qs[2]["context"] == open_end["messages"][:4]
+    questions += conv_qs
+    recs, stats = E.generate_answers(model, template, questions, "tiny", batch_size=2, max_new_tokens=6)
+    # oracle: model.generate one prompt at a time, each turn with the model's own earlier answers in context
+    n_new = 0
+    for q, rec in zip(questions, recs):
+        msgs, want = list(q["context"]), []
+        for u in q["turns"]:
+            msgs.append({"role": "user", "content": u})
+            out = M.generate(model, [template.encode_prompt(msgs)], max_new_tokens=6,
+                             stop_ids=template.stop_ids, pad_id=template.pad_id)[0]
+            n_new += len(out)
+            want.append(template.tokenizer.decode(out, skip_special_tokens=True).strip())
+            msgs.append({"role": "assistant", "content": want[-1]})
+        assert rec["question_id"] == q["question_id"] and rec["model_id"] == "tiny"
+        assert rec["choices"] == [{"index": 0, "turns": want}]
+    assert stats["new_tokens"] == n_new and stats["tokens_per_s"] > 0
+    assert any(len(t) > 0 for r in recs for t in r["choices"][0]["turns"])
+    # CLI: same answers in the documented file format
+    out = tmp_path / "answers.jsonl"
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({k: q[k] for k in ("question_id", "category", "turns")}) + "\n"
+                             for q in questions[:3]))
+    r = run_cli("generate", "--model", str(d), "--questions", str(qfile), "--out", str(out), "--max-new-tokens",
+                "6", "--model-id", "tiny", "--batch-size", "3")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "tstamp"} for row in rows] == \
+        [{k: v for k, v in rec.items() if k != "tstamp"} for rec in recs[:3]]
+    assert E.read_answers(out) == {rec["question_id"]: rec["choices"][0]["turns"] for rec in recs[:3]}
+
+
+SYNTH = [  # as data.py synth writes them; the second dialogue's first reply is noisy, its reference is the truth
+    {"id": "t0", "messages": [
+        {"role": "user", "content": "Start a counter at 12 and reply with its value only."},
+        {"role": "assistant", "content": "12", "reference": "12"}, {"role": "user", "content": "Add 3."},
+        {"role": "assistant", "content": "15", "reference": "15"}, {"role": "user", "content": "Minus 4."},
+        {"role": "assistant", "content": "11", "reference": "11"}]},
+    {"id": "t1", "messages": [
+        {"role": "user", "content": "Start a shopping list with milk and reply with the whole list only."},
+        {"role": "assistant", "content": "soap", "reference": "milk", "noisy": True},
+        {"role": "user", "content": "Add eggs."},
+        {"role": "assistant", "content": "milk, eggs", "reference": "milk, eggs"}]},
+    {"id": "t2", "messages": [
+        {"role": "user", "content": "Start a counter at 40 and reply with its value only."},
+        {"role": "assistant", "content": "40"}, {"role": "user", "content": "Plus 2."},
+        {"role": "assistant", "content": "42"}]},
+]
+# predicted reply per (dialogue, turn): right, right in another spelling, or wrong
+PRED = {("t0", 1): "12", ("t0", 2): "16", ("t0", 3): "11.",
+        ("t1", 1): " Milk. ", ("t1", 2): "eggs, milk",
+        ("t2", 1): "41", ("t2", 2): "42"}
+
+
+def test_accuracy_exact_on_hand_made_file(tiny, monkeypatch, tmp_path):
+    d, _, model, template = tiny
+    # the prompt of turn k must hold the REFERENCE answers of turns < k (teacher-forced history)
+    expected = {}
+    for c in SYNTH:
+        msgs = [dict(m, content=m.get("reference", m["content"])) for m in c["messages"]]
+        for k, i in enumerate([i for i, m in enumerate(msgs) if m["role"] == "assistant"], 1):
+            expected[tuple(template.encode_prompt(msgs[:i]))] = PRED[c["id"], k]
+    calls = []
+
+    def fake_generate(model_, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0,
+                      seed=None):
+        calls.append((len(prompts), max_new_tokens, temperature))
+        return [template.tokenizer.encode(expected[tuple(p)], add_special_tokens=False).ids for p in prompts]
+    monkeypatch.setattr(E, "generate", fake_generate)
+    res = E.accuracy(model, template, SYNTH, batch_size=3, max_new_tokens=7)
+    assert calls == [(3, 7, 0.0), (3, 7, 0.0), (1, 7, 0.0)]
+    assert res["per_turn"] == {1: {"accuracy": 2 / 3, "correct": 2, "total": 3},
+                               2: {"accuracy": 1 / 3, "correct": 1, "total": 3},
+                               3: {"accuracy": 1.0, "correct": 1, "total": 1}}
+    assert (res["overall"], res["correct"], res["total"]) == (4 / 7, 4, 7)
+    capped = E.accuracy(model, template, SYNTH, max_turn_groups=2)
+    assert capped["per_turn"][2] == {"accuracy": 0.5, "correct": 2, "total": 4} and capped["overall"] == 4 / 7
+    # the CLI on the real tiny model runs end to end
+    f = tmp_path / "test.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in SYNTH))
+    r = run_cli("accuracy", "--model", str(d), "--data", str(f), "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["total"] == 7 and set(out["per_turn"]) == {"1", "2", "3"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the local judge on the real SmolLM2-135M-Instruct
+
+def test_local_judge_on_smollm2(smollm2_dir, tmp_path):
+    import transformers
+    model, template = E.load(str(smollm2_dir))
+    judge = E.LocalJudge(model, template, "smollm2")
+    q = {"question_id": 1, "category": "geo", "turns": ["What is the capital of France?"], "context": []}
+    msgs = E.judge_prompt("single", "local", q, ["The capital of France is Paris."], 0)
+    prompt = template.encode_prompt(msgs) + template.tokenizer.encode("Rating: [[", add_special_tokens=False).ids
+    text = template.tokenizer.decode(prompt, skip_special_tokens=False)
+    assert text.endswith("<|im_start|>assistant\nRating: [[") and "Paris" in text and "Faithfulness" in text
+    # oracle: transformers scores each choice's whole sequence "<prompt>Rating: [[<n>]]" teacher forced
+    # (on a short prompt, to keep ten full forward passes cheap)
+    short = [{"role": "user", "content": "Rate this answer to 'Capital of France?': 'Paris.'"}]
+    res = judge("single", short)
+    prompt = template.encode_prompt(short) + template.tokenizer.encode("Rating: [[", add_special_tokens=False).ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    logp = {}
+    for n in range(1, 11):
+        cont = template.tokenizer.encode(f"{n}]]", add_special_tokens=False).ids
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([prompt + cont])).logits[0].double(), -1)
+        logp[str(n)] = sum(lp[len(prompt) - 1 + i, c].item() for i, c in enumerate(cont))
+    z = np.logaddexp.reduce(list(logp.values()))
+    want = {k: float(np.exp(v - z)) for k, v in logp.items()}
+    assert res["probs"] == pytest.approx(want, abs=2e-4)
+    assert res["score"] == pytest.approx(sum(int(k) * p for k, p in want.items()), abs=2e-3)
+    # pairwise, both orders, through the cache
+    cache = E.JudgeCache(str(tmp_path / "cache.jsonl"))
+    good, bad = {1: ["The capital of France is Paris."]}, {1: ["Bananas are yellow."]}
+    out = E.judge_pairwise(judge, [q], good, bad, cache)
+    assert out["win"] + out["tie"] + out["loss"] == 1 and out["unparsed"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(sum(x["result"]["probs"].values()) == pytest.approx(1) for x in lines)
+    v1, v2 = (x["result"]["verdict"] for x in lines)
+    assert out["win"] == (v1 == "A" and v2 == "B") and out["loss"] == (v1 == "B" and v2 == "A")
+    again = E.judge_pairwise(judge, [q], good, bad, E.JudgeCache(str(tmp_path / "cache.jsonl")))
+    assert again == dict(out, cache_hits=2)
