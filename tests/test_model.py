@@ -1,0 +1,481 @@
+"""model.py against transformers (the oracle).
+
+Tiny random checkpoints of every supported architecture are written by transformers' own save_pretrained
+(norm weights and biases randomised too, so q/k norm placement and Qwen2 biases matter), then loaded by
+model.Transformer and compared logit by logit, with right and left padding, with a KV cache, and through greedy
+generation. Then the real SmolLM2-135M-Instruct: its conversion from GGUF against transformers' GGUF loader, its
+logits and its answer to a chat prompt.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import model
+from model import CheckpointError, ModelConfig, Transformer, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# name: (transformers config class, its kwargs, save sharded?)
+CASES = {
+    "llama": ("LlamaConfig", {}, True),
+    "llama_llama3_rope": ("LlamaConfig", dict(head_dim=32, attention_bias=True, mlp_bias=True,
+                                              rope_parameters=LLAMA3), False),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                               "factor": 4.0}), False),
+    "mistral": ("MistralConfig", dict(sliding_window=5), False),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
+                                  max_window_layers=1), False),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True), False),
+}
+# the same weights with config.json rewritten the way Hub checkpoints ship it: rope_theta + rope_scaling, no layer_types
+OLD_STYLE = {"llama_llama3_rope_old": "llama_llama3_rope", "llama_linear_rope_old": "llama_linear_rope",
+             "qwen2_old": "qwen2"}
+ALL = list(CASES) + list(OLD_STYLE)
+
+
+def _old_style(config_file: Path):
+    c = json.loads(config_file.read_text())
+    rope = c.pop("rope_parameters")
+    c["rope_theta"] = rope.pop("rope_theta")
+    if rope["rope_type"] == "linear":
+        rope = {"type": "linear", "factor": rope["factor"]}  # the oldest spelling: "type", not "rope_type"
+    c["rope_scaling"] = None if rope["rope_type" if "rope_type" in rope else "type"] == "default" else rope
+    c.pop("layer_types", None)
+    config_file.write_text(json.dumps(c, indent=2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (transformers model, folder, our model), built once."""
+    import transformers
+    out = {}
+    for i, (name, (cls, kw, sharded)) in enumerate(CASES.items()):
+        torch.manual_seed(i)
+        hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**TINY, **kw),
+                                                           attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            for pname, p in hf.named_parameters():
+                if "norm" in pname:
+                    p.copy_(1 + 0.3 * torch.randn_like(p))
+                elif pname.endswith(".bias"):
+                    p.copy_(0.3 * torch.randn_like(p))
+        hf.generation_config.eos_token_id = None  # tiny vocabularies: never stop early
+        hf.generation_config.pad_token_id = 0
+        d = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(d, max_shard_size="40KB" if sharded else "1GB")
+        out[name] = (hf, d, Transformer.from_pretrained(d))
+    for name, base in OLD_STYLE.items():
+        hf, d, _ = out[base]
+        d2 = tmp_path_factory.mktemp(name)
+        for f in d.iterdir():
+            shutil.copy(f, d2)
+        _old_style(d2 / "config.json")
+        out[name] = (hf, d2, Transformer.from_pretrained(d2))
+    return out
+
+
+def batch(lengths, T, V, pad, left, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        sl = slice(T - n, T) if left else slice(0, n)
+        mask[b, sl] = 1
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def rel_err(a, b, where):
+    return ((a - b)[where].abs().max() / b[where].abs().max()).item()
+
+
+def test_tiny_checkpoints_are_what_they_claim(tiny):
+    """The fixtures exercise what they should: >= 2 shards, tied files without lm_head, old-style configs."""
+    assert len(list(tiny["llama"][1].glob("model-*.safetensors"))) >= 2
+    assert (tiny["llama"][1] / "model.safetensors.index.json").is_file()
+    for name in ("qwen2", "qwen3"):
+        m = tiny[name][2]
+        assert "lm_head.weight" not in load_file(tiny[name][1] / "model.safetensors")
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert tiny["llama"][2].lm_head.weight is not tiny["llama"][2].model.embed_tokens.weight
+    for old, new in OLD_STYLE.items():
+        c = json.loads((tiny[old][1] / "config.json").read_text())
+        assert "rope_parameters" not in c and "rope_theta" in c
+        assert ModelConfig.from_json(tiny[old][1]) == ModelConfig.from_json(tiny[new][1])
+    cfg = ModelConfig.from_json(tiny["llama_llama3_rope"][1])
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position_embeddings) == ("llama3", 8.0, 32)
+    assert ModelConfig.from_json(tiny["llama_linear_rope_old"][1]).rope_type == "linear"
+    assert ModelConfig.from_json(tiny["qwen2"][1]).sliding_layers == [1, 2]
+    assert ModelConfig.from_json(tiny["mistral"][1]).sliding_layers == [0, 1, 2]
+    assert tiny["qwen3"][2].model.layers[0].self_attn.q_norm.weight.std() > 0.1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_match_transformers_with_padding(tiny, name):
+    hf, _, m = tiny[name]
+    V, T = TINY["vocab_size"], 12
+    for left in (False, True):
+        ids, mask = batch([12, 7, 4], T, V, pad=0, left=left)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # transformers' forward does not derive these from the mask
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            ours = m(ids, attention_mask=mask)
+        assert ours.shape == ref.shape == (3, T, V)
+        assert rel_err(ours, ref, mask.bool()) < 1e-5, (name, "left" if left else "right")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_padded_batch_equals_each_sequence_alone(tiny, name):
+    m = tiny[name][2]
+    lengths = [12, 7, 4]
+    for left in (False, True):
+        ids, mask = batch(lengths, 12, TINY["vocab_size"], pad=0, left=left, seed=1)
+        with torch.no_grad():
+            padded = m(ids, attention_mask=mask)
+            for b, n in enumerate(lengths):
+                real = mask[b].bool()
+                alone = m(ids[b, real][None])[0]
+                assert rel_err(padded[b, real], alone, slice(None)) < 1e-5, (name, b, left)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_kv_cache_decoding_equals_full_forward(tiny, name):
+    m = tiny[name][2]
+    ids, mask = batch([12, 9, 4], 12, TINY["vocab_size"], pad=0, left=True, seed=2)
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+        cache = m.new_cache(3, 16)
+        parts = [m(ids[:, :5], attention_mask=mask[:, :5], cache=cache),   # row 2 is all padding here
+                 m(ids[:, 5:8], attention_mask=mask[:, 5:8], cache=cache)]  # a chunk after a prefix
+        parts += [m(ids[:, t:t + 1], cache=cache) for t in range(8, 12)]    # one token at a time
+    assert cache.length == 12
+    assert rel_err(torch.cat(parts, 1), full, mask.bool()) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))  # old-style twins parse to equal ModelConfigs (checked above)
+def test_greedy_generation_matches_transformers(tiny, name):
+    hf, _, m = tiny[name]
+    prompts = [[5, 9, 14, 3, 77, 21, 8], [40, 2, 61], [11, 12, 13, 14, 15]]
+    ids, mask = batch([7, 3, 5], 7, TINY["vocab_size"], pad=0, left=True)
+    for b, p in enumerate(prompts):
+        ids[b, 7 - len(p):] = torch.tensor(p)
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)[:, 7:].tolist()
+    assert generate(m, prompts, max_new_tokens=32) == ref
+    if name == "llama":  # stops per sequence at any stop id (excluded from the output)
+        stop = ref[0][4]
+        cut = [r[:r.index(stop)] if stop in r else r for r in ref]
+        assert generate(m, prompts, max_new_tokens=32, stop_ids=[stop, 10_000]) == cut
+        assert any(len(c) < 32 for c in cut)
+        assert generate(m, prompts, max_new_tokens=5) == [r[:5] for r in ref]
+
+
+def test_sampling_follows_temperature_and_top_p(tiny):
+    """4000 draws of the first token against softmax(logits / T), and the top-p nucleus, from transformers' logits."""
+    hf, _, m = tiny["llama"]
+    prompt, n, temp = [5, 17, 33, 8], 4000, 1.5
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].double()
+    p = torch.softmax(logits / temp, -1)
+    order = p.argsort(descending=True)
+    before = p[order].cumsum(0) - p[order]
+    nucleus = torch.zeros_like(p)
+    nucleus[order[before < 0.6]] = p[order[before < 0.6]]
+    nucleus /= nucleus.sum()
+    assert 2 < (nucleus > 0).sum() < 50  # a real nucleus: neither greedy nor everything
+    for top_p, expect in ((1.0, p), (0.6, nucleus)):
+        draws = generate(m, [prompt] * n, max_new_tokens=1, temperature=temp, top_p=top_p, seed=0)
+        freq = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=p.numel()).double() / n
+        assert ((freq - expect).abs() <= 4.5 * (expect * (1 - expect) / n).sqrt() + 1e-9).all(), top_p
+    a = generate(m, [prompt] * 3, max_new_tokens=8, temperature=1.0, seed=7)
+    assert a == generate(m, [prompt] * 3, max_new_tokens=8, temperature=1.0, seed=7)
+    assert generate(m, [prompt], max_new_tokens=8, temperature=1.0, top_p=1e-9) == generate(m, [prompt], 8)
+
+
+def _saved_vocab_wide(fn, V):
+    """Run fn under a saved-tensors hook; return (number of saved tensors, elements of saved tensors [.., V])."""
+    stats = [0, 0]
+
+    def pack(t):
+        stats[0] += 1
+        if t.dim() >= 2 and t.shape[-1] == V:
+            stats[1] += t.numel()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, stats
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_chunked_token_losses_equal_full_cross_entropy(tiny, name):
+    m = tiny[name][2]
+    V, chunk = TINY["vocab_size"], 5
+    ids, mask = batch([12, 10, 6], 12, V, pad=0, left=False, seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 2:5] = -100  # an unsupervised span (a prompt) inside a sequence
+    losses, (_, wide) = _saved_vocab_wide(lambda: m.token_losses(ids, labels, attention_mask=mask,
+                                                                 chunk_size=chunk), V)
+    logits = m(ids, attention_mask=mask)
+    full = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100, reduction="none")
+    full = F.pad(full, (1, 0))
+    assert losses.dtype == torch.float32 and losses.shape == ids.shape
+    assert (losses - full).abs().max().item() <= 1e-6
+    assert (losses[:, 0] == 0).all() and (losses[labels == -100] == 0).all()
+    n_sup = int((labels[:, 1:] != -100).sum())
+    assert n_sup > 3 * chunk and wide <= chunk * V  # logits are recomputed per chunk, never all kept
+    w = torch.rand(ids.shape)
+    params = [p for p in m.parameters()]
+    g1 = torch.autograd.grad((losses * w).sum(), params)
+    g2 = torch.autograd.grad((full * w).sum(), params)
+    for a, b in zip(g1, g2):  # the same gradients up to float summation order
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    with torch.no_grad():
+        assert torch.equal(m.token_losses(ids, labels, attention_mask=mask, chunk_size=chunk), losses.detach())
+    none = m.token_losses(ids, torch.full_like(ids, -100))
+    assert (none == 0).all() and none.requires_grad
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3"])
+def test_gradient_checkpointing_gives_same_gradients(tiny, name):
+    m = tiny[name][2]
+    ids, mask = batch([12, 8], 12, TINY["vocab_size"], pad=0, left=False, seed=4)
+    labels = ids.masked_fill(mask == 0, -100)
+    params = list(m.parameters())
+    grads, counts = [], []
+    m.train()
+    try:
+        for on in (False, True):
+            m.gradient_checkpointing = on
+            loss, (n_saved, _) = _saved_vocab_wide(lambda: m.token_losses(ids, labels, mask).sum(), TINY["vocab_size"])
+            grads.append(torch.autograd.grad(loss, params))
+            counts.append(n_saved)
+    finally:
+        m.enable_gradient_checkpointing(False).eval()
+    assert counts[1] < counts[0] / 3  # blocks really were checkpointed
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------- loading refusals
+def _copy(src, dst, tensors=None, config=None):
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    if tensors is not None:
+        save_file(tensors, str(dst / "model.safetensors"))
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _refusal(path):
+    with pytest.raises(CheckpointError) as e:
+        Transformer.from_pretrained(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_loading_refuses_bad_checkpoints(tiny, tmp_path):
+    src = tiny["llama_llama3_rope"][1]
+    sd = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+
+    missing = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    msg = _refusal(_copy(src, tmp_path / "missing", missing))
+    assert "missing tensor(s) model.layers.1.mlp.up_proj.weight" in msg
+
+    msg = _refusal(_copy(src, tmp_path / "extra", {**sd, "model.layers.0.extra.weight": torch.zeros(3)}))
+    assert "unexpected tensor(s) model.layers.0.extra.weight in model.safetensors" in msg
+
+    wrong = {**sd, "model.layers.0.self_attn.q_proj.weight": torch.zeros(127, 64)}
+    msg = _refusal(_copy(src, tmp_path / "shape", wrong))
+    assert "tensor model.layers.0.self_attn.q_proj.weight has shape (127, 64), config.json implies (128, 64)" in msg
+
+    msg = _refusal(_copy(src, tmp_path / "gpt2", sd, {**cfg, "model_type": "gpt2"}))
+    assert "model_type 'gpt2' is not supported" in msg
+
+    yarn = {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
+    assert "rope type 'yarn' is not supported" in _refusal(_copy(src, tmp_path / "yarn", sd, yarn))
+
+    untied = {k: v for k, v in load_file(tiny["qwen2"][1] / "model.safetensors").items()}
+    qcfg = json.loads((tiny["qwen2"][1] / "config.json").read_text())
+    msg = _refusal(_copy(tiny["qwen2"][1], tmp_path / "untied", untied, {**qcfg, "tie_word_embeddings": False}))
+    assert "missing tensor(s) lm_head.weight" in msg
+
+    # a tied checkpoint may still store lm_head.weight, but only as a copy of the embeddings
+    ok = _copy(tiny["qwen2"][1], tmp_path / "tied_copy",
+               {**untied, "lm_head.weight": untied["model.embed_tokens.weight"].clone()})
+    assert torch.equal(Transformer.from_pretrained(ok).lm_head.weight, untied["model.embed_tokens.weight"])
+    bad = {**untied, "lm_head.weight": untied["model.embed_tokens.weight"] + 1}
+    assert "lm_head.weight differs" in _refusal(_copy(tiny["qwen2"][1], tmp_path / "tied_bad", bad))
+
+    pickled = _copy(src, tmp_path / "bin")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert "no model.safetensors or model.safetensors.index.json" in _refusal(pickled)
+
+    trunc = _copy(src, tmp_path / "trunc", sd)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[:-10])
+    assert "truncated" in _refusal(trunc)
+
+
+def test_loads_into_bfloat16_without_a_float32_copy(tmp_path):
+    """bf16 checkpoint -> bf16 model: values intact, and peak RSS grows by ~ the model's size, not more."""
+    cfg = dict(model_type="llama", vocab_size=16000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+               num_attention_heads=8, num_key_value_heads=4)  # 65 MB in bf16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(ModelConfig.from_json(cfg)).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    nbytes = sum(t.numel() * 2 for t in sd.values())
+    # In a fresh process: load once to warm up torch's lazy initialisation, free it, reset the resident-memory
+    # high-water mark (Linux /proc/self/clear_refs), load again and report how far the high-water mark rose.
+    probe = "\n".join([
+        f"import gc, sys, torch; sys.path.insert(0, {str(ROOT)!r}); import model",
+        "status = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024",
+        f"load = lambda: model.Transformer.from_pretrained({str(tmp_path)!r}, dtype=torch.bfloat16)",
+        "m = load(); del m; gc.collect()",
+        "open('/proc/self/clear_refs', 'w').write('5'); base = status('VmRSS')",
+        "m = load(); print(status('VmHWM') - base)"])
+    grown = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert grown < 1.3 * nbytes, (grown / nbytes)
+    m = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert all(torch.equal(m.state_dict()[k], sd[k]) for k in sd)
+    m32 = Transformer.from_pretrained(tmp_path)  # bf16 file -> fp32 model, exact
+    assert torch.equal(m32.model.layers[3].mlp.up_proj.weight, sd["model.layers.3.mlp.up_proj.weight"].float())
+
+
+# ------------------------------------------------------------------------------- real configs and tokenizers
+@pytest.mark.parametrize("name", ["llama-3.2-instruct", "qwen2.5-instruct", "qwen3"])
+def test_real_configs_build_the_same_model_as_transformers(fixtures_dir, name):
+    """Llama-3.2-3B, Qwen2.5-7B, Qwen3-4B config.json: same tensor names and shapes as transformers builds,
+    the same RoPE frequencies (Llama-3.2's llama3 scaling with factor 32), the same tying."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = fixtures_dir / "tokenizers" / name
+    hc = AutoConfig.from_pretrained(d)
+    cfg = ModelConfig.from_json(d)
+    with torch.device("meta"):
+        ours, theirs = Transformer(cfg), AutoModelForCausalLM.from_config(hc)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+           {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    rotary = type(theirs.model.rotary_emb)(hc)
+    assert torch.equal(model.rope_inv_freq(cfg), rotary.inv_freq) and rotary.attention_scaling == 1.0
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == hc.tie_word_embeddings
+    layer_types = getattr(hc, "layer_types", None) or []
+    assert cfg.sliding_layers == [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    assert cfg.rms_norm_eps == hc.rms_norm_eps
+    assert cfg.head_dim == (getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads)
+
+
+def test_stop_ids_of_real_checkpoints(fixtures_dir):
+    tok_dir = fixtures_dir / "tokenizers"
+    expect = {"llama-3.2-instruct": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+              "qwen2.5-instruct": ["<|im_end|>", "<|endoftext|>"], "qwen3": ["<|im_end|>", "<|endoftext|>"]}
+    for name, tokens in expect.items():
+        tok = model.load_tokenizer(tok_dir / name)
+        assert model.stop_ids(tok_dir / name) == [tok.token_to_id(t) for t in tokens]
+    assert model.stop_ids(tok_dir / "llama-3.2-instruct") == [128001, 128008, 128009]
+
+
+def test_config_errors_are_one_line(tmp_path):
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=2)
+    for bad, text in [({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
+                      ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+                      ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
+                      ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+                      ({"hidden_size": None}, "missing 'hidden_size'")]:
+        f = tmp_path / "config.json"
+        f.write_text(json.dumps({**base, **bad}))
+        with pytest.raises(CheckpointError, match=text) as e:
+            ModelConfig.from_json(f)
+        assert "\n" not in str(e.value) and str(f) in str(e.value)
+    assert ModelConfig.from_json({**base, "model_type": "qwen3"}).head_dim == 128  # transformers' Qwen3 default
+
+
+# -------------------------------------------------------------------------------------- real SmolLM2-135M
+def test_smollm2_conversion_equals_transformers_gguf_loader(smollm2_dir):
+    """Our GGUF -> HF conversion gives exactly the weights, config and token ids transformers' GGUF loader does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = Path(model.smollm2_gguf())
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ours = load_file(smollm2_dir / "model.safetensors")
+    theirs = hf.state_dict()
+    assert set(theirs) - set(ours) == {"lm_head.weight"} and hf.config.tie_word_embeddings
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    cfg = ModelConfig.from_json(smollm2_dir)
+    hc = hf.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.vocab_size, cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings) == \
+           (hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads, hc.num_key_value_heads, hc.vocab_size,
+            hc.intermediate_size, hc.rms_norm_eps, hc.rope_parameters["rope_theta"], True)
+    del hf, theirs
+
+    htok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = model.load_tokenizer(smollm2_dir)
+    texts = ["What is the capital of France?", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+             "Ünïcödé: 日本語, emoji 🙂, café naïve", "digits 1234567 3.14159 2024-01-01 0x1F",
+             "  leading spaces\tand\ttabs\n\n\nnewlines  ", "<|endoftext|><repo_name>x<empty_output>",
+             "don't I'll we've THEY'RE", "def f(x):\n    return x ** 2  # comment"]
+    for s in texts:
+        ids = tok.encode(s).ids
+        assert ids == htok(s)["input_ids"], s
+        assert tok.decode(ids, skip_special_tokens=False) == htok.decode(ids) == s
+    assert model.stop_ids(smollm2_dir) == [htok.convert_tokens_to_ids("<|im_end|>")] == [2]
+    tc = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    assert tc["chat_template"] == htok.chat_template and tc["eos_token"] == "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    htok = AutoTokenizer.from_pretrained(smollm2_dir)  # our tokenizer.json + chat template, read by transformers
+    return hf, htok, Transformer.from_pretrained(smollm2_dir), model.load_tokenizer(smollm2_dir)
+
+
+def test_smollm2_logits_match_transformers(smol):
+    hf, htok, m, tok = smol
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime number."},
+              {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another one?"}]]
+    rows = [tok.encode(htok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)).ids for c in chats]
+    assert rows[0] == htok.apply_chat_template(chats[0], add_generation_prompt=True, return_dict=True)["input_ids"]
+    T = max(map(len, rows))
+    ids = torch.tensor([[2] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        ours = m(ids, attention_mask=mask)
+    assert (ours - ref)[mask.bool()].abs().max().item() < 1e-4
+
+
+def test_smollm2_greedy_answer_mentions_paris(smol, smollm2_dir):
+    hf, htok, m, tok = smol
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.encode(htok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)).ids
+    new = generate(m, [prompt], max_new_tokens=24, stop_ids=model.stop_ids(smollm2_dir))[0]
+    assert "Paris" in tok.decode(new)
+    # transformers' greedy choice, teacher-forced over prompt + answer + <|im_end|>: the same tokens, and the
+    # answer stopped at <|im_end|> (which generate does not return)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+    assert ref == new + [2]
+
+
+def test_prepare_smollm2_reuses_the_cache(smollm2_dir):
+    stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
+    assert Path(model.prepare_smollm2()) == smollm2_dir
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".SmolLM2-")]  # no temp leftovers
