@@ -41,7 +41,7 @@ PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=
 # Demo settings: small enough for 2 CPU cores in minutes, strong enough that the effect shows (printed at start).
 DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
             epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
-            stats="ema", stats_update="winsorized", unit="turn", max_steps=60)
+            stats="ema", stats_update="winsorized", unit="turn", max_steps=45)
 
 
 def parse_args(argv=None):
@@ -99,6 +99,7 @@ def parse_args(argv=None):
     a("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     a("--merge", action="store_true", help="also export a merged Hugging Face folder to OUT/merged")
     a("--report-top", type=int, default=20, help="most down-weighted samples listed in report.json")
+    a("--demo-eval", type=int, default=32, help="demo only: clean test dialogues scored before and after")
     args = p.parse_args(argv)
     args.demo = args.model is None and args.data is None
     if (args.model is None) != (args.data is None):
@@ -134,14 +135,17 @@ def setup_distributed():
     return rank, world, local, torch.device("cpu")
 
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state():  # plain types and tensors only, so torch.load(weights_only=True) reads it back
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -220,7 +224,7 @@ def save_checkpoint(out, step, net, opt, scaler, rs, args, rank, world):
 
 def load_checkpoint(path, net, opt, scaler, rs, rank):
     load_adapter(net, path)
-    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False, map_location="cpu")
+    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
     opt.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -228,7 +232,7 @@ def load_checkpoint(path, net, opt, scaler, rs, rank):
         rs.load_state_dict(json.load(f))
     rng = os.path.join(path, f"rng-rank{rank}.pt")
     if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)["step"]
 
@@ -481,12 +485,16 @@ def snippet(ex, template, turn, n=80):
 # ----------------------------------------------------------------------------------------------------------------
 # demo: `python train.py` with no --model/--data
 
+DEMO_START = time.time()
+
+
 def prepare_demo(args, log):
     from data import synth
     cache = os.environ.get("RESURE_CACHE", os.path.expanduser("~/.cache/resure"))
     args.model = M.prepare_smollm2()
     data_dir = os.path.join(cache, f"synth-seed{args.seed}")
-    synth(data_dir, seed=args.seed)
+    if not os.path.isfile(os.path.join(data_dir, "synth_meta.json")):  # written last: the set is complete
+        synth(data_dir, seed=args.seed)
     args.data = os.path.join(data_dir, "train_N.jsonl")
     log("demo: SmolLM2-135M-Instruct + LoRA + ReSURE on the synthetic noisy multi-turn benchmark (tier N)")
     log("demo settings: " + " ".join(f"{k}={getattr(args, k)}" for k in DEMO))
@@ -496,7 +504,8 @@ def prepare_demo(args, log):
 def demo_report(args, net, template, test_path, log):
     from eval import accuracy
     from lora import merge_lora, unmerge_lora
-    convs = load_conversations(test_path)[:40]
+    t0 = time.time()
+    convs = load_conversations(test_path)[:args.demo_eval]
     net.eval()
     after = accuracy(net, template, convs)
     for m in net.modules():  # the base model = the adapter switched off
@@ -506,8 +515,9 @@ def demo_report(args, net, template, test_path, log):
     for m in net.modules():
         if hasattr(m, "_s"):
             m.scaling = m._s
-    log(f"clean-test exact match ({len(convs)} dialogues): before {before['overall']:.3f} -> "
-        f"after {after['overall']:.3f}")
+    log(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, {time.time() - t0:.0f} s): "
+        f"before {before['overall']:.3f} -> after {after['overall']:.3f}")
+    log(f"demo done in {time.time() - DEMO_START:.0f} s")
 
 
 if __name__ == "__main__":

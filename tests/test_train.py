@@ -164,3 +164,27 @@ def test_bad_input_one_line_errors(setup, tmp_path):
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2, (extra, p.stderr[-2000:])
         assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, (extra, p.stderr)
+
+
+def test_demo_shortened_prints_numbers_from_the_run(smollm2_dir, tmp_path):
+    """`python train.py` with no --model/--data, cut to 3 steps and 3 test dialogues: the printed after-training
+    accuracy is recomputed here from the saved adapter with eval.accuracy."""
+    from data import ChatTemplate, load_conversations
+    from eval import accuracy
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(out), "--max-steps", "3",
+                        "--demo-eval", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("demo:") and lines[1].startswith("demo settings:")
+    acc = [line for line in lines if line.startswith("clean-test exact match")]
+    assert len(acc) == 1 and any(line.startswith("flagging vs noise labels") for line in lines)
+    after = float(acc[0].split("-> after ")[1])
+    before = float(acc[0].split("before ")[1].split(" ->")[0])
+    cache = Path(os.environ.get("RESURE_CACHE", Path.home() / ".cache" / "resure"))
+    test = load_conversations(cache / "synth-seed42" / "test.jsonl")[:3]
+    template = ChatTemplate.from_pretrained(smollm2_dir)
+    net = M.Transformer.from_pretrained(smollm2_dir)
+    assert abs(accuracy(net, template, test)["overall"] - before) < 1e-3
+    load_adapter(net, out / "adapter")
+    assert abs(accuracy(net, template, test)["overall"] - after) < 1e-3
