@@ -34,6 +34,12 @@ class UsageError(ValueError):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage block first)
+        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 # Paper settings (ReSURE, Sec. 4): used whenever --model is given and a flag is left out.
 PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
              epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=100,
@@ -45,7 +51,7 @@ DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = Parser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the SmolLM2 demo")
@@ -443,7 +449,8 @@ def finish(args, net, rs, examples, last_seen, eval_examples, template, metrics,
     pr = flag_quality(recs, examples)
     if pr:
         report["flagging"] = pr
-        log(f"flagging vs noise labels: precision {pr['precision']:.2f} recall {pr['recall']:.2f} "
+        f = (lambda x: "-" if x is None else f"{x:.2f}")
+        log(f"flagging vs noise labels: precision {f(pr['precision'])} recall {f(pr['recall'])} "
             f"({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last sighting of each)")
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)
@@ -472,8 +479,8 @@ def flag_quality(recs, examples):
         return None
     tp = sum(f and n for f, n in pairs)
     nf, nn_ = sum(f for f, _ in pairs), sum(n for _, n in pairs)
-    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else float("nan"),
-                recall=tp / nn_ if nn_ else float("nan"))
+    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
+                recall=tp / nn_ if nn_ else None)
 
 
 def snippet(ex, template, turn, n=80):

@@ -150,11 +150,15 @@ def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update):
 def test_bad_input_one_line_errors(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
     cases = [
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--data", str(bad)], "bad.jsonl"),
         (["--model", str(tmp_path)], str(tmp_path)),
         (["--batch-size", "0"], "--batch-size"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--data", str(empty)], "no usable conversation"),
     ]
     for extra, needle in cases:
         args = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl"),
