@@ -1,0 +1,595 @@
+"""Speed of our model.py + lora.py against transformers + PEFT on the same work (issue 8).
+
+    python bench/speed.py                  # SmolLM2-135M-Instruct, more repetitions (minutes)
+    python bench/speed.py --quick          # < 5 minutes on 2 CPU cores
+    python bench/speed.py --tiny           # a tiny random llama, seconds (what CI runs)
+    python bench/speed.py --model DIR --out results/   # any llama-family folder; writes speed.md + speed.json
+
+Every A/B measurement runs both sides in this process, alternating them ABBA (so a slow drift of the machine hits
+both alike), after one warm-up call each, with the same torch thread count; the table shows medians.
+  train    one LoRA training step: forward, backward, AdamW step. LoRA r=16, alpha=32, no dropout, on every linear
+           layer of the blocks; batch B x T random token ids, no padding, spans alternating context / assistant so
+           about half the tokens are supervised (the same ids and labels for both). Ours: model.token_losses, mean
+           over the supervised tokens; theirs: LlamaForCausalLM(labels=...).loss, the same mean. fp32, and bf16 =
+           base weights in bf16 + torch.autocast(bf16) for both (adapters fp32 on both sides).
+  memory   peak resident memory of a training run: each (implementation, dtype) in its own fresh subprocess, which
+           imports its libraries, resets the kernel's peak counter (/proc/self/clear_refs), then loads the model and
+           runs 2 steps (--quick: 1); peak = VmHWM - VmRSS at the reset (library imports are not counted for
+           either side; what our code imports lazily while loading is). The whole-process VmHWM is shown too.
+  resure   ReSURE's extra work in our training step (unit losses per assistant turn, gather, weigh, the Eq. 1 loss
+           and its backward) timed on its own, over our plain step (mean over supervised tokens); beside it a
+           whole-step A/B of the two (at the 3% level usually inside the step-to-step noise, shown beside it).
+  generate greedy decoding of N new tokens at batch 1 and 8 (random prompts of 24-64 tokens, left padded), no early
+           stop on either side so both produce exactly N tokens; includes the prefill. Ours: model.generate with no
+           stop ids; theirs: model.generate(do_sample=False, min_new_tokens=N), which suppresses EOS where ours emits
+           it and goes on, so "identical" compares the tokens before our first EOS.
+  load     checkpoint folder -> model in memory: Transformer.from_pretrained vs AutoModelForCausalLM.from_pretrained.
+  peak     fraction of this machine's matmul peak: best FLOP/s over n x n matmuls and the model's own largest GEMM
+           shape, in the same dtype; the useful FLOPs of a LoRA step (train_flops below) / step time / that peak.
+The table is marked unreliable when other processes used more than 0.2 cores on average during the run (all CPU time
+in /proc/stat minus this process's and its children's): with 2 threads on 2 busy cores torch slows down many times.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import model as M  # noqa: E402
+from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
+from resure import ReSURE, gather, reweighted_loss, unit_losses  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = {"train_bf16": 1.3, "train_fp32": 1.15, "generate": 3.0, "resure_overhead": 0.03}
+BUSY = 0.2  # other processes using more than this many cores on average during the run: timings unreliable
+
+
+class BenchError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------- settings
+PRESETS = {  # reps: timed repetitions per side (after one warm-up); mem_steps: steps in each memory subprocess
+    "full": dict(batch=4, length=256, rank=16, reps=7, new_tokens=64, gen_batches=(1, 8), gen_reps=5, load_reps=5,
+                 matmul_n=(1024, 2048, 3072), mem_steps=2, dtypes=("fp32", "bf16"), resure_dtypes=("fp32", "bf16"),
+                 mem_dtypes=("fp32", "bf16"), gen_dtypes=("fp32", "bf16")),
+    "quick": dict(batch=4, length=256, rank=16, reps=5, new_tokens=32, gen_batches=(1, 8), gen_reps=3, load_reps=3,
+                  matmul_n=(1024, 2048), mem_steps=1, dtypes=("fp32", "bf16"), resure_dtypes=("fp32",),
+                  mem_dtypes=("fp32", "bf16"), gen_dtypes=("fp32",)),
+    "tiny": dict(batch=2, length=32, rank=4, reps=2, new_tokens=4, gen_batches=(1, 3), gen_reps=2, load_reps=2,
+                 matmul_n=(128, 256), mem_steps=1, dtypes=("fp32", "bf16"), resure_dtypes=("fp32", "bf16"),
+                 mem_dtypes=("fp32",), gen_dtypes=("fp32",)),
+}
+
+
+def machine(threads):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    import transformers
+    import peft
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "loadavg": os.getloadavg()}
+
+
+class CpuShare:
+    """CPU time used by OTHER processes while this one ran: /proc/stat busy time minus our own (and children's)."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.time(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")  # user nice system idle iowait irq softirq steal ...
+        return (v[0] + v[1] + v[2] + v[5] + v[6]) / tick, (v[7] if len(v) > 7 else 0) / tick
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def others(self):
+        """(cores used by others on average, cores stolen by the hypervisor on average); None without /proc."""
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = max(time.time() - self.t0, 1e-9)
+        return (max(0.0, busy[0] - self.busy0[0] - (self._own() - self.own0)) / wall,
+                (busy[1] - self.busy0[1]) / wall)
+
+
+def make_tiny_model(out_dir, tokenizer_dir=None, vocab_size=None, seed=0):
+    """A tiny random llama written by transformers (the oracle), with a tokenizer copied from tokenizer_dir."""
+    import transformers
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    vocab = vocab_size or (49152 if tokenizer_dir else 512)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   max_position_embeddings=1024)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if tokenizer_dir and (Path(tokenizer_dir) / f).is_file():
+            shutil.copy(Path(tokenizer_dir) / f, out_dir / f)
+    return str(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def chat_batch(vocab, batch, length, seed=0):
+    """Random ids; spans of 8..56 tokens alternate context / assistant (turn k = k-th assistant span) -> ~1/2
+    supervised. Returns dict(input_ids, labels, attention_mask, turn_ids, group) and the supervised count."""
+    g = np.random.default_rng(seed)
+    ids = torch.from_numpy(g.integers(0, vocab, (batch, length))).long()
+    labels = torch.full_like(ids, -100)
+    turn_ids = torch.zeros_like(ids)
+    for b in range(batch):
+        pos, k, asst = 0, 0, False
+        while pos < length:
+            n = int(g.integers(8, 57))
+            if asst:
+                k += 1
+                labels[b, pos:pos + n], turn_ids[b, pos:pos + n] = ids[b, pos:pos + n], k
+            pos, asst = pos + n, not asst
+    labels[:, 0] = -100
+    group = torch.tensor([int(t.max()) for t in turn_ids]).clamp(1, 8)
+    out = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), turn_ids=turn_ids, group=group)
+    return out, int((labels[:, 1:] != -100).sum())
+
+
+def autocast(dtype):
+    return (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
+
+
+# ---------------------------------------------------------------------------------------------------- the sides
+def load_ours(path, dtype, rank):
+    net = M.Transformer.from_pretrained(path, dtype=dtype)
+    apply_lora(net, r=rank, alpha=2 * rank, dropout=0.0, verbose=False)
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    return net, opt
+
+
+def load_hf(path, dtype, rank):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                                       target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
+    hf.train()
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+    return hf, opt
+
+
+def ours_step(net, opt, b, n_sup, amp):
+    with amp():
+        tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
+    loss = tok.sum() / n_sup
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def resure_loss(tok, b, rs):
+    """The ReSURE part of train.py's micro-step: unit losses per turn, gather, weigh, Eq. 1."""
+    losses, groups, ntok, _, _ = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], "turn")
+    g = gather(losses.detach(), groups, ntok)
+    weights, _ = rs.weigh(g.losses, g.groups)
+    return reweighted_loss(losses, ntok, weights, norm="sample")
+
+
+def resure_step(net, opt, b, rs, amp):
+    with amp():
+        tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
+    loss = resure_loss(tok.float(), b, rs)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def hf_step(hf, opt, b, amp):
+    with amp():
+        loss = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                  use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def new_resure(b, seed=0):
+    """Active ReSURE (no warm-up, no ramp), statistics primed so that some units are flagged."""
+    rs = ReSURE(warmup_samples=0, ramp_steps=0)
+    g = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(1, 9), 32)
+    rs.warmup_from(g.gamma(4.0, 2.0, len(groups)), groups)
+    return rs
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def alternate(fns, reps, warmup=1):
+    """{name: [seconds]} for callables run ABBA-alternated, after `warmup` untimed calls each."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(reps):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def matmul_peak(dtype, sizes, model_shape=None, reps=5):
+    """Best FLOP/s over n x n x n matmuls (2 n^3 FLOPs) of the given sizes and the model's own largest GEMM
+    shape (tokens x hidden) @ (hidden x intermediate): {"peak", "by_shape"}."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(n, n, n) for n in sizes] + ([model_shape] if model_shape else [])
+    out = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+        a @ b
+        out[f"{m}x{k}x{n}"] = 2 * m * k * n / min(_timed(lambda: a @ b) for _ in range(reps))
+    return {"peak": max(out.values()), "by_shape": out}
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def train_flops(cfg, batch, length, n_sup, rank, targets=DEFAULT_TARGETS):
+    """Useful FLOPs of one LoRA step (frozen base): forward 2*P*tokens for the block linears; backward needs only
+    the input gradients of frozen weights (another 2*P*tokens) but input and weight gradients of the adapters
+    (2 x their forward); causal attention QK^T and AV over the lower triangle, backward 2 x forward; lm_head at the
+    supervised positions only, forward + input gradient. Recomputation and logits nobody needs do not count."""
+    D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
+              "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}
+    tokens = batch * length
+    dense = 2 * L * sum(i * o for i, o in shapes.values()) * tokens
+    lora = 2 * L * sum(rank * (i + o) for n, (i, o) in shapes.items() if n in targets) * tokens
+    attn = L * batch * cfg.num_attention_heads * 2 * 2 * cfg.head_dim * length * (length + 1) / 2
+    head = 2 * D * V * n_sup
+    return 2 * dense + 3 * lora + 3 * attn + 2 * head
+
+
+# -------------------------------------------------------------------------------------------------- memory child
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"/proc/self/status has no {key}")
+
+
+def mem_child(a):
+    """Run in a fresh process: peak RSS of loading + a.mem_steps training steps of one implementation."""
+    torch.set_num_threads(a.threads)
+    b, n_sup = chat_batch(M.ModelConfig.from_json(a.model).vocab_size, a.batch, a.length)
+    if a.mem_child == "hf":
+        import peft  # noqa: F401  (imported before the reset: libraries are not the model's memory)
+        import transformers  # noqa: F401
+    dtype, amp = DTYPES[a.mem_dtype], autocast(DTYPES[a.mem_dtype])
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    base = _status_kib("VmRSS")
+    if a.mem_child == "ours":
+        net, opt = load_ours(a.model, dtype, a.rank)
+        for _ in range(a.mem_steps):
+            ours_step(net, opt, b, n_sup, amp)
+    else:
+        hf, opt = load_hf(a.model, dtype, a.rank)
+        for _ in range(a.mem_steps):
+            hf_step(hf, opt, b, amp)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"base_mib": base / 1024, "peak_mib": peak / 1024, "delta_mib": (peak - base) / 1024,
+                      "hwm_reset": reset}))
+
+
+def measure_memory(impl, dtype, cfg, a):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", impl, "--mem-dtype", dtype,
+           "--model", a.model, "--threads", str(a.threads), "--batch", str(cfg["batch"]),
+           "--length", str(cfg["length"]), "--rank", str(cfg["rank"]), "--mem-steps", str(cfg["mem_steps"])]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    if p.returncode != 0:
+        raise BenchError(f"memory subprocess {impl}/{dtype} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------------- benches
+def bench_train(path, dtype_name, cfg, log):
+    dtype, amp = DTYPES[dtype_name], autocast(DTYPES[dtype_name])
+    mcfg = M.ModelConfig.from_json(path)
+    b, n_sup = chat_batch(mcfg.vocab_size, cfg["batch"], cfg["length"])
+    net, opt = load_ours(path, dtype, cfg["rank"])
+    hf, hopt = load_hf(path, dtype, cfg["rank"])
+    first = {"ours": ours_step(net, opt, b, n_sup, amp), "hf": hf_step(hf, hopt, b, amp)}  # = warm-up
+    t = alternate({"ours": lambda: ours_step(net, opt, b, n_sup, amp),
+                   "hf": lambda: hf_step(hf, hopt, b, amp)}, cfg["reps"], warmup=0)
+    del hf, hopt
+    gc.collect()
+    tokens = cfg["batch"] * cfg["length"]
+    res = {"tokens": tokens, "supervised": n_sup, "first_loss": first, "seconds": t,
+           "tokens_per_s": {k: tokens / med(v) for k, v in t.items()},
+           "flops": train_flops(mcfg, cfg["batch"], cfg["length"], n_sup, cfg["rank"])}
+    log(f"  train {dtype_name}: ours {med(t['ours']):.3f} s/step, transformers+PEFT {med(t['hf']):.3f} s/step "
+        f"(first-step loss {first['ours']:.4f} vs {first['hf']:.4f})")
+    if dtype_name in cfg["resure_dtypes"]:
+        res["resure"] = bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log)
+    return res
+
+
+def bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log):
+    rs = new_resure(b)
+    t2 = alternate({"resure": lambda: resure_step(net, opt, b, rs, amp),
+                    "plain": lambda: ours_step(net, opt, b, n_sup, amp)}, cfg["reps"], warmup=0)
+    with amp():
+        with torch.no_grad():
+            tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"]).float()
+    tok.requires_grad_(True)
+    book = []
+    for _ in range(max(5, cfg["reps"] * 3)):  # the bookkeeping alone: unit losses + gather + weigh + Eq. 1 + its grad
+        t0 = time.perf_counter()
+        resure_loss(tok, b, rs).backward()
+        book.append(time.perf_counter() - t0)
+    plain = t2["plain"]
+    out = {"seconds": t2, "bookkeeping_s": book, "step_overhead": med(t2["resure"]) / med(plain) - 1,
+           "step_spread": (max(plain) - min(plain)) / med(plain), "overhead": med(book) / med(plain)}
+    log(f"  resure {dtype_name}: {med(t2['resure']):.3f} vs plain {med(plain):.3f} s/step; bookkeeping alone "
+        f"{1e3 * med(book):.2f} ms")
+    return out
+
+
+def bench_generate(path, dtype_name, cfg, log):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    dtype = DTYPES[dtype_name]
+    net = M.Transformer.from_pretrained(path, dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    vocab, n, stops = net.config.vocab_size, cfg["new_tokens"], set(M.stop_ids(path))
+    gcfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = {}
+    for B in cfg["gen_batches"]:
+        g = np.random.default_rng(B)
+        lens = [48] if B == 1 else g.integers(24, 65, B).tolist()
+        prompts = [g.integers(0, vocab, L).tolist() for L in lens]
+        L = max(lens)
+        ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+        res = {}
+
+        def ours():
+            res["ours"] = M.generate(net, prompts, max_new_tokens=n, stop_ids=(), pad_id=0)
+
+        def theirs():
+            with torch.no_grad():
+                res["hf"] = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)[:, L:].tolist()
+        t = alternate({"ours": ours, "hf": theirs}, cfg["gen_reps"])
+        counts = {k: sum(len(r) for r in v) for k, v in res.items()}
+        if counts["ours"] != B * n or counts["hf"] != B * n:
+            raise BenchError(f"generation made {counts} tokens, expected {B * n} each")
+        # transformers' min_new_tokens suppresses EOS while ours emits it and goes on: compare up to the first stop
+        cut = [next((i for i, t in enumerate(row) if t in stops), n) for row in res["ours"]]
+        same = sum(x == y for a, b, c in zip(res["ours"], res["hf"], cut) for x, y in zip(a[:c], b[:c]))
+        same /= max(1, sum(cut))
+        out[B] = {"seconds": t, "tokens_per_s": {k: B * n / med(v) for k, v in t.items()}, "same_tokens": same}
+        log(f"  generate {dtype_name} batch {B}: ours {out[B]['tokens_per_s']['ours']:.1f} tok/s, transformers "
+            f"{out[B]['tokens_per_s']['hf']:.1f} tok/s, identical tokens {same:.0%}")
+    return out
+
+
+def bench_load(path, dtype_name, cfg, log):
+    from transformers import AutoModelForCausalLM
+    dtype = DTYPES[dtype_name]
+
+    def ours():
+        M.Transformer.from_pretrained(path, dtype=dtype)
+
+    def theirs():
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    t = alternate({"ours": ours, "hf": theirs}, cfg["load_reps"])
+    log(f"  load {dtype_name}: ours {med(t['ours']):.3f} s, transformers {med(t['hf']):.3f} s")
+    return {"seconds": t}
+
+
+# --------------------------------------------------------------------------------------------------------- table
+def ratio_row(name, ours, theirs, unit, ratio, target=None, higher=True, fmt="{:.1f}"):
+    if target is None:
+        met = ""
+    else:
+        met = "yes" if (ratio >= target if higher else ratio <= target) else "**no**"
+    tgt = "" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
+    return f"| {name} | {fmt.format(ours)} {unit} | {fmt.format(theirs)} {unit} | {ratio:.2f}x | {tgt} | {met} |"
+
+
+def table(r):
+    m = r["machine"]
+    lines = [f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, torch {m['torch']}, "
+             f"{m['threads']} threads, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}"
+             + (f", GPU {m['cuda']} (not used)" if m["cuda"] else "") + f"; load average at start "
+             f"{m['loadavg'][0]:.2f}, at end {r['loadavg_end'][0]:.2f}.",
+             f"Model: {r['model']} ({r['params'] / 1e6:.1f}M parameters); preset {r['preset']}; "
+             f"train batch {r['cfg']['batch']} x {r['cfg']['length']}, LoRA r={r['cfg']['rank']} on "
+             f"{', '.join(DEFAULT_TARGETS)}; medians of {r['cfg']['reps']} (train), {r['cfg']['gen_reps']} "
+             f"(generate), {r['cfg']['load_reps']} (load) alternated repetitions.", "",
+             "| measurement | ours (model.py + lora.py) | transformers + PEFT | ours vs theirs | target | met |",
+             "|---|---|---|---|---|---|"]
+    for d, tr in r["train"].items():
+        tp = tr["tokens_per_s"]
+        tgt = TARGETS[f"train_{d}"] if f"train_{d}" in TARGETS else None
+        lines.append(ratio_row(f"LoRA train step, {d} (tokens/s)", tp["ours"], tp["hf"], "", tp["ours"] / tp["hf"],
+                               tgt))
+    for d, mem in r["memory"].items():
+        o, h = mem["ours"]["delta_mib"], mem["hf"]["delta_mib"]
+        lines.append(ratio_row(f"peak memory of training, {d} (MiB above the libraries' imports)", o, h, "", o / h,
+                               1.0, higher=False, fmt="{:.0f}"))
+        o, h = mem["ours"]["peak_mib"], mem["hf"]["peak_mib"]
+        lines.append(ratio_row(f"peak memory of training, {d} (MiB, whole process)", o, h, "", o / h, fmt="{:.0f}"))
+    for d, tr in r["train"].items():
+        if "resure" not in tr:
+            continue
+        rs = tr["resure"]
+        o, p = med(rs["seconds"]["resure"]), med(rs["seconds"]["plain"])
+        met = "yes" if rs["overhead"] <= TARGETS["resure_overhead"] else "**no**"
+        lines.append(f"| ReSURE overhead over a plain SFT step (ours), {d} | {1e3 * med(rs['bookkeeping_s']):.1f} ms "
+                     f"of ReSURE work per step | {p:.3f} s plain step | {100 * rs['overhead']:+.2f}% (whole steps "
+                     f"A/B: {o:.3f} vs {p:.3f} s, {100 * rs['step_overhead']:+.1f}%, step-to-step spread "
+                     f"{100 * rs['step_spread']:.0f}%) | <= +3% | {met} |")
+    for d, gen in r["generate"].items():
+        for B, g in gen.items():
+            tp = g["tokens_per_s"]
+            lines.append(ratio_row(f"greedy generation, batch {B}, {d} (tokens/s; {r['cfg']['new_tokens']} new; "
+                                   f"{g['same_tokens']:.0%} identical before EOS)", tp["ours"], tp["hf"], "",
+                                   tp["ours"] / tp["hf"], TARGETS["generate"]))
+    for d, ld in r["load"].items():
+        o, h = med(ld["seconds"]["ours"]), med(ld["seconds"]["hf"])
+        lines.append(ratio_row(f"checkpoint load, {d} (s)", o, h, "", h / o, fmt="{:.3f}"))
+    for d, tr in r["train"].items():
+        peak = r["matmul_peak"][d]["peak"]
+        fo, fh = (tr["flops"] * tr["tokens_per_s"][k] / tr["tokens"] / peak for k in ("ours", "hf"))
+        note = " **above the measured peak: the peak measurement was disturbed**" if max(fo, fh) > 1 else ""
+        lines.append(f"| training throughput / matmul peak, {d} (peak {peak / 1e9:.0f} GFLOP/s, "
+                     f"{tr['flops'] / 1e9:.0f} useful GFLOP/step){note} | {100 * fo:.1f}% | {100 * fh:.1f}% | "
+                     f"{fo / fh:.2f}x | | |")
+    others = r.get("others_cores")
+    if others is not None:
+        lines[0] += (f" Other processes used {others[0]:.2f} cores on average during the run (steal "
+                     f"{others[1]:.2f}).")
+        if others[0] > BUSY or others[1] > BUSY:
+            lines[0:0] = [f"**WARNING: the machine was busy (other processes used {others[0]:.2f} cores, steal "
+                          f"{others[1]:.2f}, on average during the run), so these timings are unreliable.**", ""]
+    lines += ["", "Ratios: ours / theirs for throughput; theirs / ours (speed-up) for load time; ours / theirs for "
+              "memory (<= 1 is no more memory). Peak memory: each side in its own fresh process, VmHWM after the "
+              "model load and the training steps minus VmRSS after importing the libraries. Useful FLOPs: "
+              "bench/speed.py train_flops (frozen-base LoRA step, supervised-only lm_head, causal attention)."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="Hugging Face llama-family folder (default: SmolLM2-135M-Instruct, prepared)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="fewer repetitions: < 5 minutes on 2 CPU cores")
+    g.add_argument("--tiny", action="store_true", help="a tiny random model and workload (CI)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--out", help="folder to write speed.md and speed.json into")
+    p.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    # internal: one memory measurement in a fresh process
+    p.add_argument("--mem-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--mem-dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
+    for k in ("batch", "length", "rank", "mem-steps"):
+        p.add_argument(f"--{k}", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    a.threads = a.threads or torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    if a.mem_child:
+        return mem_child(a)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    preset = "tiny" if a.tiny else "quick" if a.quick else "full"
+    cfg = dict(PRESETS[preset])
+    tmp = None
+    if a.model is None:
+        if a.tiny:
+            tmp = tempfile.mkdtemp(prefix="speed-tiny-")
+            a.model = make_tiny_model(Path(tmp) / "model")
+        else:
+            a.model = M.prepare_smollm2()
+    if not (Path(a.model) / "config.json").is_file():
+        raise BenchError(f"--model {a.model}: no config.json there")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    t_start, share = time.time(), CpuShare()
+    r = {"machine": machine(a.threads), "model": a.model, "preset": preset, "cfg": cfg,
+         "train": {}, "memory": {}, "generate": {}, "load": {}, "matmul_peak": {}}
+    m = r["machine"]
+    log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {a.threads} threads, load average "
+        f"{m['loadavg'][0]:.2f}")
+    r["params"] = sum(p.numel() for p in M.Transformer.from_pretrained(a.model).parameters())
+    try:
+        for d in cfg["dtypes"]:
+            mc = M.ModelConfig.from_json(a.model)
+            r["matmul_peak"][d] = matmul_peak(DTYPES[d], cfg["matmul_n"],
+                                              (cfg["batch"] * cfg["length"], mc.hidden_size, mc.intermediate_size))
+            log(f"  matmul {d}: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak"][d]["by_shape"].items())
+                + " GFLOP/s")
+            r["train"][d] = bench_train(a.model, d, cfg, log)
+            if not a.skip_memory and d in cfg["mem_dtypes"]:
+                r["memory"][d] = {k: measure_memory(k, d, cfg, a) for k in ("ours", "hf")}
+                log(f"  memory {d}: ours {r['memory'][d]['ours']['delta_mib']:.0f} MiB, transformers+PEFT "
+                    f"{r['memory'][d]['hf']['delta_mib']:.0f} MiB")
+        for d in cfg["gen_dtypes"]:
+            r["generate"][d] = bench_generate(a.model, d, cfg, log)
+        for d in cfg["gen_dtypes"]:
+            r["load"][d] = bench_load(a.model, d, cfg, log)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    r["loadavg_end"] = os.getloadavg()
+    r["others_cores"] = share.others()
+    r["wall_s"] = time.time() - t_start
+    md = table(r)
+    print("\n" + md)
+    print(f"\n(total {r['wall_s']:.0f} s)")
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        (Path(a.out) / "speed.md").write_text(md + "\n")
+        (Path(a.out) / "speed.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    return r
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (BenchError, M.CheckpointError) as e:
+        print(f"speed.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

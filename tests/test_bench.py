@@ -1,0 +1,175 @@
+"""bench/speed.py and bench/noise.py end to end on a tiny random llama (CI smoke: the numbers themselves mean
+nothing at this size, but every table must hold them, and what can be checked against an oracle is)."""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+NUM = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    """A tiny random llama (written by transformers) that speaks SmolLM2's tokenizer and chat template."""
+    from speed import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("bench") / "tiny", tokenizer_dir=smollm2_dir)
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def table_rows(md):
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not set(line) <= set("|-")]
+
+
+def test_speed_tiny(tiny, tmp_path, keep_threads, capsys):
+    import speed
+    r = speed.main(["--tiny", "--model", tiny, "--threads", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "Intel" in printed or "AMD" in printed or "Machine:" in printed
+    md = (tmp_path / "speed.md").read_text()
+    assert md.strip() in printed
+    assert re.search(r"torch \d+\.\d+", md) and "1 threads" in md
+    rows = {row[0]: row for row in table_rows(md)[1:]}
+    wanted = ["LoRA train step, fp32", "LoRA train step, bf16", "peak memory of training, fp32",
+              "ReSURE overhead over a plain SFT step (ours), fp32", "ReSURE overhead over a plain SFT step (ours), bf16",
+              "greedy generation, batch 1, fp32", "greedy generation, batch 3, fp32", "checkpoint load, fp32",
+              "training throughput / matmul peak, fp32", "training throughput / matmul peak, bf16"]
+    for w in wanted:
+        row = next((v for k, v in rows.items() if k.startswith(w)), None)
+        assert row is not None, f"no row {w!r} in\n{md}"
+        for cell in row[1:4]:  # ours, theirs, ratio: each holds a finite number
+            m = NUM.search(cell)
+            assert m and math.isfinite(float(m.group())), (w, cell)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    for d in ("fp32", "bf16"):
+        tr = saved["train"][d]
+        assert tr["tokens_per_s"]["ours"] > 0 and tr["tokens_per_s"]["hf"] > 0
+        assert len(tr["seconds"]["ours"]) == len(tr["seconds"]["hf"]) == speed.PRESETS["tiny"]["reps"]
+        assert saved["matmul_peak"][d]["peak"] == max(saved["matmul_peak"][d]["by_shape"].values()) > 0
+        rs = tr["resure"]
+        assert 0 < rs["overhead"] == pytest.approx(speed.med(rs["bookkeeping_s"]) / speed.med(rs["seconds"]["plain"]))
+    # both sides computed the same loss on the same batch before any update (transformers is the oracle)
+    first = saved["train"]["fp32"]["first_loss"]
+    assert first["ours"] == pytest.approx(first["hf"], rel=1e-4)
+    mem = saved["memory"]["fp32"]
+    assert mem["ours"]["peak_mib"] >= mem["ours"]["base_mib"] > 0 and mem["hf"]["peak_mib"] >= mem["hf"]["base_mib"]
+    gen = saved["generate"]["fp32"]
+    assert set(gen) == {"1", "3"} and all(g["tokens_per_s"]["ours"] > 0 for g in gen.values())
+    # useful FLOPs: 2*dense + 3*lora + 3*attention + 2*head, recomputed here from the config by hand
+    cfg = json.loads((Path(tiny) / "config.json").read_text())
+    D, I, L, V, H, KV = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+                                          "num_attention_heads", "num_key_value_heads"))
+    hd, B, T, rk = D // H, 2, 32, 4
+    lin = [(D, H * hd), (D, KV * hd), (D, KV * hd), (H * hd, D), (D, I), (D, I), (I, D)]
+    want = (2 * 2 * L * sum(i * o for i, o in lin) * B * T + 3 * 2 * L * sum(rk * (i + o) for i, o in lin) * B * T
+            + 3 * L * B * H * 4 * hd * T * (T + 1) / 2 + 2 * 2 * D * V * tr_sup(saved))
+    assert saved["train"]["fp32"]["flops"] == pytest.approx(want, rel=1e-12)
+    assert r["preset"] == "tiny"
+
+
+def tr_sup(saved):
+    return saved["train"]["fp32"]["supervised"]
+
+
+def test_speed_chat_batch_is_half_supervised():
+    import speed
+    b, n_sup = speed.chat_batch(1000, 4, 256)
+    sup = b["labels"] != -100
+    assert n_sup == int(sup[:, 1:].sum()) and 0.35 < sup.float().mean() < 0.65
+    assert torch.equal(b["labels"][sup], b["input_ids"][sup]) and not sup[:, 0].any()
+    assert bool((b["turn_ids"][sup] >= 1).all()) and not bool(b["turn_ids"][~sup].any())
+
+
+def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
+    import noise
+    out = tmp_path / "noise"
+    res = noise.main(["--tiny", "--model", tiny, "--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("noise.py tiny:") and "plan: 24 training runs" in printed
+    md = (out / "results.md").read_text()
+    methods = list(noise.PRESETS["tiny"]["methods"])
+    rows = table_rows(md.split("## Clean-test exact-match accuracy")[1].split("##")[0])
+    assert [r[0] for r in rows[1:]] == ["base model (no training)"] + methods
+    for r in rows[1:]:
+        for cell in r[1:4]:
+            assert NUM.match(cell), r
+    for section in ("## Data", "## Clean-test loss", "## Difference to SFT", "## Flagging", "Per noise type",
+                    "Per turn depth", "## What this run shows"):
+        assert section in md
+    saved = json.loads((out / "results.json").read_text())
+    runs = saved["results"]
+    assert sorted((r["variant"], r["mixture"], r["seed"]) for r in runs) == sorted(
+        (v, m, s) for v in methods for m in noise.MIXTURES for s in (1, 2))
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+        if r["variant"] != "sft":
+            a = r["flagging"]["all"]
+            assert a["tp"] <= min(a["flagged"], a["noisy"]) and a["flagged"] <= a["units"]
+            if r["mixture"] == "H":
+                assert a["noisy"] == 0  # tier H carries no injected noise
+    # mixtures: n, 2n, 3n dialogues; H clean, noise grows with every added tier
+    n = noise.PRESETS["tiny"]["n"]
+    for s in ("1", "2"):
+        st = saved["data"][s]
+        assert [st[m]["dialogues"] for m in noise.MIXTURES] == [n, 2 * n, 3 * n]
+        frac = [st[m]["noisy"] / st[m]["turns"] for m in noise.MIXTURES]
+        assert frac[0] == 0 and frac[0] < frac[1] < frac[2]
+        kept = [json.loads(x) for x in (out / f"data-seed{s}" / "mix_H+N+L_prefilter.jsonl").read_text().splitlines()]
+        assert len(kept) == math.floor(0.75 * 3 * n + 0.5)
+    # Spearman per method against scipy (the oracle), over all (mixture, seed) pairs
+    from scipy.stats import spearmanr
+    for v in methods:
+        xs = [noise.MIXTURES.index(r["mixture"]) for r in runs if r["variant"] == v]
+        ys = [r["loss"] for r in runs if r["variant"] == v]
+        want = spearmanr(xs, ys).statistic
+        got = saved["summary"][v]["spearman"]["loss"]
+        assert (got is None and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
+    png = out / "noise.png"
+    try:
+        import matplotlib  # noqa: F401
+        assert png.is_file() and png.stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in printed and not png.exists()
+    assert res["out"] == str(out)
+
+
+def test_noise_paired_differences_and_spread():
+    import noise
+    rs = [dict(variant=v, mixture=m, seed=s, accuracy=a, loss=1.0)
+          for v, m, s, a in [("sft", "H", 1, 0.50), ("sft", "H", 2, 0.60), ("x", "H", 1, 0.70), ("x", "H", 2, 0.72),
+                             ("sft", "H+N", 1, 0.4), ("sft", "H+N", 2, 0.5), ("x", "H+N", 1, 0.41),
+                             ("x", "H+N", 2, 0.49)]]
+    rs += [dict(r, mixture="H+N+L") for r in rs if r["mixture"] == "H+N"]
+    summ = noise.summarize(rs, ["sft", "x"], [1, 2])
+    m, s = summ["x"]["mixtures"]["H"]["d_accuracy"]
+    assert m == pytest.approx(0.16) and s == pytest.approx(math.sqrt(((0.20 - 0.16) ** 2 + (0.12 - 0.16) ** 2) / 1))
+    assert noise.verdict(m, s) == ""                                    # 0.16 > sd 0.057: resolved
+    m, s = summ["x"]["mixtures"]["H+N"]["d_accuracy"]
+    assert m == pytest.approx(0.0) and noise.verdict(m, s) == " (within spread)"
+    assert noise.verdict(0.1, math.nan) == " (one seed: no spread)"
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    import noise
+    import speed
+    with pytest.raises(noise.BenchError, match="unknown bogus"):
+        noise.main(["--methods", "sft,bogus", "--out", str(tmp_path)])
+    with pytest.raises(speed.BenchError, match="no config.json"):
+        speed.main(["--model", str(tmp_path), "--skip-memory"])
+    p = subprocess.run([sys.executable, "bench/noise.py", "--methods", "bogus", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "bogus" in p.stderr and "Traceback" not in p.stderr
