@@ -56,7 +56,7 @@ import train  # noqa: E402
 from data import ChatTemplate, build_examples, load_conversations, save_jsonl, synth  # noqa: E402
 from eval import accuracy, per_turn_loss, spearman  # noqa: E402
 from lora import merge_lora  # noqa: E402
-from resure import prefilter  # noqa: E402
+from resure import ReSURE, prefilter  # noqa: E402
 
 MIXTURES = ("H", "H+N", "H+N+L")
 ESTIMATOR = dict(stats="ema", stats_update="winsorized")
@@ -78,7 +78,7 @@ PRESETS = {
     "tiny": dict(seeds=[1, 2], n=12, test=3, steps=2, batch=4, lr=3e-3, lora_r=4, lora_alpha=8, warmup=8, ramp=1,
                  max_len=160, max_turns=4, new_tokens=8, dtype="fp32",
                  methods=("sft", "resure", "prefilter+resure", "resure[mad/all]")),
-    "quick": dict(seeds=[1, 2], n=64, test=12, steps=12, batch=8, lr=1e-3, lora_r=16, lora_alpha=32, warmup=32,
+    "quick": dict(seeds=[1, 2], n=64, test=12, steps=10, batch=8, lr=1e-3, lora_r=16, lora_alpha=32, warmup=32,
                   ramp=3, max_len=192, max_turns=4, new_tokens=16, dtype="fp32",
                   methods=("sft", "resure", "prefilter", "hard", "resure[welford/reliable]", "resure[mad/all]")),
     "full": dict(seeds=[1, 2, 3, 4, 5], n=600, test=200, steps=300, batch=16, lr=5e-4, lora_r=16, lora_alpha=32,
@@ -168,7 +168,8 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
     acc = accuracy(net, tpl, test_convs, batch_size=16, max_new_tokens=plan["new_tokens"])
     ptl = per_turn_loss(net, test_examples, batch_size=16, pad_id=tpl.pad_id)
     text = log.getvalue()
-    res = {"accuracy": acc["overall"], "acc_per_turn": {int(k): r["accuracy"] for k, r in acc["per_turn"].items()},
+    res = {"accuracy": acc["overall"], "acc_total": acc["total"],
+           "acc_per_turn": {int(k): r["accuracy"] for k, r in acc["per_turn"].items()},
            "loss": ptl["overall"]["loss"], "loss_per_turn": {int(k): r["loss"] for k, r in ptl["per_turn"].items()},
            "train_s": t_train, "eval_s": time.time() - t0 - t_train,
            "warnings": [w for w in ("lag", "collapse") if f"resure warning ({w})" in text]}
@@ -360,8 +361,8 @@ def write_results(out, plan, results, summary, data_stats, prefilter_stats, base
               "|---" * (len(_kinds(results, last)) + 1) + "|"]
         for v in flaggers:
             t = pooled(results, v, last, "by_kind")
-            L.append(f"| {v} | " + " | ".join(
-                f"{_p(t[k]['flag_rate'])} (n={t[k]['units']})" if k in t else "-" for k in _kinds(results, last)) + " |")
+            L.append(f"| {v} | " + " | ".join(f"{_p(t[k]['flag_rate'])} (n={t[k]['units']})" if k in t else "-"
+                                              for k in _kinds(results, last)) + " |")
         depths = sorted({int(d) for r in results if r["mixture"] == last and "flagging" in r
                          for d in r["flagging"]["by_depth"]})
         L += ["", f"### Per turn depth, mixture {last}: precision / recall (noisy fraction)", "",
@@ -378,7 +379,7 @@ def write_results(out, plan, results, summary, data_stats, prefilter_stats, base
         rs = [r for r in results if r["variant"] == v and r["mixture"] == last]
         L.append(f"| {v} | " + " | ".join(fmt(*mean_sd([r["loss_per_turn"].get(d, math.nan) for r in rs]), 1, 3)
                                           for d in depths) + " |")
-    L += ["", "## What this run shows", ""] + findings(summary, v_list, results)
+    L += ["", "## What this run shows", ""] + findings(summary, v_list, results, plan)
     text = "\n".join(L) + "\n"
     (Path(out) / "results.md").write_text(text)
     return text
@@ -401,9 +402,17 @@ def _sp(x):
     return "n/a" if not math.isfinite(x) else f"{x:+.2f}"
 
 
-def findings(summary, v_list, results):
-    """Plain sentences generated from the numbers, whatever they show."""
-    out = []
+def findings(summary, v_list, results, plan):
+    """Plain sentences generated from the numbers, whatever they show, and the limits of this run."""
+    prompts = {r["seed"]: r["acc_total"] for r in results if "acc_total" in r}
+    out = [f"- Every run trains {plan['steps']} steps: a larger mixture is not trained on longer, so more data cannot "
+           "help here; the mixtures measure falling quality at equal compute (the paper trains epochs)."]
+    if prompts:
+        out.append(f"- Accuracy is over {min(prompts.values())}-{max(prompts.values())} test answers per seed: one "
+                   f"answer is {100 / min(prompts.values()):.1f} points.")
+    if plan["steps"] < ReSURE().warn_steps:
+        out.append(f"- Runs are shorter than the {ReSURE().warn_steps} steps after which resure.py warns of lag or "
+                   "collapse, so no such warning can appear here.")
     for v in v_list:
         sp = summary[v]["spearman"]["accuracy"]
         out.append(f"- {v}: Spearman(mixture, accuracy) = {_sp(sp)} "
@@ -506,13 +515,13 @@ def main(argv=None):
     machine = (f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
                + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     runs = len(plan["seeds"]) * len(MIXTURES) * len(plan["methods"])
+    skipped = [v for v in VARIANTS if v not in plan["methods"]]
     print(f"noise.py {preset}: {machine}; load average {os.getloadavg()[0]:.2f}")
     print(f"plan: {runs} training runs = {len(plan['seeds'])} seeds x {len(MIXTURES)} mixtures x "
           f"{len(plan['methods'])} methods ({', '.join(plan['methods'])}); {plan['steps']} steps x batch "
           f"{plan['batch']}; {plan['n']} dialogues per tier; {plan['test']} test dialogues; {plan['dtype']}; "
-          f"model {model_dir}; output {out}" + (f"; not run: {', '.join(v for v in VARIANTS if v not in plan['methods'])}"
-                                                 " (add them with --methods)" if len(plan["methods"]) < len(VARIANTS)
-                                                 else ""), flush=True)
+          f"model {model_dir}; output {out}" + (f"; not run: {', '.join(skipped)} (add them with --methods)"
+                                                 if skipped else ""), flush=True)
     t_start = time.time()
     results, base, data_stats, prefilter_stats = [], {}, {}, {}
     done = 0

@@ -5,8 +5,9 @@
     python bench/speed.py --tiny           # a tiny random llama, seconds (what CI runs)
     python bench/speed.py --model DIR --out results/   # any llama-family folder; writes speed.md + speed.json
 
-Every A/B measurement runs both sides in this process, alternating them ABBA (so a slow drift of the machine hits
-both alike), after one warm-up call each, with the same torch thread count; the table shows medians.
+Everything runs on the CPU (a GPU, if present, is not used). Every A/B measurement runs both sides in this process,
+alternating them ABBA (so a slow drift of the machine hits both alike), after one warm-up call each, with the same
+torch thread count; the table shows medians.
   train    one LoRA training step: forward, backward, AdamW step. LoRA r=16, alpha=32, no dropout, on every linear
            layer of the blocks; batch B x T random token ids, no padding, spans alternating context / assistant so
            about half the tokens are supervised (the same ids and labels for both). Ours: model.token_losses, mean
@@ -23,7 +24,9 @@ both alike), after one warm-up call each, with the same torch thread count; the 
            stop on either side so both produce exactly N tokens; includes the prefill. Ours: model.generate with no
            stop ids; theirs: model.generate(do_sample=False, min_new_tokens=N), which suppresses EOS where ours emits
            it and goes on, so "identical" compares the tokens before our first EOS.
-  load     checkpoint folder -> model in memory: Transformer.from_pretrained vs AutoModelForCausalLM.from_pretrained.
+  load     checkpoint folder -> model in memory: Transformer.from_pretrained vs AutoModelForCausalLM.from_pretrained,
+           the first load in a fresh process (libraries imported before the clock starts; what a command line pays)
+           and repeated loads in one process.
   peak     fraction of this machine's matmul peak: best FLOP/s over n x n matmuls and the model's own largest GEMM
            shape, in the same dtype; the useful FLOPs of a LoRA step (train_flops below) / step time / that peak.
 The table is marked unreliable when other processes used more than 0.2 cores on average during the run (all CPU time
@@ -65,14 +68,14 @@ class BenchError(ValueError):
 # ------------------------------------------------------------------------------------------------------- settings
 PRESETS = {  # reps: timed repetitions per side (after one warm-up); mem_steps: steps in each memory subprocess
     "full": dict(batch=4, length=256, rank=16, reps=7, new_tokens=64, gen_batches=(1, 8), gen_reps=5, load_reps=5,
-                 matmul_n=(1024, 2048, 3072), mem_steps=2, dtypes=("fp32", "bf16"), resure_dtypes=("fp32", "bf16"),
-                 mem_dtypes=("fp32", "bf16"), gen_dtypes=("fp32", "bf16")),
+                 cold_reps=4, matmul_n=(1024, 2048, 3072), mem_steps=2, dtypes=("fp32", "bf16"),
+                 resure_dtypes=("fp32", "bf16"), mem_dtypes=("fp32", "bf16"), gen_dtypes=("fp32", "bf16")),
     "quick": dict(batch=4, length=256, rank=16, reps=5, new_tokens=32, gen_batches=(1, 8), gen_reps=3, load_reps=3,
-                  matmul_n=(1024, 2048), mem_steps=1, dtypes=("fp32", "bf16"), resure_dtypes=("fp32",),
+                  cold_reps=2, matmul_n=(1024, 2048), mem_steps=1, dtypes=("fp32", "bf16"), resure_dtypes=("fp32",),
                   mem_dtypes=("fp32", "bf16"), gen_dtypes=("fp32",)),
     "tiny": dict(batch=2, length=32, rank=4, reps=2, new_tokens=4, gen_batches=(1, 3), gen_reps=2, load_reps=2,
-                 matmul_n=(128, 256), mem_steps=1, dtypes=("fp32", "bf16"), resure_dtypes=("fp32", "bf16"),
-                 mem_dtypes=("fp32",), gen_dtypes=("fp32",)),
+                 cold_reps=1, matmul_n=(128, 256), mem_steps=1, dtypes=("fp32", "bf16"),
+                 resure_dtypes=("fp32", "bf16"), mem_dtypes=("fp32",), gen_dtypes=("fp32",)),
 }
 
 
@@ -132,10 +135,11 @@ def make_tiny_model(out_dir, tokenizer_dir=None, vocab_size=None, seed=0):
     import transformers
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    vocab = vocab_size or (49152 if tokenizer_dir else 512)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   max_position_embeddings=1024)
+    if vocab_size is None and tokenizer_dir:
+        vocab_size = M.load_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size or 512, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, max_position_embeddings=1024)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / f).is_file():
@@ -331,14 +335,34 @@ def mem_child(a):
                       "hwm_reset": reset}))
 
 
-def measure_memory(impl, dtype, cfg, a):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-child", impl, "--mem-dtype", dtype,
+def load_child(a):
+    """Run in a fresh process: seconds of the first checkpoint load (libraries already imported)."""
+    torch.set_num_threads(a.threads)
+    if a.load_child == "hf":
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        t0 = time.perf_counter()
+        transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype])
+    else:
+        t0 = time.perf_counter()
+        M.Transformer.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype])
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def child(mode, impl, dtype, a, cfg):
+    """Run this script as a fresh subprocess in mode mem|load; returns its JSON line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}-child", impl, "--mem-dtype", dtype,
            "--model", a.model, "--threads", str(a.threads), "--batch", str(cfg["batch"]),
            "--length", str(cfg["length"]), "--rank", str(cfg["rank"]), "--mem-steps", str(cfg["mem_steps"])]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     if p.returncode != 0:
-        raise BenchError(f"memory subprocess {impl}/{dtype} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise BenchError(f"{mode} subprocess {impl}/{dtype} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(impl, dtype, cfg, a):
+    return child("mem", impl, dtype, a, cfg)
 
 
 # ------------------------------------------------------------------------------------------------------- benches
@@ -422,7 +446,8 @@ def bench_generate(path, dtype_name, cfg, log):
     return out
 
 
-def bench_load(path, dtype_name, cfg, log):
+def bench_load(path, dtype_name, cfg, a, log):
+    """Warm: repeated loads in this process. Cold: the first load in a fresh process (after its imports)."""
     from transformers import AutoModelForCausalLM
     dtype = DTYPES[dtype_name]
 
@@ -432,8 +457,13 @@ def bench_load(path, dtype_name, cfg, log):
     def theirs():
         AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     t = alternate({"ours": ours, "hf": theirs}, cfg["load_reps"])
-    log(f"  load {dtype_name}: ours {med(t['ours']):.3f} s, transformers {med(t['hf']):.3f} s")
-    return {"seconds": t}
+    cold = {"ours": [], "hf": []}
+    for i in range(cfg["cold_reps"]):
+        for k in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            cold[k].append(child("load", k, dtype_name, a, cfg)["seconds"])
+    log(f"  load {dtype_name}: warm ours {med(t['ours']):.3f} s, transformers {med(t['hf']):.3f} s; cold ours "
+        f"{med(cold['ours']):.3f} s, transformers {med(cold['hf']):.3f} s")
+    return {"seconds": t, "cold_seconds": cold}
 
 
 # --------------------------------------------------------------------------------------------------------- table
@@ -486,8 +516,10 @@ def table(r):
                                    f"{g['same_tokens']:.0%} identical before EOS)", tp["ours"], tp["hf"], "",
                                    tp["ours"] / tp["hf"], TARGETS["generate"]))
     for d, ld in r["load"].items():
+        o, h = med(ld["cold_seconds"]["ours"]), med(ld["cold_seconds"]["hf"])
+        lines.append(ratio_row(f"checkpoint load, {d}, first in a fresh process (s)", o, h, "", h / o, fmt="{:.3f}"))
         o, h = med(ld["seconds"]["ours"]), med(ld["seconds"]["hf"])
-        lines.append(ratio_row(f"checkpoint load, {d} (s)", o, h, "", h / o, fmt="{:.3f}"))
+        lines.append(ratio_row(f"checkpoint load, {d}, repeated in one process (s)", o, h, "", h / o, fmt="{:.3f}"))
     for d, tr in r["train"].items():
         peak = r["matmul_peak"][d]["peak"]
         fo, fh = (tr["flops"] * tr["tokens_per_s"][k] / tr["tokens"] / peak for k in ("ours", "hf"))
@@ -521,6 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
     # internal: one memory measurement in a fresh process
     p.add_argument("--mem-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--load-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--mem-dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     for k in ("batch", "length", "rank", "mem-steps"):
         p.add_argument(f"--{k}", type=int, help=argparse.SUPPRESS)
@@ -533,6 +566,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a)
+    if a.load_child:
+        return load_child(a)
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -570,7 +605,7 @@ def main(argv=None):
         for d in cfg["gen_dtypes"]:
             r["generate"][d] = bench_generate(a.model, d, cfg, log)
         for d in cfg["gen_dtypes"]:
-            r["load"][d] = bench_load(a.model, d, cfg, log)
+            r["load"][d] = bench_load(a.model, d, cfg, a, log)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
