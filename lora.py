@@ -51,10 +51,12 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # Under autocast both matmuls run in the autocast dtype; otherwise the adapter runs in its own fp32.
-        a = self.lora_A.weight if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight if torch.is_autocast_enabled(x.device.type) else self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+        # Under autocast both matmuls run in the autocast dtype; otherwise in the input's dtype.
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        z = F.linear(self.lora_dropout(x), a) * self.scaling  # scale the rank-r intermediate, not the output
+        return y.add_(F.linear(z, b))  # in place is safe: linear's backward does not need its output
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling in fp32, the update that merging adds to W."""
