@@ -248,6 +248,37 @@ class KVCache:
         return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of logits = h @ W^T (fp32 softmax), chunk rows at a time, for a frozen W. Forward
+    also forms d loss_n / d h_n = (softmax_n - onehot_n) W, so backward only scales it by the incoming
+    gradient: no [N, V] logits are kept and none are recomputed (a third less vocabulary-projection work)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk, dt, need_grad):
+        w, losses, grads = weight.to(dt), [], []
+        for hc, yc in zip(h.split(chunk), y.split(chunk)):
+            logits = F.linear(hc.to(dt), w).float()                         # [n, V]
+            lse = logits.logsumexp(-1)
+            losses.append(row_cross_entropy(logits, yc, lse))
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()                        # softmax, in place
+                p[torch.arange(len(yc), device=p.device), yc] -= 1.0
+                grads.append((p.to(dt) @ w).to(h.dtype))
+        ctx.save_for_backward(torch.cat(grads) if need_grad else None)
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (g,) = ctx.saved_tensors
+        return (g.float() * grad_losses[:, None]).to(g.dtype), None, None, None, None, None
+
+
+def row_cross_entropy(logits, y, lse=None):
+    """-log softmax(logits)[y] per row: logsumexp - the target's logit (fp32 logits [n, V], targets [n])."""
+    lse = logits.logsumexp(-1) if lse is None else lse
+    return lse - logits.gather(1, y[:, None]).squeeze(1)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -325,7 +356,9 @@ class Transformer(nn.Module):
     def token_losses(self, input_ids, labels, attention_mask=None, chunk_size=1024):
         """Per-token cross-entropy [B, T] (fp32). labels align with input_ids as in transformers: labels[b, t]
         is predicted from position t-1; entry [b, t] is its loss, 0 where labels == -100 and at t = 0.
-        Logits exist only for supervised positions, chunk_size rows at a time, recomputed in backward."""
+        Logits exist only for supervised positions, chunk_size rows at a time; with a frozen lm_head (LoRA)
+        the gradient wrt the hidden states is formed in forward (LinearCrossEntropy), else each chunk is
+        recomputed in backward."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"token_losses: labels {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
         h = self.hidden_states(input_ids, attention_mask)[:, :-1]
@@ -334,13 +367,18 @@ class Transformer(nn.Module):
         h, y = h[sel], target[sel]                                         # [N, D], [N]
         if y.numel() == 0:  # nothing supervised: zeros, still connected to the graph
             return F.pad(h.new_zeros(sel.shape, dtype=torch.float32) + 0 * h.sum(), (1, 0))
-
-        def ce(h_chunk, y_chunk):
-            return F.cross_entropy(self.lm_head(h_chunk).float(), y_chunk, reduction="none")
+        w = self.lm_head.weight
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         grad = torch.is_grad_enabled()
-        vals = [checkpoint(ce, hc, yc, use_reentrant=False) if grad else ce(hc, yc)
-                for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))]
-        losses = torch.zeros(sel.shape, dtype=torch.float32, device=h.device).masked_scatter(sel, torch.cat(vals))
+        if grad and w.requires_grad:  # trainable head: each chunk's logits are recomputed in backward
+            def ce(h_chunk, y_chunk):
+                return row_cross_entropy(F.linear(h_chunk.to(dt), w.to(dt)).float(), y_chunk)
+            vals = torch.cat([checkpoint(ce, hc, yc, use_reentrant=False)
+                              for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))])
+        else:  # frozen head (LoRA, eval): the gradient wrt h is formed in forward, nothing recomputed
+            vals = LinearCrossEntropy.apply(h, w, y, chunk_size, dt, grad and h.requires_grad)
+        losses = torch.zeros(sel.shape, dtype=torch.float32, device=h.device).masked_scatter(sel, vals)
         return F.pad(losses, (1, 0))
 
     @classmethod

@@ -6,6 +6,7 @@ model.Transformer and compared logit by logit, with right and left padding, with
 generation. Then the real SmolLM2-135M-Instruct: its conversion from GGUF against transformers' GGUF loader, its
 logits and its answer to a chat prompt.
 """
+import copy
 import json
 import shutil
 import subprocess
@@ -241,6 +242,39 @@ def test_chunked_token_losses_equal_full_cross_entropy(tiny, name):
         assert torch.equal(m.token_losses(ids, labels, attention_mask=mask, chunk_size=chunk), losses.detach())
     none = m.token_losses(ids, torch.full_like(ids, -100))
     assert (none == 0).all() and none.requires_grad
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_frozen_head_token_losses_form_the_input_gradient_in_forward(tiny, name):
+    """With lm_head frozen (as under LoRA) token_losses takes LinearCrossEntropy: same losses and gradients as
+    full cross-entropy in float64, and no vocabulary-wide tensor is kept for backward."""
+    m = tiny[name][2]
+    V, chunk = TINY["vocab_size"], 4
+    ids, mask = batch([12, 9, 7], 12, V, pad=0, left=False, seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 1:4] = -100
+    head = m.lm_head.weight
+    params = [p for p in m.parameters() if p is not head]
+    head.requires_grad_(False)
+    try:
+        losses, (_, wide) = _saved_vocab_wide(lambda: m.token_losses(ids, labels, attention_mask=mask,
+                                                                     chunk_size=chunk), V)
+        w = torch.rand(ids.shape)
+        g1 = torch.autograd.grad((losses * w).sum(), params)
+        m64 = copy.deepcopy(m).double()
+        logits = m64(ids, attention_mask=mask)
+        full = F.pad(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                     reduction="none"), (1, 0))
+        g2 = torch.autograd.grad((full * w.double()).sum(), [p for p in m64.parameters() if p.requires_grad])
+    finally:
+        head.requires_grad_(True)
+    assert wide == 0 and int((labels[:, 1:] != -100).sum()) > 3 * chunk
+    assert (losses.double() - full).abs().max().item() <= 1e-6 * full.abs().max().item()  # fp32 vs fp64
+    assert len(g1) == len(g2)
+    for a, b in zip(g1, g2):
+        assert (a.double() - b).abs().max() <= 2e-5 * b.abs().max() + 1e-12
+    with torch.no_grad():  # eval takes the same path, without forming gradients
+        assert torch.equal(m.token_losses(ids, labels, attention_mask=mask, chunk_size=chunk), losses.detach())
 
 
 @pytest.mark.parametrize("name", ["mistral", "qwen3"])
