@@ -232,7 +232,8 @@ class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layer
 class KVCache:
     """Static per-layer K/V buffers [B, n_kv, max_len, hd] (gpt-fast style), filled left to right.
     `valid[b, s]` says slot s holds a real token (False for padding); `next_pos[b]` is the RoPE position of
-    sequence b's next real token; `length` is how many slots are filled."""
+    sequence b's next real token; `length` is how many slots are filled (host side; `slot` is its device-side
+    copy while Transformer.decode_step runs)."""
 
     def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -241,8 +242,13 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length, self.padded = 0, False
+        self.slot = None  # static decoding: the slot of the next token, a [1] tensor on the device
 
     def update(self, layer, k, v):
+        if self.slot is not None:  # fixed shapes: write at a device-side index, attend over every slot
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         s, e = self.length, self.length + k.shape[2]
         self.k[layer][:, :, s:e], self.v[layer][:, :, s:e] = k, v
         return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
@@ -319,12 +325,8 @@ class Transformer(nn.Module):
             keys_real = cache.valid[:, :start + T] if cache.padded else None
         masks = {w: self._mask(keys_real, start, T, w, dev) for w in {None, self.config.sliding_window}}
 
-        if self.inv_freq.device != dev:
-            self.inv_freq = self.inv_freq.to(dev)
         x = self.model.embed_tokens(input_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq            # [B, T, hd/2], fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # [B, 1, T, hd]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self._rope(position_ids, x.dtype)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
             if ckpt:
@@ -334,6 +336,33 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = start + T
         return self.model.norm(x)
+
+    def _rope(self, position_ids, dtype):
+        """cos, sin [B, 1, T, hd] for position_ids [B, T], computed in fp32."""
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq            # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def decode_step(self, tok, cache):
+        """Logits [B, V] of one new token per row (tok [B]) with fixed shapes and no host synchronisation, so
+        generate can capture it once as a CUDA graph and replay it per token. Writes slot cache.slot and attends
+        over every slot marked valid (masked), where hidden_states slices the filled part."""
+        slots = torch.arange(cache.valid.shape[1], device=tok.device)
+        cache.valid.index_fill_(1, cache.slot, True)
+        ok = cache.valid & (slots <= cache.slot)                           # [B, max_len]
+        w = self.config.sliding_window
+        masks = {None: ok[:, None, None]}
+        if w is not None:
+            masks[w] = (ok & (slots > cache.slot - w))[:, None, None]
+        x = self.model.embed_tokens(tok[:, None])
+        cos, sin = self._rope(cache.next_pos[:, None], x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, masks, cache)
+        cache.next_pos += 1
+        cache.slot += 1
+        return self.lm_head(self.model.norm(x)[:, 0])
 
     @staticmethod
     def _mask(keys_real, start, T, window, dev):
@@ -546,12 +575,16 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0, seed=None):
+def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0, seed=None,
+             static=None):
     """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each sequence
-    stops at its first token in stop_ids, which is NOT included in the returned list, or after max_new_tokens."""
+    stops at its first token in stop_ids, which is NOT included in the returned list, or after max_new_tokens.
+    static (default: on CUDA) decodes with Transformer.decode_step, captured once as a CUDA graph on a GPU:
+    one launch per token instead of a few hundred small kernels."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: need at least one prompt and no empty prompt")
     dev = model.model.embed_tokens.weight.device
+    static = dev.type == "cuda" if static is None else static
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
     real = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
@@ -560,20 +593,49 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     was_training = model.training
     model.eval()
     cache = model.new_cache(B, L + max_new_tokens)
-    h = model.hidden_states(ids, real, cache=cache)[:, -1]
+    logits = model.lm_head(model.hidden_states(ids, real, cache=cache)[:, -1])
+    if static and max_new_tokens > 1:
+        cache.slot = torch.tensor([L], device=dev)
+        step = _graph_step(model, cache, B) if dev.type == "cuda" else lambda t: model.decode_step(t, cache)
+    else:
+        step = lambda t: model.lm_head(model.hidden_states(t[:, None], cache=cache)[:, -1])  # noqa: E731
     done, out = torch.zeros(B, dtype=torch.bool, device=dev), []
-    for step in range(max_new_tokens):
-        tok = sample(model.lm_head(h), temperature, top_p, gen).masked_fill(done, pad_id)
+    for i in range(max_new_tokens):
+        tok = sample(logits, temperature, top_p, gen).masked_fill(done, pad_id)
         out.append(tok)
-        done |= torch.isin(tok, stops)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if len(stops):
+            done |= torch.isin(tok, stops)
+        if i == max_new_tokens - 1 or (len(stops) and bool(done.all())):
             break
-        h = model.hidden_states(tok[:, None], cache=cache)[:, -1]
+        logits = step(tok)
     model.train(was_training)
     stop_set, result = set(stop_ids), []
     for row in torch.stack(out, 1).tolist() if out else [[]] * B:
         result.append(row[:next((i for i, t in enumerate(row) if t in stop_set), len(row))])
     return result
+
+
+def _graph_step(model, cache, B):
+    """decode_step captured as a CUDA graph: copy the tokens in, replay, read the logits out."""
+    tok_in = torch.zeros(B, dtype=torch.long, device=cache.valid.device)
+    saved = [t.clone() for t in (cache.slot, cache.next_pos, cache.valid)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up runs (they allocate workspaces) outside the capture
+        for _ in range(2):
+            model.decode_step(tok_in, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model.decode_step(tok_in, cache)
+    for t, s in zip((cache.slot, cache.next_pos, cache.valid), saved):  # undo the warm-up's writes
+        t.copy_(s)
+
+    def step(tok):
+        tok_in.copy_(tok)
+        graph.replay()
+        return logits
+    return step
 
 
 # ============================================================================================================

@@ -160,6 +160,13 @@ def test_kv_cache_decoding_equals_full_forward(tiny, name):
         parts += [m(ids[:, t:t + 1], cache=cache) for t in range(8, 12)]    # one token at a time
     assert cache.length == 12
     assert rel_err(torch.cat(parts, 1), full, mask.bool()) < 1e-5
+    with torch.no_grad():  # the fixed-shape step (what generate captures as a CUDA graph): same logits
+        cache = m.new_cache(3, 16)
+        steps = [m(ids[:, :8], attention_mask=mask[:, :8], cache=cache)]
+        cache.slot = torch.tensor([8])
+        steps += [m.decode_step(ids[:, t], cache)[:, None] for t in range(8, 12)]
+    assert cache.slot.item() == 12 and cache.valid[:, 12:].sum() == 0
+    assert rel_err(torch.cat(steps, 1), full, mask.bool()) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(CASES))  # old-style twins parse to equal ModelConfigs (checked above)
@@ -171,10 +178,12 @@ def test_greedy_generation_matches_transformers(tiny, name):
         ids[b, 7 - len(p):] = torch.tensor(p)
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)[:, 7:].tolist()
     assert generate(m, prompts, max_new_tokens=32) == ref
+    assert generate(m, prompts, max_new_tokens=32, static=True) == ref  # the CUDA-graph step, run eagerly
     if name == "llama":  # stops per sequence at any stop id (excluded from the output)
         stop = ref[0][4]
         cut = [r[:r.index(stop)] if stop in r else r for r in ref]
         assert generate(m, prompts, max_new_tokens=32, stop_ids=[stop, 10_000]) == cut
+        assert generate(m, prompts, max_new_tokens=32, stop_ids=[stop, 10_000], static=True) == cut
         assert any(len(c) < 32 for c in cut)
         assert generate(m, prompts, max_new_tokens=5) == [r[:5] for r in ref]
 
