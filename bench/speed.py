@@ -4,8 +4,9 @@
     python bench/speed.py --quick          # < 5 minutes on 2 CPU cores
     python bench/speed.py --tiny           # a tiny random llama, seconds (what CI runs)
     python bench/speed.py --model DIR --out results/   # any llama-family folder; writes speed.md + speed.json
+    python bench/speed.py --device cuda    # the same on a GPU (memory = torch.cuda.max_memory_allocated)
 
-Everything runs on the CPU (a GPU, if present, is not used). Every A/B measurement runs both sides in this process,
+Everything runs on --device (default: the CPU, even where a GPU is present). Every A/B measurement runs both sides in this process,
 alternating them ABBA (so a slow drift of the machine hits both alike), after one warm-up call each, with the same
 torch thread count; the table shows medians.
   train    one LoRA training step: forward, backward, AdamW step. LoRA r=16, alpha=32, no dropout, on every linear
@@ -58,6 +59,7 @@ from resure import ReSURE, gather, reweighted_loss, unit_losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"train_bf16": 1.3, "train_fp32": 1.15, "generate": 3.0, "resure_overhead": 0.03}
+DEV = torch.device("cpu")  # --device
 BUSY = 0.2  # other processes using more than this many cores on average during the run: timings unreliable
 
 
@@ -170,12 +172,21 @@ def chat_batch(vocab, batch, length, seed=0):
 
 
 def autocast(dtype):
-    return (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
+    return (lambda: torch.autocast(DEV.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+
+
+def on_device(b):
+    return {k: v.to(DEV) for k, v in b.items()}
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------------- the sides
 def load_ours(path, dtype, rank):
-    net = M.Transformer.from_pretrained(path, dtype=dtype)
+    net = M.Transformer.from_pretrained(path, dtype=dtype, device=DEV)
     apply_lora(net, r=rank, alpha=2 * rank, dropout=0.0, verbose=False)
     net.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
@@ -185,7 +196,7 @@ def load_ours(path, dtype, rank):
 def load_hf(path, dtype, rank):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV)
     hf = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
                                        target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
     hf.train()
@@ -251,8 +262,10 @@ def alternate(fns, reps, warmup=1):
     for i in range(reps):
         for k in (names if i % 2 == 0 else names[::-1]):
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             fns[k]()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -268,15 +281,17 @@ def matmul_peak(dtype, sizes, model_shape=None, reps=5):
     shapes = [(n, n, n) for n in sizes] + ([model_shape] if model_shape else [])
     out = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
+        a, b = (torch.randn(*s, generator=g).to(device=DEV, dtype=dtype) for s in ((m, k), (k, n)))
         a @ b
         out[f"{m}x{k}x{n}"] = 2 * m * k * n / min(_timed(lambda: a @ b) for _ in range(reps))
     return {"peak": max(out.values()), "by_shape": out}
 
 
 def _timed(f):
+    sync()
     t0 = time.perf_counter()
     f()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -310,6 +325,7 @@ def mem_child(a):
     """Run in a fresh process: peak RSS of loading + a.mem_steps training steps of one implementation."""
     torch.set_num_threads(a.threads)
     b, n_sup = chat_batch(M.ModelConfig.from_json(a.model).vocab_size, a.batch, a.length)
+    b = on_device(b)
     if a.mem_child == "hf":
         import peft  # noqa: F401  (imported before the reset: libraries are not the model's memory)
         import transformers  # noqa: F401
@@ -331,6 +347,8 @@ def mem_child(a):
         for _ in range(a.mem_steps):
             hf_step(hf, opt, b, amp)
     peak = _status_kib("VmHWM")
+    if DEV.type == "cuda":  # GPU memory instead: the allocator's peak (nothing was allocated before the load)
+        base, peak = 0, torch.cuda.max_memory_allocated() / 1024
     print(json.dumps({"base_mib": base / 1024, "peak_mib": peak / 1024, "delta_mib": (peak - base) / 1024,
                       "hwm_reset": reset}))
 
@@ -343,10 +361,11 @@ def load_child(a):
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         t0 = time.perf_counter()
-        transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype])
+        transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype]).to(DEV)
     else:
         t0 = time.perf_counter()
-        M.Transformer.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype])
+        M.Transformer.from_pretrained(a.model, dtype=DTYPES[a.mem_dtype], device=DEV)
+    sync()
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
@@ -354,7 +373,8 @@ def child(mode, impl, dtype, a, cfg):
     """Run this script as a fresh subprocess in mode mem|load; returns its JSON line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}-child", impl, "--mem-dtype", dtype,
            "--model", a.model, "--threads", str(a.threads), "--batch", str(cfg["batch"]),
-           "--length", str(cfg["length"]), "--rank", str(cfg["rank"]), "--mem-steps", str(cfg["mem_steps"])]
+           "--length", str(cfg["length"]), "--rank", str(cfg["rank"]), "--mem-steps", str(cfg["mem_steps"]),
+           "--device", str(DEV)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     if p.returncode != 0:
         raise BenchError(f"{mode} subprocess {impl}/{dtype} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -370,6 +390,7 @@ def bench_train(path, dtype_name, cfg, log):
     dtype, amp = DTYPES[dtype_name], autocast(DTYPES[dtype_name])
     mcfg = M.ModelConfig.from_json(path)
     b, n_sup = chat_batch(mcfg.vocab_size, cfg["batch"], cfg["length"])
+    b = on_device(b)
     net, opt = load_ours(path, dtype, cfg["rank"])
     hf, hopt = load_hf(path, dtype, cfg["rank"])
     first = {"ours": ours_step(net, opt, b, n_sup, amp), "hf": hf_step(hf, hopt, b, amp)}  # = warm-up
@@ -412,8 +433,8 @@ def bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log):
 def bench_generate(path, dtype_name, cfg, log):
     from transformers import AutoModelForCausalLM, GenerationConfig
     dtype = DTYPES[dtype_name]
-    net = M.Transformer.from_pretrained(path, dtype=dtype).eval()
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    net = M.Transformer.from_pretrained(path, dtype=dtype, device=DEV).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV).eval()
     vocab, n, stops = net.config.vocab_size, cfg["new_tokens"], set(M.stop_ids(path))
     gcfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     out = {}
@@ -422,8 +443,8 @@ def bench_generate(path, dtype_name, cfg, log):
         lens = [48] if B == 1 else g.integers(24, 65, B).tolist()
         prompts = [g.integers(0, vocab, L).tolist() for L in lens]
         L = max(lens)
-        ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=DEV)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=DEV)
         res = {}
 
         def ours():
@@ -452,10 +473,10 @@ def bench_load(path, dtype_name, cfg, a, log):
     dtype = DTYPES[dtype_name]
 
     def ours():
-        M.Transformer.from_pretrained(path, dtype=dtype)
+        M.Transformer.from_pretrained(path, dtype=dtype, device=DEV)
 
     def theirs():
-        AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV)
     t = alternate({"ours": ours, "hf": theirs}, cfg["load_reps"])
     cold = {"ours": [], "hf": []}
     for i in range(cfg["cold_reps"]):
@@ -480,7 +501,7 @@ def table(r):
     m = r["machine"]
     lines = [f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} threads, transformers {m['transformers']}, peft {m['peft']}, Python {m['python']}"
-             + (f", GPU {m['cuda']} (not used)" if m["cuda"] else "") + f"; load average at start "
+             + (f", GPU {m['cuda']} ({'used' if r['device'].startswith('cuda') else 'not used'})" if m["cuda"] else "") + f"; load average at start "
              f"{m['loadavg'][0]:.2f}, at end {r['loadavg_end'][0]:.2f}.",
              f"Model: {r['model']} ({r['params'] / 1e6:.1f}M parameters); preset {r['preset']}; "
              f"train batch {r['cfg']['batch']} x {r['cfg']['length']}, LoRA r={r['cfg']['rank']} on "
@@ -536,7 +557,8 @@ def table(r):
                           f"{others[1]:.2f}, on average during the run), so these timings are unreliable.**", ""]
     lines += ["", "Ratios: ours / theirs for throughput; theirs / ours (speed-up) for load time; ours / theirs for "
               "memory (<= 1 is no more memory). Peak memory: each side in its own fresh process, VmHWM after the "
-              "model load and the training steps minus VmRSS after importing the libraries. Useful FLOPs: "
+              "model load and the training steps minus VmRSS after importing the libraries (on a GPU: "
+              "torch.cuda.max_memory_allocated). Useful FLOPs: "
               "bench/speed.py train_flops (frozen-base LoRA step, supervised-only lm_head, causal attention)."]
     return "\n".join(lines)
 
@@ -551,6 +573,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     p.add_argument("--out", help="folder to write speed.md and speed.json into")
     p.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both sides run")
     # internal: one memory measurement in a fresh process
     p.add_argument("--mem-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--load-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -561,7 +584,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global DEV
     a = parse_args(argv)
+    DEV = torch.device(a.device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {a.device}: torch sees no CUDA device")
     a.threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(a.threads)
     if a.mem_child:
@@ -584,7 +611,9 @@ def main(argv=None):
         raise BenchError(f"--model {a.model}: no config.json there")
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_start, share = time.time(), CpuShare()
-    r = {"machine": machine(a.threads), "model": a.model, "preset": preset, "cfg": cfg,
+    for k in ("batch", "length", "rank"):  # workload overrides (e.g. a bigger batch on a GPU)
+        cfg[k] = getattr(a, k) or cfg[k]
+    r = {"machine": machine(a.threads), "model": a.model, "preset": preset, "cfg": cfg, "device": str(DEV),
          "train": {}, "memory": {}, "generate": {}, "load": {}, "matmul_peak": {}}
     m = r["machine"]
     log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {a.threads} threads, load average "
@@ -593,7 +622,8 @@ def main(argv=None):
     try:
         for d in cfg["dtypes"]:
             mc = M.ModelConfig.from_json(a.model)
-            r["matmul_peak"][d] = matmul_peak(DTYPES[d], cfg["matmul_n"],
+            sizes = tuple(cfg["matmul_n"]) + ((4096, 8192) if DEV.type == "cuda" and not a.tiny else ())
+            r["matmul_peak"][d] = matmul_peak(DTYPES[d], sizes,
                                               (cfg["batch"] * cfg["length"], mc.hidden_size, mc.intermediate_size))
             log(f"  matmul {d}: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak"][d]["by_shape"].items())
                 + " GFLOP/s")
