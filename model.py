@@ -232,8 +232,8 @@ class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layer
 class KVCache:
     """Static per-layer K/V buffers [B, n_kv, max_len, hd] (gpt-fast style), filled left to right.
     `valid[b, s]` says slot s holds a real token (False for padding); `next_pos[b]` is the RoPE position of
-    sequence b's next real token; `length` is how many slots are filled (host side; `slot` is its device-side
-    copy while Transformer.decode_step runs)."""
+    sequence b's next real token; `length` is how many slots are filled. Transformer.decode_step instead reads
+    and advances `slot` on the device (then `length` is stale)."""
 
     def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -242,10 +242,15 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length, self.padded = 0, False
-        self.slot = None  # static decoding: the slot of the next token, a [1] tensor on the device
+        self.slot, self.static = torch.zeros(1, dtype=torch.long, device=device), False  # for decode_step
+
+    def reset(self):
+        self.valid.zero_()
+        self.next_pos.zero_()
+        self.length, self.padded = 0, False
 
     def update(self, layer, k, v):
-        if self.slot is not None:  # fixed shapes: write at a device-side index, attend over every slot
+        if self.static:  # decode_step: fixed shapes, write at a device-side index, attend over every slot
             self.k[layer].index_copy_(2, self.slot, k)
             self.v[layer].index_copy_(2, self.slot, v)
             return self.k[layer], self.v[layer]
@@ -309,6 +314,8 @@ class Transformer(nn.Module):
         also span past + new tokens). position_ids default to the count of real tokens before each one."""
         B, T = input_ids.shape
         dev = input_ids.device
+        if cache is not None:
+            cache.static = False
         start = cache.length if cache is not None else 0
         real = None if attention_mask is None else attention_mask[:, -T:].bool()
         if real is not None and bool(real.all()):
@@ -349,6 +356,7 @@ class Transformer(nn.Module):
         """Logits [B, V] of one new token per row (tok [B]) with fixed shapes and no host synchronisation, so
         generate can capture it once as a CUDA graph and replay it per token. Writes slot cache.slot and attends
         over every slot marked valid (masked), where hidden_states slices the filled part."""
+        cache.static = True
         slots = torch.arange(cache.valid.shape[1], device=tok.device)
         cache.valid.index_fill_(1, cache.slot, True)
         ok = cache.valid & (slots <= cache.slot)                           # [B, max_len]
@@ -580,7 +588,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each sequence
     stops at its first token in stop_ids, which is NOT included in the returned list, or after max_new_tokens.
     static (default: on CUDA) decodes with Transformer.decode_step, captured once as a CUDA graph on a GPU:
-    one launch per token instead of a few hundred small kernels."""
+    one launch per token instead of a few hundred small kernels. The graph and its cache stay on the model
+    (model._decode_graph) for the next call with the same batch size, cache length (rounded up to 256 slots)
+    and module state; set model._decode_graph = None to free their memory."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: need at least one prompt and no empty prompt")
     dev = model.model.embed_tokens.weight.device
@@ -592,11 +602,13 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, L + max_new_tokens)
+    graph = static and max_new_tokens > 1 and dev.type == "cuda"
+    cache, step = _graph_step(model, B, L + max_new_tokens) if graph else (model.new_cache(B, L + max_new_tokens),
+                                                                             None)
     logits = model.lm_head(model.hidden_states(ids, real, cache=cache)[:, -1])
     if static and max_new_tokens > 1:
-        cache.slot = torch.tensor([L], device=dev)
-        step = _graph_step(model, cache, B) if dev.type == "cuda" else lambda t: model.decode_step(t, cache)
+        cache.slot.fill_(L)
+        step = step or (lambda t: model.decode_step(t, cache))
     else:
         step = lambda t: model.lm_head(model.hidden_states(t[:, None], cache=cache)[:, -1])  # noqa: E731
     done, out = torch.zeros(B, dtype=torch.bool, device=dev), []
@@ -615,10 +627,21 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     return result
 
 
-def _graph_step(model, cache, B):
-    """decode_step captured as a CUDA graph: copy the tokens in, replay, read the logits out."""
+def _graph_step(model, B, max_len):
+    """(cache, step): decode_step captured as a CUDA graph (tokens copied in, replayed, logits read out), reused
+    while the batch size, the rounded cache length, and every module's parameters and plain attributes (training,
+    a LoRA layer's merged / scaling, ...) are what they were at capture, since the graph has those baked in."""
+    max_len = -(-max_len // 256) * 256
+    flags = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float))))
+                  for m in model.modules())
+    key = (B, max_len, flags, tuple((t.data_ptr(), t.dtype) for t in model.state_dict(keep_vars=True).values()))
+    found = getattr(model, "_decode_graph", None)
+    if found is not None and found[0] == key:
+        found[1].reset()
+        return found[1], found[2]
+    model._decode_graph = None  # release the previous graph before capturing a new one
+    cache = model.new_cache(B, max_len)
     tok_in = torch.zeros(B, dtype=torch.long, device=cache.valid.device)
-    saved = [t.clone() for t in (cache.slot, cache.next_pos, cache.valid)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up runs (they allocate workspaces) outside the capture
@@ -628,14 +651,14 @@ def _graph_step(model, cache, B):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = model.decode_step(tok_in, cache)
-    for t, s in zip((cache.slot, cache.next_pos, cache.valid), saved):  # undo the warm-up's writes
-        t.copy_(s)
+    cache.reset()  # undo the warm-up's writes
 
     def step(tok):
         tok_in.copy_(tok)
         graph.replay()
         return logits
-    return step
+    model._decode_graph = (key, cache, step)
+    return cache, step
 
 
 # ============================================================================================================

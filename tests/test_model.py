@@ -163,7 +163,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny, name):
     with torch.no_grad():  # the fixed-shape step (what generate captures as a CUDA graph): same logits
         cache = m.new_cache(3, 16)
         steps = [m(ids[:, :8], attention_mask=mask[:, :8], cache=cache)]
-        cache.slot = torch.tensor([8])
+        cache.slot.fill_(8)
         steps += [m.decode_step(ids[:, t], cache)[:, None] for t in range(8, 12)]
     assert cache.slot.item() == 12 and cache.valid[:, 12:].sum() == 0
     assert rel_err(torch.cat(steps, 1), full, mask.bool()) < 1e-5
