@@ -573,6 +573,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     p.add_argument("--out", help="folder to write speed.md and speed.json into")
     p.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    p.add_argument("--parts", default="train,memory,generate,load", help="which measurements (comma-separated)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where both sides run")
     # internal: one memory measurement in a fresh process
     p.add_argument("--mem-child", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -599,6 +600,9 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     preset = "tiny" if a.tiny else "quick" if a.quick else "full"
+    parts = set(a.parts.split(","))
+    if not parts <= {"train", "memory", "generate", "load"}:
+        raise BenchError(f"--parts {a.parts}: choose from train, memory, generate, load")
     cfg = dict(PRESETS[preset])
     tmp = None
     if a.model is None:
@@ -622,19 +626,20 @@ def main(argv=None):
     try:
         for d in cfg["dtypes"]:
             mc = M.ModelConfig.from_json(a.model)
-            sizes = tuple(cfg["matmul_n"]) + ((4096, 8192) if DEV.type == "cuda" and not a.tiny else ())
-            r["matmul_peak"][d] = matmul_peak(DTYPES[d], sizes,
-                                              (cfg["batch"] * cfg["length"], mc.hidden_size, mc.intermediate_size))
-            log(f"  matmul {d}: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in r["matmul_peak"][d]["by_shape"].items())
-                + " GFLOP/s")
-            r["train"][d] = bench_train(a.model, d, cfg, log)
-            if not a.skip_memory and d in cfg["mem_dtypes"]:
+            if "train" in parts:
+                sizes = tuple(cfg["matmul_n"]) + ((4096, 8192) if DEV.type == "cuda" and not a.tiny else ())
+                r["matmul_peak"][d] = matmul_peak(DTYPES[d], sizes,
+                                                  (cfg["batch"] * cfg["length"], mc.hidden_size, mc.intermediate_size))
+                log(f"  matmul {d}: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in
+                                                  r["matmul_peak"][d]["by_shape"].items()) + " GFLOP/s")
+                r["train"][d] = bench_train(a.model, d, cfg, log)
+            if "memory" in parts and not a.skip_memory and d in cfg["mem_dtypes"]:
                 r["memory"][d] = {k: measure_memory(k, d, cfg, a) for k in ("ours", "hf")}
                 log(f"  memory {d}: ours {r['memory'][d]['ours']['delta_mib']:.0f} MiB, transformers+PEFT "
                     f"{r['memory'][d]['hf']['delta_mib']:.0f} MiB")
-        for d in cfg["gen_dtypes"]:
+        for d in cfg["gen_dtypes"] if "generate" in parts else ():
             r["generate"][d] = bench_generate(a.model, d, cfg, log)
-        for d in cfg["gen_dtypes"]:
+        for d in cfg["gen_dtypes"] if "load" in parts else ():
             r["load"][d] = bench_load(a.model, d, cfg, a, log)
     finally:
         if tmp:
