@@ -193,8 +193,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                          # [B, n_kv, past + T, hd]
         mask = masks[self.window]                                          # None: plain causal, no padding
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+        gqa = self.n_kv != self.n_head
+        if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+            # on CUDA only flash attention (half precision, no mask) takes grouped K/V; anything else would fall
+            # back to SDPA's slow math path, so give each query head its K/V (head h reads K/V head h // group)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
