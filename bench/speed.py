@@ -287,6 +287,14 @@ def matmul_peak(dtype, sizes, model_shape=None, reps=5):
     return {"peak": max(out.values()), "by_shape": out}
 
 
+def copy_bandwidth(nbytes, reps=5):
+    """Bytes per second (read + written) of copying one large tensor: what the memory system delivers in practice."""
+    a = torch.ones(max(1, nbytes // 4), device=DEV)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return 2 * a.numel() * 4 / min(_timed(lambda: b.copy_(a)) for _ in range(reps))
+
+
 def _timed(f):
     sync()
     t0 = time.perf_counter()
@@ -437,7 +445,11 @@ def bench_generate(path, dtype_name, cfg, log):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV).eval()
     vocab, n, stops = net.config.vocab_size, cfg["new_tokens"], set(M.stop_ids(path))
     gcfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    out = {}
+    wbytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    bw = copy_bandwidth(max(wbytes, 64 << 20))
+    # batch 1 reads every weight once per new token: tokens/s <= bandwidth / weight bytes (generously taking the
+    # copy's read + write rate as the read rate; KV cache and activations ignored)
+    out = {"ceiling": {"weight_bytes": wbytes, "copy_bytes_per_s": bw, "tokens_per_s": bw / wbytes}}
     for B in cfg["gen_batches"]:
         g = np.random.default_rng(B)
         lens = [48] if B == 1 else g.integers(24, 65, B).tolist()
@@ -532,10 +544,20 @@ def table(r):
                      f"{100 * rs['step_spread']:.0f}%) | <= +3% | {met} |")
     for d, gen in r["generate"].items():
         for B, g in gen.items():
+            if B == "ceiling":
+                continue
             tp = g["tokens_per_s"]
             lines.append(ratio_row(f"greedy generation, batch {B}, {d} (tokens/s; {r['cfg']['new_tokens']} new; "
                                    f"{g['same_tokens']:.0%} identical before EOS)", tp["ours"], tp["hf"], "",
                                    tp["ours"] / tp["hf"], TARGETS["generate"]))
+        c, one = gen["ceiling"], gen.get(1, gen.get("1"))
+        if one:
+            o, h = one["tokens_per_s"]["ours"], one["tokens_per_s"]["hf"]
+            lines.append(f"| batch-1 decoding ceiling, {d}: {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
+                         f"token at the measured copy bandwidth {c['copy_bytes_per_s'] / 1e9:.1f} GB/s = "
+                         f"{c['tokens_per_s']:.1f} tokens/s | {100 * o / c['tokens_per_s']:.0f}% of it | "
+                         f"{100 * h / c['tokens_per_s']:.0f}% of it | 3x theirs would be "
+                         f"{300 * h / c['tokens_per_s']:.0f}% of it | | |")
     for d, ld in r["load"].items():
         o, h = med(ld["cold_seconds"]["ours"]), med(ld["cold_seconds"]["hf"])
         lines.append(ratio_row(f"checkpoint load, {d}, first in a fresh process (s)", o, h, "", h / o, fmt="{:.3f}"))

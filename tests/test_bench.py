@@ -12,6 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
 
 NUM = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -71,7 +73,12 @@ def test_speed_tiny(tiny, tmp_path, keep_threads, capsys):
     cold = saved["load"]["fp32"]["cold_seconds"]
     assert len(cold["ours"]) == len(cold["hf"]) == 1 and min(cold["ours"] + cold["hf"]) > 0
     gen = saved["generate"]["fp32"]
+    ceiling = gen.pop("ceiling")
     assert set(gen) == {"1", "3"} and all(g["tokens_per_s"]["ours"] > 0 for g in gen.values())
+    n_params = sum(p.numel() for p in M.Transformer.from_pretrained(tiny).parameters())  # tied head counted once
+    assert ceiling["weight_bytes"] == 4 * n_params and ceiling["copy_bytes_per_s"] > 0
+    assert ceiling["tokens_per_s"] == pytest.approx(ceiling["copy_bytes_per_s"] / ceiling["weight_bytes"])
+    assert any(k.startswith("batch-1 decoding ceiling, fp32") for k in rows)
     # useful FLOPs: 2*dense + 3*lora + 3*attention + 2*head, recomputed here from the config by hand
     cfg = json.loads((Path(tiny) / "config.json").read_text())
     D, I, L, V, H, KV = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
