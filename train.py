@@ -411,7 +411,7 @@ def main(argv=None):
         finish(args, net, rs, examples, last_seen, eval_examples, template, metrics, step, log)
         if demo_test is not None:
             demo_report(args, net, template, demo_test, log)
-    if world > 1:
+    if dist.is_initialized():  # torchrun, also with one rank
         dist.destroy_process_group()
     return net
 
