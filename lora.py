@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+        self.merged, self.disabled = False, False
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
@@ -49,7 +50,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         # Both matmuls run in the autocast dtype under autocast, else in the input's dtype (the adapter is fp32).
         a = self.lora_A.weight
@@ -140,6 +141,24 @@ def unmerge_lora(model: nn.Module):
     for m in lora_modules(model).values():
         m.unmerge()
     return model
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """The base model inside the block: every adapter is skipped (merged ones are unmerged for the block)."""
+    mods = list(lora_modules(model).values())
+    merged = [m for m in mods if m.merged]
+    for m in merged:
+        m.unmerge()
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.disabled = False
+        for m in merged:
+            m.merge()
 
 
 def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):

@@ -510,18 +510,13 @@ def prepare_demo(args, log):
 
 def demo_report(args, net, template, test_path, log):
     from eval import accuracy
-    from lora import merge_lora, unmerge_lora
+    from lora import disabled
     t0 = time.time()
     convs = load_conversations(test_path)[:args.demo_eval]
     net.eval()
     after = accuracy(net, template, convs)
-    for m in net.modules():  # the base model = the adapter switched off
-        if hasattr(m, "scaling"):
-            m._s, m.scaling = m.scaling, 0.0
-    before = accuracy(net, template, convs)
-    for m in net.modules():
-        if hasattr(m, "_s"):
-            m.scaling = m._s
+    with disabled(net):  # the base model
+        before = accuracy(net, template, convs)
     log(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, {time.time() - t0:.0f} s): "
         f"before {before['overall']:.3f} -> after {after['overall']:.3f}")
     log(f"demo done in {time.time() - DEMO_START:.0f} s")

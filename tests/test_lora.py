@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import model as M
-from lora import (AdapterError, LoRALinear, apply_lora, export_merged, load_adapter, lora_state_dict, merge_lora,
-                  save_adapter, unmerge_lora)
+from lora import (AdapterError, LoRALinear, apply_lora, disabled, export_merged, load_adapter, lora_modules,
+                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 
 import peft  # noqa: E402  (test oracle)
 import transformers  # noqa: E402  (test oracle)
@@ -134,6 +134,16 @@ def test_merge_unmerge_and_merged_export_loads_in_transformers(tiny, tmp_path):
         assert close(merged, unmerged, 1e-5)
         unmerge_lora(net)
         assert close(net(x), unmerged, 1e-6)
+        base = M.Transformer.from_pretrained(d).eval()(x)
+        assert (unmerged - base).abs().max() > 100 * (merged - unmerged).abs().max()  # the adapter does something
+        for pre_merged in (False, True):
+            if pre_merged:
+                merge_lora(net)
+            with disabled(net):  # the base weights up to the rounding of W + d - d above
+                assert close(net(x), base, 1e-6)
+            assert close(net(x), unmerged, 1e-5)
+            assert all(m.merged == pre_merged for m in lora_modules(net).values())
+        unmerge_lora(net)
     for shard in (None, 60_000):  # single file, and sharded with an index
         out = tmp_path / f"merged-{shard}"
         export_merged(net, d, out, **({"max_shard_bytes": shard} if shard else {}))
