@@ -16,6 +16,7 @@ import json
 import math
 import os
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -593,9 +594,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each sequence
     stops at its first token in stop_ids, which is NOT included in the returned list, or after max_new_tokens.
     static (default: on CUDA) decodes with Transformer.decode_step, captured once as a CUDA graph on a GPU:
-    one launch per token instead of a few hundred small kernels. The graph and its cache stay on the model
-    (model._decode_graph) for the next call with the same batch size, cache length (rounded up to 256 slots)
-    and module state; set model._decode_graph = None to free their memory."""
+    one launch per token instead of a few hundred small kernels. The graph and its cache are kept (DECODE_GRAPHS,
+    weakly keyed by the model) for the next call with the same batch size, cache length (rounded up to 256
+    slots) and module state; DECODE_GRAPHS.pop(model) frees their memory."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: need at least one prompt and no empty prompt")
     dev = model.model.embed_tokens.weight.device
@@ -632,19 +633,28 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     return result
 
 
+DECODE_GRAPHS = weakref.WeakKeyDictionary()  # model -> (state key, KVCache, step): not on the model, so that
+                                             # deepcopy / pickling of a model never meets a CUDA graph
+
+
+def graph_key(model, B, max_len):
+    """What a captured decode step has baked in: shapes, every module's plain attributes, every tensor's address."""
+    flags = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float))))
+                  for m in model.modules())
+    return B, max_len, flags, tuple((t.data_ptr(), t.dtype) for t in model.state_dict(keep_vars=True).values())
+
+
 def _graph_step(model, B, max_len):
     """(cache, step): decode_step captured as a CUDA graph (tokens copied in, replayed, logits read out), reused
     while the batch size, the rounded cache length, and every module's parameters and plain attributes (training,
     a LoRA layer's merged / scaling, ...) are what they were at capture, since the graph has those baked in."""
     max_len = -(-max_len // 256) * 256
-    flags = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float))))
-                  for m in model.modules())
-    key = (B, max_len, flags, tuple((t.data_ptr(), t.dtype) for t in model.state_dict(keep_vars=True).values()))
-    found = getattr(model, "_decode_graph", None)
+    key = graph_key(model, B, max_len)
+    found = DECODE_GRAPHS.get(model)
     if found is not None and found[0] == key:
         found[1].reset()
         return found[1], found[2]
-    model._decode_graph = None  # release the previous graph before capturing a new one
+    DECODE_GRAPHS.pop(model, None)  # release the previous graph before capturing a new one
     cache = model.new_cache(B, max_len)
     tok_in = torch.zeros(B, dtype=torch.long, device=cache.valid.device)
     side = torch.cuda.Stream()
@@ -662,7 +672,7 @@ def _graph_step(model, B, max_len):
         tok_in.copy_(tok)
         graph.replay()
         return logits
-    model._decode_graph = (key, cache, step)
+    DECODE_GRAPHS[model] = (key, cache, step)
     return cache, step
 
 

@@ -61,12 +61,12 @@ def reuse_and_recapture(ours, ids, t_first):
     it has baked in changes (new LoRA layers, their scaling, merging)."""
     from lora import merge_lora
     other = [ids[1, 50:60].tolist(), ids[2, 10:30].tolist(), ids[0, 70:75].tolist()]
-    key = ours._decode_graph[0]
+    key = M.DECODE_GRAPHS[ours][0]
     t0 = time.perf_counter()
     base = M.generate(ours, other, max_new_tokens=48)
     t_reuse = time.perf_counter() - t0
     print(f"  graph generate: first call {t_first:.2f} s, next call {t_reuse:.3f} s", flush=True)
-    check("generate: graph re-captured for a call of the same shape", int(ours._decode_graph[0] is not key), 0)
+    check("generate: graph re-captured for a call of the same shape", int(M.DECODE_GRAPHS[ours][0] is not key), 0)
     check("generate: reused graph vs eager, tokens differing", differ(base, M.generate(ours, other, 48,
                                                                                            static=False)), 0)
     apply_lora(ours, r=8, alpha=16, dropout=0.0, verbose=False)

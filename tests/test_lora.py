@@ -228,3 +228,31 @@ def test_real_smollm2_adapter_roundtrip_with_peft(smollm2_dir, tmp_path):
     load_adapter(net2, tmp_path / "ad")
     with torch.no_grad():
         assert torch.equal(net2(x), ours)
+
+
+def test_decode_graph_key_changes_with_what_a_cuda_graph_bakes_in(tmp_path):
+    """model.generate reuses a captured CUDA graph while graph_key is unchanged (the capture itself is checked on a
+    GPU by bench/cuda_check.py): adding adapters, scaling, merging, disabling, moving weights must change it."""
+    tiny_llama(tmp_path / "m")
+    net = M.Transformer.from_pretrained(tmp_path / "m").eval()
+    keys = [M.graph_key(net, 2, 256)]
+    assert M.graph_key(net, 2, 256) == keys[0] and M.graph_key(net, 3, 256) != keys[0]
+    assert M.graph_key(net, 2, 512) != keys[0]
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # in place: the graph reads the new values, nothing to re-capture
+    assert M.graph_key(net, 2, 256) == keys[0]
+    apply_lora(net, r=4, alpha=8, dropout=0.0, verbose=False)
+    keys.append(M.graph_key(net, 2, 256))
+    m = next(iter(lora_modules(net).values()))
+    m.scaling = 0.5
+    keys.append(M.graph_key(net, 2, 256))
+    merge_lora(net)
+    keys.append(M.graph_key(net, 2, 256))
+    unmerge_lora(net)
+    with disabled(net):
+        keys.append(M.graph_key(net, 2, 256))
+    net.train()
+    keys.append(M.graph_key(net, 2, 256))
+    net.eval().double()
+    keys.append(M.graph_key(net, 2, 256))
+    assert len(set(keys)) == len(keys)
