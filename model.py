@@ -608,15 +608,16 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
     was_training = model.training
     model.eval()
-    graph = static and max_new_tokens > 1 and dev.type == "cuda"
-    cache, step = _graph_step(model, B, L + max_new_tokens) if graph else (model.new_cache(B, L + max_new_tokens),
-                                                                             None)
-    logits = model.lm_head(model.hidden_states(ids, real, cache=cache)[:, -1])
-    if static and max_new_tokens > 1:
-        cache.slot.fill_(L)
-        step = step or (lambda t: model.decode_step(t, cache))
+    static = static and max_new_tokens > 1
+    if static and dev.type == "cuda":
+        cache, step = _graph_step(model, B, L + max_new_tokens)
     else:
-        step = lambda t: model.lm_head(model.hidden_states(t[:, None], cache=cache)[:, -1])  # noqa: E731
+        cache = model.new_cache(B, L + max_new_tokens)
+        step = ((lambda t: model.decode_step(t, cache)) if static else
+                (lambda t: model.lm_head(model.hidden_states(t[:, None], cache=cache)[:, -1])))
+    logits = model.lm_head(model.hidden_states(ids, real, cache=cache)[:, -1])  # the prefill
+    if static:
+        cache.slot.fill_(L)
     done, out = torch.zeros(B, dtype=torch.bool, device=dev), []
     for i in range(max_new_tokens):
         tok = sample(logits, temperature, top_p, gen).masked_fill(done, pad_id)
@@ -633,8 +634,8 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     return result
 
 
-DECODE_GRAPHS = weakref.WeakKeyDictionary()  # model -> (state key, KVCache, step): not on the model, so that
-                                             # deepcopy / pickling of a model never meets a CUDA graph
+# model -> (graph_key, KVCache, step); beside the model, not on it, so that deepcopy never meets a CUDA graph
+DECODE_GRAPHS = weakref.WeakKeyDictionary()
 
 
 def graph_key(model, B, max_len):
