@@ -28,7 +28,7 @@ import urllib.request
 import numpy as np
 import torch
 
-from data import ChatTemplate, answer_matches, build_examples, collate, load_conversations
+from data import ChatTemplate, answer_matches, build_examples, collate, load_conversations, save_jsonl
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
 
@@ -154,26 +154,19 @@ def answer_record(question_id, model_id, turns):
             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
 
 
-def write_answers(path, records):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def read_answers(path):
     """{question_id: [answer per turn]} from a FastChat model-answer file (first choice, as FastChat reads it)."""
     out = {}
     for i, r in enumerate(read_jsonl(path), 1):
         try:
-            turns = r["choices"][0]["turns"]
+            qid, turns = r["question_id"], r["choices"][0]["turns"]
             assert isinstance(turns, list) and all(isinstance(t, str) for t in turns)
         except (KeyError, IndexError, TypeError, AssertionError):
             raise EvalError(f"{path}:{i}: not a model answer (needs question_id and choices[0].turns, a list of "
                             "strings)") from None
-        if r["question_id"] in out:
-            raise EvalError(f"{path}:{i}: a second answer to question_id {r['question_id']!r}")
-        out[r["question_id"]] = turns
+        if qid in out:
+            raise EvalError(f"{path}:{i}: a second answer to question_id {qid!r}")
+        out[qid] = turns
     return out
 
 
@@ -342,6 +335,8 @@ class HTTPJudge:
         url = (url or os.environ.get("RESURE_JUDGE_URL") or "https://api.openai.com/v1").rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.key = key or os.environ.get("RESURE_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
+        if retries < 0:
+            raise JudgeError(f"retries must be >= 0, got {retries}")
         self.name, self.timeout, self.retries, self.backoff = name, timeout, retries, backoff
         self.max_tokens = max_tokens
         self.id = f"http:{self.url}:{name}"
@@ -394,7 +389,8 @@ class JudgeCache:
     def __init__(self, path):
         self.path, self.data = path, {}
         if path and os.path.isfile(path):
-            raw = open(path, "rb").read()
+            with open(path, "rb") as f:
+                raw = f.read()
             lines = raw.split(b"\n")
             for i, line in enumerate(lines, 1):
                 try:
@@ -586,7 +582,7 @@ def main(argv=None):
         out = args.out or f"{model_id}.jsonl"
         records, st = generate_answers(model, template, data, model_id, args.batch_size, args.max_new_tokens,
                                        args.temperature, args.top_p, args.seed)
-        write_answers(out, records)
+        save_jsonl(records, out)
         return print(f"{len(records)} answers -> {out}: {st['new_tokens']} new tokens in {st['seconds']:.1f}s "
                      f"({st['tokens_per_s']:.1f} tokens/s)")
     if args.cmd == "accuracy":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as E
+from data import save_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def test_answer_file_roundtrip_in_fastchat_format(tmp_path, fixtures_dir):
     recs = [E.answer_record(r["question_id"], "tiny", r["choices"][0]["turns"]) for r in ref[:5]]
     recs.append(E.answer_record(7, "tiny", ["ünïcode ✓\u2028\r\n```py\nprint(1)\n```", ""]))
     path = tmp_path / "sub" / "answers.jsonl"
-    E.write_answers(path, recs)
+    save_jsonl(recs, path)
     lines = path.read_bytes().decode("utf-8").split("\n")[:-1]  # one object per \n-terminated line
     assert len(lines) == len(recs)
     for line, rec in zip(lines, recs):
@@ -98,6 +99,11 @@ def test_answer_file_roundtrip_in_fastchat_format(tmp_path, fixtures_dir):
     bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0]) + "\n")
     with pytest.raises(E.EvalError, match=r"bad.jsonl:2: a second answer to question_id 101"):
         E.read_answers(bad)
+    bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"choices": [{"turns": ["x"]}]}) + "\n")
+    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: not a model answer"):  # no question_id: no KeyError
+        E.read_answers(bad)
+    with pytest.raises(E.JudgeError, match="retries must be >= 0"):
+        E.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
 
 
 def test_read_mt_bench_questions(fixtures_dir, tmp_path):
@@ -264,8 +270,8 @@ def test_judge_cache_resumes_without_paying_twice(server, tmp_path):
 def test_cli_judge_http_pairwise_resumes(server, tmp_path):
     q, a, b, cache = (tmp_path / n for n in ("q.jsonl", "a.jsonl", "b.jsonl", "cache.jsonl"))
     q.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "context"}) + "\n" for x in QUESTIONS))
-    E.write_answers(a, [E.answer_record(k, "good", v) for k, v in GOOD.items()])
-    E.write_answers(b, [E.answer_record(k, "bad", v) for k, v in BAD.items()])
+    save_jsonl([E.answer_record(k, "good", v) for k, v in GOOD.items()], a)
+    save_jsonl([E.answer_record(k, "bad", v) for k, v in BAD.items()], b)
     server.default = "Verdict: [[C]]"
     server.script = [("ok", "Verdict: [[A]]"), ("ok", "[[B]]"), ("status", 503), ("ok", "[[A]]"), ("ok", "[[A]]")]
     args = ("judge", "--questions", str(q), "--answers", str(a), "--answers-b", str(b), "--judge-name", "j",
