@@ -18,7 +18,6 @@ Another weighting rule: edit weight_rule(). Another statistic: add it to welford
 """
 import copy
 import math
-from collections import namedtuple
 
 import numpy as np
 import torch
@@ -79,7 +78,7 @@ class ReSURE:
         self.warn_steps, self.record, self.records = warn_steps, record, []
         for k in self.COUNTERS:  # weigh() calls, finite units seen, calls after warm-up, ..., lag/collapse streaks
             setattr(self, k, 0)
-        self.warned, self.pending, self.last, self.last_tau = [], [], {}, np.zeros(0)
+        self.warned, self.pending, self.last = [], [], {}
 
     def _groups(self, groups, n):
         g = _np(groups, np.int64, "groups")
@@ -104,11 +103,11 @@ class ReSURE:
 
     def weigh(self, losses, groups, ids=None, turns=None):
         """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
-        ids/turns (optional, per unit) only label the records."""
+        ids/turns (optional, per unit: sample index, turn) only label the records."""
         l = self._losses(losses)
         g, n, finite = self._groups(groups, len(l)), len(l), np.isfinite(l)
         pre = {int(b): (self.stats[b].count, self.stats[b].mean, self.stats[b].std, self.tau(b)) for b in set(g)}
-        tau = self.last_tau = np.array([pre[b][3] for b in g], dtype=np.float64)      # Eq. 5, before the batch
+        tau = np.array([pre[b][3] for b in g], dtype=np.float64)                      # Eq. 5, before the batch
         warm = self.seen < self.warmup_samples
         active = not warm and self.mode != "sft"
         flagged = finite & (l > tau) & active
@@ -135,7 +134,7 @@ class ReSURE:
         self.nonfinite_total += int(n - finite.sum())
         self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active)
         if self.record:
-            self.records += [{"call": self.calls, "id": None if ids is None else int(ids[i]),
+            self.records += [{"call": self.calls, "sample": None if ids is None else int(ids[i]),
                               "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
                               "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
                               "flagged": bool(flagged[i])} for i in range(n)]
@@ -219,7 +218,7 @@ class ReSURE:
             raise ReSUREError("resure state does not match this run's settings: " + "; ".join(diff))
         for k in self.COUNTERS:
             setattr(self, k, int(s[k]))
-        self.warned = list(s["warned"])
+        self.warned, self.pending = list(s["warned"]), []  # a warning raised after the snapshot is raised again
         self.stats.load_state_dict(s["stats"])
 
 
@@ -285,9 +284,6 @@ def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_unit
 
 
 # --- distributed: every rank weighs the same gathered batch ------------------------------------------------------
-Gathered = namedtuple("Gathered", "losses groups tokens offsets")
-
-
 def _device():
     dist = torch.distributed
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -297,26 +293,33 @@ def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def gather(losses, groups, tokens):
-    """All-gather units from every rank (counts may differ), rank-major: numpy float64 losses, int64 groups/tokens.
-    Rank r's units are offsets[r]:offsets[r + 1]. Without torch.distributed: copies, offsets = [0, n]."""
-    cols = [_np(losses, np.float64, "losses"), _np(groups, np.int64, "groups"), _np(tokens, np.int64, "tokens")]
-    n = len(cols[0])
+def gather(losses, *columns):
+    """All-gather units from every rank (counts may differ), rank-major: (losses as numpy float64, each integer
+    column (groups, token counts, sample ids, ...) as numpy int64, offsets); rank r's units are
+    offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns. Without torch.distributed:
+    copies, offsets = [0, n]."""
+    l = _np(losses, np.float64, "losses")
+    ints = [_np(c, np.int64, f"column {i + 1}") for i, c in enumerate(columns)]
+    n = len(l)
+    if any(len(c) != n for c in ints):
+        raise ReSUREError(f"resure: gather needs one value per unit in every column ({n} losses)")
+    ints = np.stack(ints) if ints else np.zeros((0, n), dtype=np.int64)
     if not _distributed():
-        return Gathered(*cols, np.array([0, n]))
+        return (l.copy(), *ints.copy(), np.array([0, n]))
     dist, dev, world = torch.distributed, _device(), torch.distributed.get_world_size()
     counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev))
     counts = [int(c) for c in counts]
 
-    def all_gather(x):  # pad to the longest rank, gather, strip
-        buf = torch.zeros(max(counts), dtype=torch.float64 if x.dtype == np.float64 else torch.int64, device=dev)
-        buf[:n] = torch.from_numpy(x).to(dev)
+    def all_gather(x):  # [..., n]: pad the last axis to the longest rank, gather, strip, concatenate the ranks
+        t = torch.from_numpy(x)
+        buf = torch.zeros(*t.shape[:-1], max(counts), dtype=t.dtype, device=dev)
+        buf[..., :n] = t.to(dev)
         outs = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(outs, buf)
-        return np.concatenate([o[:c].cpu().numpy() for o, c in zip(outs, counts)])
+        return np.concatenate([o[..., :c].cpu().numpy() for o, c in zip(outs, counts)], axis=-1)
 
-    return Gathered(*[all_gather(c) for c in cols], np.concatenate([[0], np.cumsum(counts)]))
+    return (all_gather(l), *all_gather(ints), np.concatenate([[0], np.cumsum(counts)]))
 
 
 def all_reduce_sum(*counts):

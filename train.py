@@ -43,6 +43,7 @@ class Parser(argparse.ArgumentParser):
 # Paper settings (ReSURE, Sec. 4): used whenever --model is given and a flag is left out.
 PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
              epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=100,
+             unit="dialogue", stats="welford", stats_update="reliable",
              dtype="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
 # Demo settings: small enough for 2 CPU cores in minutes, strong enough that the effect shows (printed at start).
 DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
@@ -113,11 +114,6 @@ def parse_args(argv=None):
     for k, v in (DEMO if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.unit = args.unit or "dialogue"
-    args.stats = args.stats or "welford"
-    args.stats_update = args.stats_update or "reliable"
-    if args.epochs is None:
-        args.epochs = 1
     for k in ("batch_size", "grad_accum", "lora_r", "max_len"):
         if getattr(args, k) <= 0:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
@@ -249,7 +245,7 @@ def load_examples(path, template, args, label):
     if not os.path.isfile(path):
         raise UsageError(f"{label} {path}: no such file")
     convs = load_conversations(path, on_bad_sample=args.on_bad_sample)
-    examples, report = build_examples(convs, template, args.max_len, args.max_turn_groups, unit=args.unit)
+    examples, report = build_examples(convs, template, args.max_len, args.max_turn_groups)
     if not examples:
         raise UsageError(f"{path}: no usable conversation ({report.summary()})")
     return examples, report
@@ -287,7 +283,7 @@ def main(argv=None):
     rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
                 ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups, mode=args.method,
                 stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,
-                )
+                record=master)  # per-unit records for units.jsonl and report.json
     if args.warmup_data:
         wex, _ = load_examples(args.warmup_data, template, args, "--warmup-data")
         wl, wg = score_units(net, wex, template.pad_id, device, args.unit, autocast=amp)
@@ -343,7 +339,7 @@ def main(argv=None):
                    for k in range(args.grad_accum)]
         local = [count_units(b["labels"], b["turn_ids"], args.unit) for b in batches]
         total_units, total_tokens = all_reduce_sum(sum(u for u, _ in local), sum(t for _, t in local))
-        rs_before = json.dumps(rs.state_dict())
+        rs_before = rs.state_dict()  # a fresh copy: restored if this step is skipped
         sum_loss = sum_wloss = 0.0
         for k, b in enumerate(batches):
             b = {key: v.to(device) for key, v in b.items()}
@@ -353,19 +349,16 @@ def main(argv=None):
                     tok = ddp(b["input_ids"], b["labels"], b["attention_mask"])
                 losses, groups, ntok, sidx, turn = unit_losses(tok.float(), b["labels"], b["turn_ids"],
                                                                b["group"], args.unit)
-                g_l, g_g, g_t, offsets = gather(losses.detach(), groups, ntok)
-                weights, flagged = rs.weigh(g_l, g_g)
+                g_l, g_g, g_ids, g_turn, offsets = gather(losses.detach(), groups, b["index"][sidx], turn)
+                weights, _ = rs.weigh(g_l, g_g, ids=g_ids, turns=g_turn)
                 lo, hi = offsets[rank], offsets[rank + 1]
                 loss = reweighted_loss(losses, ntok, weights[lo:hi], norm=args.loss_norm, total_units=total_units,
                                        total_tokens=total_tokens, world_size=world)
                 (scaler.scale(loss) if scaler else loss).backward()
             sum_loss += float(np.sum(g_l[np.isfinite(g_l)]))
             sum_wloss += float(np.sum((weights * np.nan_to_num(g_l, nan=0.0, posinf=0.0))))
-            g_ids, g_turn = gather(b["index"][sidx].double(), turn, ntok)[:2]  # which sample/turn each unit is
-            for u in range(len(g_l)):
-                rec = dict(sample=int(g_ids[u]), turn=int(g_turn[u]), group=int(g_g[u]), loss=float(g_l[u]),
-                           tau=float(rs.last_tau[u]) if math.isfinite(rs.last_tau[u]) else None, weight=float(weights[u]), flagged=bool(flagged[u]),
-                           step=step)
+            for rec in rs.pop_records():  # master only (record=master): sample, turn, group, loss, tau, weight
+                rec["step"] = step
                 last_seen[(rec["sample"], rec["turn"])] = rec
                 if units_log:
                     units_log.write(json.dumps(rec) + "\n")
@@ -373,18 +366,18 @@ def main(argv=None):
         if scaler:
             scaler.unscale_(opt)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-        if scaler:
+        if scaler:  # fp16: the scaler skips an overflowing step itself and lowers its scale
             scale = scaler.get_scale()
             scaler.step(opt)
             scaler.update()
-            if scaler.get_scale() < scale:  # overflow: step skipped, statistics rolled back
-                skipped += 1
-                rs.load_state_dict(json.loads(rs_before))
-        elif math.isfinite(gnorm):
-            opt.step()
-        else:  # a non-finite loss inside the model poisoned the gradients: skip, count, keep the statistics
+            ok = scaler.get_scale() >= scale
+        else:  # a non-finite loss inside the model poisoned the gradients: skip the step
+            ok = math.isfinite(gnorm)
+            if ok:
+                opt.step()
+        if not ok:  # counted, and this step's units leave no trace in the statistics
             skipped += 1
-            rs.load_state_dict(json.loads(rs_before))
+            rs.load_state_dict(rs_before)
         opt.zero_grad(set_to_none=True)
         step += 1
 

@@ -116,7 +116,7 @@ def prefiltered(path, model_dir, plan, out_path):
     """The kept 0.75 of a mixture, as train.py --prefilter-keep computes it (base-model per-dialogue loss)."""
     convs = load_conversations(path)
     tpl = ChatTemplate.from_pretrained(model_dir)
-    examples, _ = build_examples(convs, tpl, plan["max_len"], unit=plan["unit"])
+    examples, _ = build_examples(convs, tpl, plan["max_len"])
     dtype, dev = _dtype(plan), _device()
     net = M.Transformer.from_pretrained(model_dir, dtype=dtype, device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
@@ -184,7 +184,7 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
 
 def flagging(out, data, tpl, plan):
     """Unit decisions after the warm-up against the injected labels: overall, per noise type, per turn depth."""
-    examples, _ = build_examples(load_conversations(data), tpl, plan["max_len"], unit=plan["unit"])
+    examples, _ = build_examples(load_conversations(data), tpl, plan["max_len"])
     recs = [json.loads(line) for line in open(Path(out) / "units.jsonl")]
     seen, by_step = 0, {}
     for r in recs:
@@ -199,7 +199,7 @@ def flagging(out, data, tpl, plan):
                 noisy = bool(meta["noisy"][t - 1]) if t > 0 else any(meta["noisy"])
                 kind = (meta["noise_type"][t - 1] if t > 0 else None) if noisy else "clean"
                 rows.append((r["flagged"], noisy, kind or "mixed", t or r["group"], r["weight"]))
-        seen += sum(math.isfinite(r["loss"]) for r in batch)
+        seen += sum(r["loss"] is not None for r in batch)  # non-finite losses are written as null
 
     def pr(sel):
         f = np.array([x[0] for x in sel], bool)

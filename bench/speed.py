@@ -217,8 +217,8 @@ def ours_step(net, opt, b, n_sup, amp):
 def resure_loss(tok, b, rs):
     """The ReSURE part of train.py's micro-step: unit losses per turn, gather, weigh, Eq. 1."""
     losses, groups, ntok, _, _ = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], "turn")
-    g = gather(losses.detach(), groups, ntok)
-    weights, _ = rs.weigh(g.losses, g.groups)
+    g_losses, g_groups, _ = gather(losses.detach(), groups)
+    weights, _ = rs.weigh(g_losses, g_groups)
     return reweighted_loss(losses, ntok, weights, norm="sample")
 
 

@@ -268,6 +268,16 @@ def test_state_round_trip_is_exact(stats, upd):
         wb, fb = b.weigh(l, g)
         assert wa.tobytes() == wb.tobytes() and fa.tolist() == fb.tolist()
     assert json.dumps(a.state_dict()) == json.dumps(b.state_dict()) and a.summary() == b.summary()
+    # train.py's skipped-step rollback: state_dict() is a snapshot (later weigh calls do not reach into it), and
+    # loading it undoes those calls exactly, so the next step weighs as if the skipped one never happened
+    snap, before = a.state_dict(), json.dumps(a.state_dict())
+    for l, g in batches[:3]:
+        a.weigh(l, g)
+    assert json.dumps(snap) == before and json.dumps(a.state_dict()) != before
+    a.load_state_dict(snap)
+    assert json.dumps(a.state_dict()) == before
+    l, g = batches[5]
+    assert a.weigh(l, g)[0].tobytes() == b.weigh(l, g)[0].tobytes()
 
 
 def test_records():
@@ -275,7 +285,7 @@ def test_records():
     r.weigh(B1_L, B1_G, ids=np.arange(100, 110), turns=torch.arange(10))
     rec = r.pop_records()
     assert len(rec) == 10 and r.records == []
-    assert rec[6] == {"call": 1, "id": 106, "turn": 6, "group": 2, "loss": 30.0, "tau": pytest.approx(6.0),
+    assert rec[6] == {"call": 1, "sample": 106, "turn": 6, "group": 2, "loss": 30.0, "tau": pytest.approx(6.0),
                       "weight": pytest.approx(EPS1), "flagged": True}
     json.dumps(rec)
 
@@ -371,9 +381,14 @@ def test_reweighted_loss_is_eq1_with_constant_weights(norm):
 
 def test_gather_without_distributed_is_a_copy():
     l, g, t = torch.tensor([0.5, 1.5]), np.array([1, 2]), [3, 4]
-    out = resure.gather(l, g, t)
-    assert out.losses.dtype == np.float64 and out.groups.tolist() == [1, 2] and out.tokens.tolist() == [3, 4]
-    assert out.offsets.tolist() == [0, 2] and len(out) == 4
+    losses, groups, tokens, offsets = resure.gather(l, g, t)
+    assert losses.dtype == np.float64 and groups.dtype == tokens.dtype == np.int64
+    assert groups.tolist() == [1, 2] and tokens.tolist() == [3, 4] and offsets.tolist() == [0, 2]
+    l[0], g[0], t[0] = 9.0, 9, 9  # the inputs change, the gathered copy does not
+    assert losses.tolist() == [0.5, 1.5] and groups.tolist() == [1, 2] and tokens.tolist() == [3, 4]
+    assert [x.tolist() for x in resure.gather(l)] == [[9.0, 1.5], [0, 2]]  # losses alone
+    with pytest.raises(resure.ReSUREError, match="one value per unit"):
+        resure.gather(l, [1, 2, 3])
     assert resure.all_reduce_sum(3, 4) == (3, 4)
 
 
@@ -439,11 +454,12 @@ def _run(world, rank, micro=3):
             parts = [resure.unit_losses(_token_losses(net, ids, labels), labels, turn_ids, groups, cfg["unit"])
                      for ids, labels, turn_ids, groups in shards[m]]
             lu, gu, tu = (torch.cat([p[i] for p in parts]) for i in range(3))
-            gathered = resure.gather(lu, gu, tu)
-            w, f = r.weigh(gathered.losses, gathered.groups)
+            g_l, g_g, g_t, offsets = resure.gather(lu, gu, tu)
+            w, f = r.weigh(g_l, g_g)
             weights.append((w, f))
-            mine = slice(gathered.offsets[rank], gathered.offsets[rank + 1])
-            assert np.array_equal(gathered.losses[mine], lu.detach().double().numpy())
+            mine = slice(offsets[rank], offsets[rank + 1])
+            assert np.array_equal(g_l[mine], lu.detach().double().numpy())
+            assert np.array_equal(g_g[mine], gu.numpy()) and np.array_equal(g_t[mine], tu.numpy())
             sync = net.no_sync() if world > 1 and m < micro - 1 else nullcontext()
             with sync:
                 resure.reweighted_loss(lu, tu, w[mine], cfg["norm"], units, tokens, world).backward()

@@ -78,8 +78,8 @@ def metrics(out):
 def test_loss_goes_down_and_outputs_reload(setup):
     out = setup / "learn"
     run(setup, out, "--max-steps", "30", "--batch-size", "8", "--grad-accum", "1", "--lora-dropout", "0", "--lr", "3e-2",
-        "--eval-data",
-        str(setup / "data" / "test.jsonl"))
+        "--eval-data", str(setup / "data" / "test.jsonl"), "--record-units", "--stats", "ema",
+        "--stats-update", "winsorized")  # an estimator that keeps up with the falling loss, so units get flagged
     m = metrics(out)
     assert len(m) == 30 and [r["step"] for r in m] == list(range(1, 31))
     first, last = sum(r["loss"] for r in m[:5]) / 5, sum(r["loss"] for r in m[-5:]) / 5
@@ -91,11 +91,25 @@ def test_loss_goes_down_and_outputs_reload(setup):
     for k, v in net.state_dict().items():
         if ".lora_" in k:
             assert torch.equal(v, ours[k])
-    rs = ReSURE(warmup_samples=16, ramp_steps=2)
+    rs = ReSURE(warmup_samples=16, ramp_steps=2, stats="ema", stats_update="winsorized")
     rs.load_state_dict(json.loads((out / "resure_state.json").read_text()))
     assert rs.seen == 30 * 8
     report = json.loads((out / "report.json").read_text())
-    assert report["most_down_weighted"] and "precision" in report["flagging"]
+    # flagging quality by hand: the last sighting of each unit in units.jsonl against the noise labels of the
+    # conversation it came from (unit = dialogue: noisy if any turn the example kept is noisy; no example dropped)
+    units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
+    assert len(units) == 30 * 8 and all(u["turn"] == 0 for u in units)
+    last = {u["sample"]: u for u in units}
+    convs = [json.loads(line) for line in (setup / "data" / "train_N.jsonl").read_text().splitlines()]
+    kept = {i: u["group"] for i, u in last.items()}  # depth of the last kept turn (< 8 here): truncation counted
+    noisy = {i: any(m.get("noisy") for m in [m for m in convs[i]["messages"] if m["role"] == "assistant"][:kept[i]])
+             for i in last}
+    tp = sum(last[i]["flagged"] and noisy[i] for i in last)
+    n_flag, n_noisy = sum(u["flagged"] for u in last.values()), sum(noisy.values())
+    assert n_flag > 0 and n_noisy > 0
+    assert report["flagging"] == {"units": len(last), "flagged": n_flag, "noisy": n_noisy,
+                                  "precision": pytest.approx(tp / n_flag), "recall": pytest.approx(tp / n_noisy)}
+    assert report["most_down_weighted"][0]["weight"] == min(u["weight"] for u in last.values())
     assert any('"eval"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
