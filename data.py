@@ -357,8 +357,6 @@ class ChatTemplate:
         # Qwen3 drops the reasoning of assistant turns before the last user message and gives the final
         # assistant turn a (possibly empty) <think> block; we render exactly that.
         segs = []
-        if messages[0]["role"] == "system":
-            segs.append((f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n", 0))
         last_query = len(messages) - 1
         for i in range(len(messages) - 1, -1, -1):
             c = messages[i]["content"]
@@ -368,9 +366,8 @@ class ChatTemplate:
                 break
         k = 0
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                if i > 0 or m["role"] != "system":
-                    segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", 0))
+            if m["role"] != "assistant":  # system, user, tool: verbatim
+                segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", 0))
                 continue
             k += 1
             content, reasoning = m["content"], ""
@@ -438,16 +435,14 @@ def turn_group(turn_ids, labels, max_turn_groups=8):
     return min(b, max_turn_groups)
 
 
-def build_examples(conversations, template, max_len, max_turn_groups=8, unit="dialogue"):
+def build_examples(conversations, template, max_len, max_turn_groups=8):
     """Encode conversations -> (examples, report). Each example: input_ids, labels, turn_ids, group, n_turns,
     index (position in examples), conv_index (position in conversations), meta (record fields except messages,
     plus per-kept-assistant-turn lists "noisy" / "noise_type" when the messages carry them).
     A conversation longer than max_len loses its trailing turns; one whose first assistant turn does not fit is
-    dropped. unit="turn" returns the same examples (the loss splits turns with turn_ids)."""
-    if unit not in ("dialogue", "turn"):
-        raise DataError(f"unit must be 'dialogue' or 'turn', got {unit!r}")
+    dropped. Both loss units use these examples (resure.unit_losses splits turns with turn_ids)."""
     rep = Report(conversations=len(conversations), examples=0, truncated=0, dropped=0, turns_kept=0,
-                 turns_dropped=0, tokens=0, supervised_tokens=0, max_len=max_len, unit=unit)
+                 turns_dropped=0, tokens=0, supervised_tokens=0, max_len=max_len)
     examples = []
     for ci, conv in enumerate(conversations):
         msgs = conv["messages"]

@@ -410,10 +410,8 @@ def test_truncation_at_turn_boundaries_is_counted(qwen, fixtures_dir):
     # exact fit keeps everything, one token less drops the last turn
     n = len(qwen.encode(convs[4]["messages"])["input_ids"])
     assert data.build_examples([convs[4]], qwen, n)[1]["truncated"] == 0
-    ex2, rep2 = data.build_examples([convs[4]], qwen, n - 1, unit="turn")
-    assert rep2["truncated"] == 1 and ex2[0]["n_turns"] == 2 and rep2["unit"] == "turn"
-    with pytest.raises(data.DataError, match="unit must be"):
-        data.build_examples(convs, qwen, 100, unit="token")
+    ex2, rep2 = data.build_examples([convs[4]], qwen, n - 1)
+    assert rep2["truncated"] == 1 and ex2[0]["n_turns"] == 2
 
 
 def test_qwen3_truncation_rerenders_last_turn(fixtures_dir):
