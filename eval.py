@@ -310,9 +310,7 @@ class LocalJudge:
         m = max(map(len, conts))
         cache = self.model.new_cache(1, len(prompt) + m)
         first = self.model.lm_head(self.model.hidden_states(torch.tensor([prompt], device=dev), cache=cache)[:, -1])
-        # branch the prompt's cache into one row per choice (KVCache fields: k, v, valid, next_pos)
-        cache.k, cache.v = ([t.expand(n, -1, -1, -1).clone() for t in kv] for kv in (cache.k, cache.v))
-        cache.valid, cache.next_pos = cache.valid.expand(n, -1).clone(), cache.next_pos.expand(n).clone()
+        cache.expand(n)  # the prompt's cache, one row per choice
         ids = torch.tensor([c + [self.template.pad_id] * (m - len(c)) for c in conts], device=dev)
         rest = [self.model(ids[:, :-1], cache=cache)] if m > 1 else []
         logits = torch.cat([first.expand(n, -1)[:, None], *rest], 1)

@@ -250,6 +250,14 @@ class KVCache:
         self.length, self.padded = 0, False
         self.slot, self.static = torch.zeros(1, dtype=torch.long, device=device), False  # for decode_step
 
+    def expand(self, n):
+        """A batch-1 cache branched into n identical rows (e.g. one prompt, n continuations to score)."""
+        if self.valid.shape[0] != 1:
+            raise ValueError(f"KVCache.expand: needs a batch-1 cache, this one has {self.valid.shape[0]} rows")
+        self.k, self.v = ([t.expand(n, -1, -1, -1).clone() for t in kv] for kv in (self.k, self.v))
+        self.valid, self.next_pos = self.valid.expand(n, -1).clone(), self.next_pos.expand(n).clone()
+        return self
+
     def reset(self):
         self.valid.zero_()
         self.next_pos.zero_()
