@@ -420,9 +420,7 @@ def format_log(r):
 
 def log_eval(net, eval_examples, template, metrics, step, log):
     from eval import per_turn_loss
-    net.eval()
-    res = per_turn_loss(net, eval_examples, pad_id=template.pad_id)
-    net.train()
+    res = per_turn_loss(net, eval_examples, pad_id=template.pad_id)  # in eval mode, then back
     metrics.write(json.dumps({"step": step, "eval": res}, default=float) + "\n")
     log(f"eval step {step}: " + json.dumps(res, default=float))
 

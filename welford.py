@@ -189,10 +189,3 @@ class GroupedStats:
         self.groups = {}
         for b, es in s["groups"].items():
             self[int(b)].load_state_dict(es)
-
-
-class GroupedWelford(GroupedStats):
-    """The paper's estimator: one cumulative Welford per turn group."""
-
-    def __init__(self):
-        super().__init__("welford")
