@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from model import linear
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 
@@ -49,7 +51,7 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
         # Both matmuls run in the autocast dtype under autocast, else in the input's dtype (the adapter is fp32).

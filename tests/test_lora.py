@@ -195,6 +195,42 @@ def test_bf16_base_with_fp32_adapter(tmp_path):
     assert lin.lora_B.weight.grad.dtype == torch.float32 and torch.isfinite(lin.lora_B.weight.grad).all()
 
 
+def test_bf16_lora_gradients_as_accurate_as_peft(tiny, tmp_path, monkeypatch):
+    """A LoRA step on bf16 base weights under bf16 autocast (on this CPU through model.linear's fp32-GEMM route
+    where it has no AMX): the adapter gradients' distance from the fp32 step is no larger than PEFT's in bf16."""
+    monkeypatch.setattr(M, "CPU_BF16_AS_FP32", True)
+    d, hf = tiny
+    x = ids(batch=3, T=16)
+    labels = x.clone()
+    labels[:, :5] = -100
+
+    def ours(dtype):
+        net = M.Transformer.from_pretrained(d, dtype=dtype)
+        torch.manual_seed(0)  # the same A for both
+        apply_lora(net, r=4, alpha=8, dropout=0.0, verbose=False)
+        randomize_b(net)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            tok = net.token_losses(x, labels)
+        (tok.sum() / (labels[:, 1:] != -100).sum()).backward()
+        return net
+
+    ref, low = ours(torch.float32), ours(torch.bfloat16)
+    save_adapter(ref, tmp_path / "ad")  # the same adapter for PEFT, on bf16 base weights
+    pm = peft.PeftModel.from_pretrained(hf.to(torch.bfloat16), tmp_path / "ad", is_trainable=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pm(input_ids=x, labels=labels).loss.backward()
+    theirs = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+              for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(theirs) == 2 * 2 * 7
+    worst = {"ours": 0.0, "peft": 0.0}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            g = p.grad.double()
+            for who, other in (("ours", dict(low.named_parameters())[n].grad), ("peft", theirs[n])):
+                worst[who] = max(worst[who], float((other.double() - g).norm() / g.norm()))
+    assert 0 < worst["ours"] <= 1.5 * worst["peft"] + 1e-3, worst
+
+
 def test_load_refuses_adapters_that_do_not_fit(tmp_path):
     tiny_llama(tmp_path / "a")
     tiny_llama(tmp_path / "b", hidden_size=32, intermediate_size=48)

@@ -326,6 +326,64 @@ def _refusal(path):
     return msg
 
 
+def _bf16(t):
+    return t.to(torch.bfloat16).double()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_linear_through_fp32_gemms_is_the_bf16_arithmetic(autocast, monkeypatch):
+    """model.linear on a CPU without AMX runs a bf16 GEMM as an fp32 GEMM on the bf16 values: same products, fp32
+    accumulation. Oracle: float64 math on the bf16-rounded operands, rounded to bf16 as a bf16 GEMM's result is;
+    forward and all three gradients, with bf16 weights (autocast off) and with fp32 weights under autocast."""
+    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 96, generator=g)
+    w, b = torch.randn(40, 96, generator=g) / 10, torch.randn(40, generator=g)
+    gy = torch.randn(3, 5, 40, generator=g)
+    if not autocast:
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model.linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "_LinearBf16AsFp32Backward" and y.dtype == torch.bfloat16
+    y.backward(gy.to(y.dtype))
+    ref = _bf16(x) @ _bf16(w).T + _bf16(b)
+    ulp = 2.0 ** -7  # bf16 keeps 8 significant bits: one rounding is at most half of this, relative
+    assert ((y.double() - ref).abs() <= ulp * ref.abs() + 1e-30).all()
+    g64 = _bf16(gy).reshape(-1, 40)
+    for got, want in ((x.grad, (g64 @ _bf16(w)).view(3, 5, 96)), (w.grad, g64.T @ _bf16(x).reshape(-1, 96)),
+                      (b.grad, g64.sum(0))):
+        assert got.dtype == (torch.float32 if autocast else torch.bfloat16)  # each tensor's own dtype
+        assert ((got.double() - want).abs() <= ulp * want.abs() + 1e-6).all()
+    # the same values as torch's own bf16 kernel, within the final rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        native = F.linear(x, w, b)
+    assert ((y.double() - native.double()).abs() <= ulp * native.double().abs() + 1e-30).all()
+    # switched off: torch's kernel itself; fp32 without autocast never takes the route
+    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        assert torch.equal(model.linear(x, w, b), native)
+    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
+    y32 = model.linear(x.detach().float().requires_grad_(), w.detach().float(), b.detach().float())
+    assert y32.dtype == torch.float32 and "Bf16AsFp32" not in type(y32.grad_fn).__name__
+
+
+def test_bf16_model_through_fp32_gemms_is_as_accurate_as_transformers_bf16(tiny, monkeypatch):
+    """A whole bf16 forward and LoRA-free backward (fp32 master weights, bf16 autocast) with the fp32-GEMM route: its
+    distance from the fp32 model is no larger than transformers' bf16 distance from the same fp32 model."""
+    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
+    hf, d, m = tiny["qwen2"]  # biases, a sliding window and a tied head
+    ids, mask = batch([12, 9], 12, TINY["vocab_size"], pad=0, left=False)
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask).double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = m(ids, attention_mask=mask).double()
+            theirs = hf(input_ids=ids, attention_mask=mask).logits.double()
+    where = mask.bool()
+    assert rel_err(ours, ref, where) <= 1.5 * rel_err(theirs, ref, where) + 1e-3
+    assert rel_err(ours, ref, where) > 0  # bf16 really happened
+
+
 def test_loading_refuses_bad_checkpoints(tiny, tmp_path):
     src = tiny["llama_llama3_rope"][1]
     sd = load_file(src / "model.safetensors")
