@@ -3,8 +3,9 @@
 Loads a Hugging Face checkpoint folder (config.json + safetensors) straight into the target dtype, runs padded
 batches (right padding for training, left padding for generation), computes per-token losses in chunks at the
 supervised positions only, and generates with a static KV cache. Module names equal Hugging Face's
-(`model.layers.0.self_attn.q_proj`, `lm_head`) and every projection is a plain nn.Linear, so lora.py can wrap
-them by name and LoRA weights stay interchangeable with peft's.
+(`model.layers.0.self_attn.q_proj`, `lm_head`) and every projection is an nn.Linear (model.Linear: its matmul is
+linear(), which picks the faster of two forms of the same GEMM where that was measured), so lora.py can wrap them
+by name and LoRA weights stay interchangeable with peft's.
 
     m = Transformer.from_pretrained("/path/to/Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")
     tok = load_tokenizer(m.path)
@@ -159,7 +160,8 @@ def rotate_half(x):
 # ------------------------------------------------------------------------------------------------------ model
 # On a CPU without AMX a bf16 GEMM is slower than an fp32 one (measured here: 206 vs 361 GFLOP/s). bf16 products
 # are exact in fp32, so an fp32 GEMM on the upcast operands computes what the bf16 GEMM does (fp32 accumulation,
-# result rounded to bf16), only in another summation order. linear() and mm() take that route there; set False
+# result rounded to bf16), only in another summation order. linear(), attention and LinearCrossEntropy take that
+# route there; set False
 # to use the native bf16 kernels.
 CPU_BF16_AS_FP32 = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
@@ -167,14 +169,6 @@ CPU_BF16_AS_FP32 = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: Fals
 def bf16_as_fp32(device, dtype) -> bool:
     """Whether a GEMM in `dtype` on `device` should run as fp32 GEMMs (see CPU_BF16_AS_FP32)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and CPU_BF16_AS_FP32
-
-
-def mm(a, b):
-    """a @ b in a's dtype, autocast aside; through fp32 where bf16_as_fp32 says so."""
-    if not bf16_as_fp32(a.device, a.dtype):
-        return a @ b
-    with torch.autocast("cpu", enabled=False):
-        return (a.float() @ b.float()).to(a.dtype)
 
 
 class _LinearBf16AsFp32(torch.autograd.Function):
@@ -346,15 +340,18 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, y, chunk, dt, need_grad):
+        # dt: the matmuls' dtype; where bf16 runs as fp32 (CPU_BF16_AS_FP32) logits and softmax stay unrounded
+        dt = torch.float32 if bf16_as_fp32(h.device, dt) else dt
         w, losses, grads = weight.to(dt), [], []
-        for hc, yc in zip(h.split(chunk), y.split(chunk)):
-            logits = mm(hc.to(dt), w.t()).float()                           # [n, V]
-            lse = logits.logsumexp(-1)
-            losses.append(row_cross_entropy(logits, yc, lse))
-            if need_grad:
-                p = logits.sub_(lse[:, None]).exp_()                        # softmax, in place
-                p[torch.arange(len(yc), device=p.device), yc] -= 1.0
-                grads.append(mm(p.to(dt), w).to(h.dtype))
+        with torch.autocast(h.device.type, enabled=False):
+            for hc, yc in zip(h.split(chunk), y.split(chunk)):
+                logits = F.linear(hc.to(dt), w).float()                     # [n, V]
+                lse = logits.logsumexp(-1)
+                losses.append(row_cross_entropy(logits, yc, lse))
+                if need_grad:
+                    p = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
+                    p[torch.arange(len(yc), device=p.device), yc] -= 1.0
+                    grads.append((p.to(dt) @ w).to(h.dtype))
         ctx.save_for_backward(torch.cat(grads) if need_grad else None)
         return torch.cat(losses)
 
