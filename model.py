@@ -160,9 +160,8 @@ def rotate_half(x):
 # ------------------------------------------------------------------------------------------------------ model
 # On a CPU without AMX a bf16 GEMM is slower than an fp32 one (measured here: 206 vs 361 GFLOP/s). bf16 products
 # are exact in fp32, so an fp32 GEMM on the upcast operands computes what the bf16 GEMM does (fp32 accumulation,
-# result rounded to bf16), only in another summation order. linear(), attention and LinearCrossEntropy take that
-# route there; set False
-# to use the native bf16 kernels.
+# result rounded to bf16), only in another summation order. linear() takes that route there, and
+# LinearCrossEntropy computes the head in fp32 (logits and softmax unrounded). Set False for torch's bf16 kernels.
 CPU_BF16_AS_FP32 = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
@@ -255,12 +254,7 @@ class Attention(nn.Module):
             # back to SDPA's slow math path, so give each query head its K/V (head h reads K/V head h // group)
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
             gqa = False
-        if bf16_as_fp32(q.device, q.dtype):  # as for the GEMMs: fp32 kernels on the bf16 values, bf16 result
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                   is_causal=mask is None, enable_gqa=gqa).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
