@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import linear
+from model import gemm_dtype, linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -55,10 +55,7 @@ class LoRALinear(nn.Linear):
         if self.merged or self.disabled:
             return y
         # Both matmuls run in the autocast dtype under autocast, else in the input's dtype (the adapter is fp32).
-        a = self.lora_A.weight
-        if not torch.is_autocast_enabled(x.device.type):
-            a = a.to(x.dtype)
-        z = F.linear(self.lora_dropout(x), a)                                  # [..., r]
+        z = F.linear(self.lora_dropout(x), self.lora_A.weight.to(gemm_dtype(x)))   # [..., r]
         # y += scaling * z B^T as one GEMM that accumulates into y (in place is safe: linear's backward does not
         # need its output): no full-width temporaries, two kernels fewer than scale + matmul + add.
         y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, self.r).to(y.dtype), self.lora_B.weight.to(y.dtype).t(),

@@ -165,6 +165,12 @@ def rotate_half(x):
 CPU_BF16_AS_FP32 = not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
+def gemm_dtype(x) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's where autocast is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def bf16_as_fp32(device, dtype) -> bool:
     """Whether a GEMM in `dtype` on `device` should run as fp32 GEMMs (see CPU_BF16_AS_FP32)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and CPU_BF16_AS_FP32
@@ -196,11 +202,10 @@ def linear(x, weight, bias=None):
     - bf16 on a CPU without AMX: fp32 GEMMs on the bf16 values (CPU_BF16_AS_FP32);
     - fp32 decoding on CUDA (at most 16 rows, no autograd): W @ x^T, whose kernel cuBLAS picks well, where for
       x @ W^T it picked a 12-block kernel for k/v_proj's 576 -> 192 at 8 rows (53 us instead of 7 on an H100)."""
-    if (x.is_cuda and x.dtype == torch.float32 and 0 < x.numel() <= 16 * x.shape[-1]
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")):
+    dt = gemm_dtype(x)
+    if x.is_cuda and dt == torch.float32 and 0 < x.numel() <= 16 * x.shape[-1] and not torch.is_grad_enabled():
         y = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
-    dt = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x.dtype
     return _LinearBf16AsFp32.apply(x, weight, bias) if bf16_as_fp32(x.device, dt) else F.linear(x, weight, bias)
 
 
@@ -475,9 +480,7 @@ class Transformer(nn.Module):
         h, y = h[sel], target[sel]                                         # [N, D], [N]
         if y.numel() == 0:  # nothing supervised: zeros, still connected to the graph
             return F.pad(h.new_zeros(sel.shape, dtype=torch.float32) + 0 * h.sum(), (1, 0))
-        w = self.lm_head.weight
-        dev = h.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        w, dt = self.lm_head.weight, gemm_dtype(h)
         grad = torch.is_grad_enabled()
         if grad and w.requires_grad:  # trainable head: each chunk's logits are recomputed in backward
             def ce(h_chunk, y_chunk):

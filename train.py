@@ -440,8 +440,8 @@ def finish(args, net, rs, examples, last_seen, eval_examples, template, metrics,
     pr = flag_quality(recs, examples)
     if pr:
         report["flagging"] = pr
-        f = (lambda x: "-" if x is None else f"{x:.2f}")
-        log(f"flagging vs noise labels: precision {f(pr['precision'])} recall {f(pr['recall'])} "
+        fmt = (lambda x: "-" if x is None else f"{x:.2f}")
+        log(f"flagging vs noise labels: precision {fmt(pr['precision'])} recall {fmt(pr['recall'])} "
             f"({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last sighting of each)")
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=float)
