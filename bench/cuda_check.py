@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
-from lora import apply_lora  # noqa: E402
+from lora import DEFAULT_TARGETS, PEFT_PREFIX, TOKENIZER_FILES, apply_lora  # noqa: E402
 
 RESULTS = []
 
@@ -42,7 +42,7 @@ def random_checkpoint(like, out):
             if p.dim() == 2:
                 p.mul_(2.0)
     hf.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for f in TOKENIZER_FILES:
         if (Path(like) / f).is_file():
             shutil.copy(Path(like) / f, Path(out) / f)
     return out
@@ -154,10 +154,9 @@ def main():
         ours = M.Transformer.from_pretrained(path, device=dev)
         apply_lora(ours, r=16, alpha=32, dropout=0.0, verbose=False)
         hf = AutoModelForCausalLM.from_pretrained(path).to(dev)
-        hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS)))
         mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
-        theirs = {n.replace("base_model.model.", "").replace(".default", ""): p
+        theirs = {n.replace(PEFT_PREFIX, "").replace(".default", ""): p
                   for n, p in hf.named_parameters() if p.requires_grad}
         with torch.no_grad():  # the same nonzero adapter on both sides
             for n, q in mine.items():

@@ -18,12 +18,12 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 status=0
 python3 bench/cuda_check.py --like "$like" --out "$out" || status=1
 model="$out/model"
-python3 data.py synth --out /tmp/cuda_synth --n-train 256 --n-test 16 >/dev/null || status=1
-common=(--model "$model" --data /tmp/cuda_synth/train_N.jsonl --max-steps 20 --batch-size 8 --grad-accum 1 --lr 1e-3
+python3 data.py synth --out "$out/synth" --n-train 256 --n-test 16 >/dev/null || status=1
+common=(--model "$model" --data "$out/synth"/train_N.jsonl --max-steps 20 --batch-size 8 --grad-accum 1 --lr 1e-3
         --lora-r 16 --lora-alpha 32 --warmup-samples 32 --ramp-steps 5 --max-len 512 --log-every 5 --no-resume)
 for d in fp32 bf16 fp16; do
   echo "== train.py --dtype $d"
-  python3 train.py "${common[@]}" --dtype "$d" --out "/tmp/cuda_train_$d" 2>&1 | tail -n 8 || status=1
+  python3 train.py "${common[@]}" --dtype "$d" --out "$out/train_$d" 2>&1 | tail -n 8 || status=1
   python3 - "$d" "/tmp/cuda_train_$d/metrics.jsonl" <<'EOF' || status=1
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l]
@@ -35,7 +35,7 @@ EOF
 done
 echo "== torchrun (NCCL, 1 rank), bf16, gradient checkpointing"
 torchrun --nproc_per_node=1 train.py "${common[@]}" --dtype bf16 --grad-checkpointing --max-steps 10 \
-  --out /tmp/cuda_train_ddp 2>&1 | tail -n 5 || status=1
+  --out "$out/train_ddp" 2>&1 | tail -n 5 || status=1
 echo "== bench/speed.py --device cuda --quick"
 python3 bench/speed.py --device cuda --quick --model "$model" --out "$out/speed" 2>&1 | tail -n 30 || status=1
 echo "cuda_check.sh: exit $status"

@@ -37,6 +37,7 @@ in /proc/stat minus this process's and its children's): with 2 threads on 2 busy
 """
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -56,8 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
-from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
-from resure import ReSURE, gather, reweighted_loss, unit_losses  # noqa: E402
+from data import turn_group  # noqa: E402
+from lora import DEFAULT_TARGETS, TOKENIZER_FILES, apply_lora  # noqa: E402
+from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"train_bf16": 1.3, "train_fp32": 1.15, "generate": 3.0, "resure_overhead": 0.03}
@@ -134,18 +136,17 @@ class CpuShare:
                 (busy[1] - self.busy0[1]) / wall)
 
 
-def make_tiny_model(out_dir, tokenizer_dir=None, vocab_size=None, seed=0):
+def make_tiny_model(out_dir, tokenizer_dir=None):
     """A tiny random llama written by transformers (the oracle), with a tokenizer copied from tokenizer_dir."""
     import transformers
     out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    if vocab_size is None and tokenizer_dir:
-        vocab_size = M.load_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True)
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size or 512, hidden_size=64, intermediate_size=128,
+    torch.manual_seed(0)
+    vocab_size = M.load_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True) if tokenizer_dir else 512
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    tie_word_embeddings=True, max_position_embeddings=1024)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for f in TOKENIZER_FILES:
         if tokenizer_dir and (Path(tokenizer_dir) / f).is_file():
             shutil.copy(Path(tokenizer_dir) / f, out_dir / f)
     return str(out_dir)
@@ -168,7 +169,7 @@ def chat_batch(vocab, batch, length, seed=0):
                 labels[b, pos:pos + n], turn_ids[b, pos:pos + n] = ids[b, pos:pos + n], k
             pos, asst = pos + n, not asst
     labels[:, 0] = -100
-    group = torch.tensor([int(t.max()) for t in turn_ids]).clamp(1, 8)
+    group = torch.tensor([turn_group(t, l) for t, l in zip(turn_ids, labels)])
     out = dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids), turn_ids=turn_ids, group=group)
     return out, int((labels[:, 1:] != -100).sum())
 
@@ -217,11 +218,16 @@ def ours_step(net, opt, b, n_sup, amp):
 
 
 def resure_loss(tok, b, rs):
-    """The ReSURE part of train.py's micro-step: unit losses per turn, gather, weigh, Eq. 1."""
-    losses, groups, ntok, _, _ = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], "turn")
-    g_losses, g_groups, _ = gather(losses.detach(), groups)
-    weights, _ = rs.weigh(g_losses, g_groups)
-    return reweighted_loss(losses, ntok, weights, norm="sample")
+    """What ReSURE adds to a train.py step of one micro-batch: the statistics' copy kept for a rollback, the step's
+    unit and token totals, unit losses per turn, gather (losses, groups, sample ids, turns), weigh with per-unit
+    records (then popped, as train.py writes them out), Eq. 1."""
+    rs.state_dict()  # train.py keeps this copy to undo a skipped step
+    total_units, total_tokens = all_reduce_sum(*count_units(b["labels"], b["turn_ids"], "turn"))
+    losses, groups, ntok, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], "turn")
+    g_losses, g_groups, g_ids, g_turns, _ = gather(losses.detach(), groups, sidx, turn)
+    weights, _ = rs.weigh(g_losses, g_groups, ids=g_ids, turns=g_turns)
+    rs.pop_records()
+    return reweighted_loss(losses, ntok, weights, norm="sample", total_units=total_units, total_tokens=total_tokens)
 
 
 def resure_step(net, opt, b, rs, amp):
@@ -236,11 +242,11 @@ def resure_step(net, opt, b, rs, amp):
 
 def native_bf16(f, *args):
     """f(*args) with model.py's fp32 route for bf16 GEMMs (CPU_BF16_AS_FP32) switched off."""
-    M.CPU_BF16_AS_FP32 = False
+    before, M.CPU_BF16_AS_FP32 = M.CPU_BF16_AS_FP32, False
     try:
         return f(*args)
     finally:
-        M.CPU_BF16_AS_FP32 = True
+        M.CPU_BF16_AS_FP32 = before
 
 
 def hf_step(hf, opt, b, amp):
@@ -253,9 +259,10 @@ def hf_step(hf, opt, b, amp):
     return float(loss.detach())
 
 
-def new_resure(b, seed=0):
-    """Active ReSURE (no warm-up, no ramp), statistics primed so that some units are flagged."""
-    rs = ReSURE(warmup_samples=0, ramp_steps=0)
+def new_resure(seed=0):
+    """Active ReSURE (no warm-up, no ramp, per-unit records as train.py keeps them), statistics primed so that some
+    units are flagged."""
+    rs = ReSURE(warmup_samples=0, ramp_steps=0, record=True)
     g = np.random.default_rng(seed)
     groups = np.repeat(np.arange(1, 9), 32)
     rs.warmup_from(g.gamma(4.0, 2.0, len(groups)), groups)
@@ -273,11 +280,7 @@ def alternate(fns, reps, warmup=1):
     for i in range(reps):
         for k in (names if i % 2 == 0 else names[::-1]):
             gc.collect()
-            sync()
-            t0 = time.perf_counter()
-            fns[k]()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(_timed(fns[k]))
     return times
 
 
@@ -348,6 +351,7 @@ def mem_child(a):
     if a.mem_child == "hf":
         import peft  # noqa: F401  (imported before the reset: libraries are not the model's memory)
         import transformers  # noqa: F401
+    importlib.import_module("torch._dynamo")  # AdamW's first step imports it (~74 MiB): a library, not the model
     dtype, amp = DTYPES[a.mem_dtype], autocast(DTYPES[a.mem_dtype])
     gc.collect()
     try:
@@ -400,10 +404,6 @@ def child(mode, impl, dtype, a, cfg):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(impl, dtype, cfg, a):
-    return child("mem", impl, dtype, a, cfg)
-
-
 # ------------------------------------------------------------------------------------------------------- benches
 def bench_train(path, dtype_name, cfg, log):
     dtype, amp = DTYPES[dtype_name], autocast(DTYPES[dtype_name])
@@ -432,7 +432,7 @@ def bench_train(path, dtype_name, cfg, log):
 
 
 def bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log):
-    rs = new_resure(b)
+    rs = new_resure()
     t2 = alternate({"resure": lambda: resure_step(net, opt, b, rs, amp),
                     "plain": lambda: ours_step(net, opt, b, n_sup, amp)}, cfg["reps"], warmup=0)
     with amp():
@@ -441,9 +441,7 @@ def bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log):
     tok.requires_grad_(True)
     book = []
     for _ in range(max(5, cfg["reps"] * 3)):  # the bookkeeping alone: unit losses + gather + weigh + Eq. 1 + its grad
-        t0 = time.perf_counter()
-        resure_loss(tok, b, rs).backward()
-        book.append(time.perf_counter() - t0)
+        book.append(_timed(lambda: resure_loss(tok, b, rs).backward()))
     plain = t2["plain"]
     out = {"seconds": t2, "bookkeeping_s": book, "step_overhead": med(t2["resure"]) / med(plain) - 1,
            "step_spread": (max(plain) - min(plain)) / med(plain), "overhead": med(book) / med(plain)}
@@ -514,13 +512,13 @@ def bench_load(path, dtype_name, cfg, a, log):
 
 
 # --------------------------------------------------------------------------------------------------------- table
-def ratio_row(name, ours, theirs, unit, ratio, target=None, higher=True, fmt="{:.1f}"):
+def ratio_row(name, ours, theirs, ratio, target=None, higher=True, fmt="{:.1f}"):
     if target is None:
         met = ""
     else:
         met = "yes" if (ratio >= target if higher else ratio <= target) else "**no**"
     tgt = "" if target is None else (f">= {target:g}x" if higher else f"<= {target:g}x")
-    return f"| {name} | {fmt.format(ours)} {unit} | {fmt.format(theirs)} {unit} | {ratio:.2f}x | {tgt} | {met} |"
+    return f"| {name} | {fmt.format(ours)} | {fmt.format(theirs)} | {ratio:.2f}x | {tgt} | {met} |"
 
 
 def table(r):
@@ -537,18 +535,18 @@ def table(r):
              "|---|---|---|---|---|---|"]
     for d, tr in r["train"].items():
         tp = tr["tokens_per_s"]
-        tgt = TARGETS[f"train_{d}"] if f"train_{d}" in TARGETS else None
-        lines.append(ratio_row(f"LoRA train step, {d} (tokens/s)", tp["ours"], tp["hf"], "", tp["ours"] / tp["hf"],
+        tgt = TARGETS.get(f"train_{d}")
+        lines.append(ratio_row(f"LoRA train step, {d} (tokens/s)", tp["ours"], tp["hf"], tp["ours"] / tp["hf"],
                                tgt))
         if "ours_native" in tp:
             lines.append(ratio_row(f"the same, ours on torch's bf16 GEMM kernels (model.CPU_BF16_AS_FP32 = False)",
-                                   tp["ours_native"], tp["hf"], "", tp["ours_native"] / tp["hf"]))
+                                   tp["ours_native"], tp["hf"], tp["ours_native"] / tp["hf"]))
     for d, mem in r["memory"].items():
         o, h = mem["ours"]["delta_mib"], mem["hf"]["delta_mib"]
-        lines.append(ratio_row(f"peak memory of training, {d} (MiB above the libraries' imports)", o, h, "", o / h,
+        lines.append(ratio_row(f"peak memory of training, {d} (MiB above the libraries' imports)", o, h, o / h,
                                1.0, higher=False, fmt="{:.0f}"))
         o, h = mem["ours"]["peak_mib"], mem["hf"]["peak_mib"]
-        lines.append(ratio_row(f"peak memory of training, {d} (MiB, whole process)", o, h, "", o / h, fmt="{:.0f}"))
+        lines.append(ratio_row(f"peak memory of training, {d} (MiB, whole process)", o, h, o / h, fmt="{:.0f}"))
     for d, tr in r["train"].items():
         if "resure" not in tr:
             continue
@@ -558,16 +556,16 @@ def table(r):
         lines.append(f"| ReSURE overhead over a plain SFT step (ours), {d} | {1e3 * med(rs['bookkeeping_s']):.1f} ms "
                      f"of ReSURE work per step | {p:.3f} s plain step | {100 * rs['overhead']:+.2f}% (whole steps "
                      f"A/B: {o:.3f} vs {p:.3f} s, {100 * rs['step_overhead']:+.1f}%, step-to-step spread "
-                     f"{100 * rs['step_spread']:.0f}%) | <= +3% | {met} |")
+                     f"{100 * rs['step_spread']:.0f}%) | <= +{100 * TARGETS['resure_overhead']:g}% | {met} |")
     for d, gen in r["generate"].items():
         for B, g in gen.items():
             if B == "ceiling":
                 continue
             tp = g["tokens_per_s"]
             lines.append(ratio_row(f"greedy generation, batch {B}, {d} (tokens/s; {r['cfg']['new_tokens']} new; "
-                                   f"{g['same_tokens']:.0%} identical before EOS)", tp["ours"], tp["hf"], "",
+                                   f"{g['same_tokens']:.0%} identical before EOS)", tp["ours"], tp["hf"],
                                    tp["ours"] / tp["hf"], TARGETS["generate"]))
-        c, one = gen["ceiling"], gen.get(1, gen.get("1"))
+        c, one = gen["ceiling"], gen.get(1)
         if one:
             o, h = one["tokens_per_s"]["ours"], one["tokens_per_s"]["hf"]
             lines.append(f"| batch-1 decoding ceiling, {d}: {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
@@ -577,9 +575,9 @@ def table(r):
                          f"{300 * h / c['tokens_per_s']:.0f}% of it | | |")
     for d, ld in r["load"].items():
         o, h = med(ld["cold_seconds"]["ours"]), med(ld["cold_seconds"]["hf"])
-        lines.append(ratio_row(f"checkpoint load, {d}, first in a fresh process (s)", o, h, "", h / o, fmt="{:.3f}"))
+        lines.append(ratio_row(f"checkpoint load, {d}, first in a fresh process (s)", o, h, h / o, fmt="{:.3f}"))
         o, h = med(ld["seconds"]["ours"]), med(ld["seconds"]["hf"])
-        lines.append(ratio_row(f"checkpoint load, {d}, repeated in one process (s)", o, h, "", h / o, fmt="{:.3f}"))
+        lines.append(ratio_row(f"checkpoint load, {d}, repeated in one process (s)", o, h, h / o, fmt="{:.3f}"))
     for d, tr in r["train"].items():
         peak, what = r["matmul_peak"][d]["peak"], "peak"
         if "ours_native" in tr["tokens_per_s"] and "fp32" in r["matmul_peak"]:  # ours ran fp32 kernels on bf16 values
@@ -675,7 +673,7 @@ def main(argv=None):
                                                   r["matmul_peak"][d]["by_shape"].items()) + " GFLOP/s")
                 r["train"][d] = bench_train(a.model, d, cfg, log)
             if "memory" in parts and not a.skip_memory and d in cfg["mem_dtypes"]:
-                r["memory"][d] = {k: measure_memory(k, d, cfg, a) for k in ("ours", "hf")}
+                r["memory"][d] = {k: child("mem", k, d, a, cfg) for k in ("ours", "hf")}
                 log(f"  memory {d}: ours {r['memory'][d]['ours']['delta_mib']:.0f} MiB, transformers+PEFT "
                     f"{r['memory'][d]['hf']['delta_mib']:.0f} MiB")
         for d in cfg["gen_dtypes"] if "generate" in parts else ():

@@ -62,22 +62,21 @@ def test_speed_tiny(tiny, tmp_path, keep_threads, capsys):
         tr = saved["train"][d]
         assert tr["tokens_per_s"]["ours"] > 0 and tr["tokens_per_s"]["hf"] > 0
         assert len(tr["seconds"]["ours"]) == len(tr["seconds"]["hf"]) == speed.PRESETS["tiny"]["reps"]
-        assert saved["matmul_peak"][d]["peak"] == max(saved["matmul_peak"][d]["by_shape"].values()) > 0
-        rs = tr["resure"]
-        assert 0 < rs["overhead"] == pytest.approx(speed.med(rs["bookkeeping_s"]) / speed.med(rs["seconds"]["plain"]))
+        assert saved["matmul_peak"][d]["peak"] > 0 and tr["resure"]["overhead"] > 0
     # both sides computed the same loss on the same batch before any update (transformers is the oracle)
     first = saved["train"]["fp32"]["first_loss"]
     assert first["ours"] == pytest.approx(first["hf"], rel=1e-4)
-    mem = saved["memory"]["fp32"]
-    assert mem["ours"]["peak_mib"] >= mem["ours"]["base_mib"] > 0 and mem["hf"]["peak_mib"] >= mem["hf"]["base_mib"]
+    for side in saved["memory"]["fp32"].values():  # the peak counter was reset, and loading + training added to it
+        assert side["hwm_reset"] and side["delta_mib"] > 0
     cold = saved["load"]["fp32"]["cold_seconds"]
     assert len(cold["ours"]) == len(cold["hf"]) == 1 and min(cold["ours"] + cold["hf"]) > 0
     gen = saved["generate"]["fp32"]
     ceiling = gen.pop("ceiling")
     assert set(gen) == {"1", "3"} and all(g["tokens_per_s"]["ours"] > 0 for g in gen.values())
-    n_params = sum(p.numel() for p in M.Transformer.from_pretrained(tiny).parameters())  # tied head counted once
+    assert all(g["same_tokens"] == 1.0 for g in gen.values())  # greedy fp32: transformers' generate is the oracle
+    from transformers import AutoModelForCausalLM
+    n_params = AutoModelForCausalLM.from_pretrained(tiny).num_parameters()  # tied head counted once
     assert ceiling["weight_bytes"] == 4 * n_params and ceiling["copy_bytes_per_s"] > 0
-    assert ceiling["tokens_per_s"] == pytest.approx(ceiling["copy_bytes_per_s"] / ceiling["weight_bytes"])
     assert any(k.startswith("batch-1 decoding ceiling, fp32") for k in rows)
     # useful FLOPs: 2*dense + 3*lora + 3*attention + 2*head, recomputed here from the config by hand
     cfg = json.loads((Path(tiny) / "config.json").read_text())
@@ -91,6 +90,13 @@ def test_speed_tiny(tiny, tmp_path, keep_threads, capsys):
     assert r["preset"] == "tiny"
 
 
+def test_speed_bad_model_is_a_one_line_error(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--model", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == f"speed.py: error: --model {tmp_path}: no config.json there"
+
+
 def test_speed_chat_batch_is_half_supervised():
     import speed
     b, n_sup = speed.chat_batch(1000, 4, 256)
@@ -98,6 +104,7 @@ def test_speed_chat_batch_is_half_supervised():
     assert n_sup == int(sup[:, 1:].sum()) and 0.35 < sup.float().mean() < 0.65
     assert torch.equal(b["labels"][sup], b["input_ids"][sup]) and not sup[:, 0].any()
     assert bool((b["turn_ids"][sup] >= 1).all()) and not bool(b["turn_ids"][~sup].any())
+    assert b["group"].tolist() == [min(int(t[s].max()), 8) for t, s in zip(b["turn_ids"], sup)]  # last supervised turn
 
 
 def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
