@@ -137,7 +137,7 @@ class ReSURE:
             self.records += [{"call": self.calls, "sample": None if ids is None else int(ids[i]),
                               "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
                               "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
-                              "flagged": bool(flagged[i])} for i in range(n)]
+                              "flagged": bool(flagged[i]), "warmup": bool(warm)} for i in range(n)]
         return w, flagged
 
     def warmup_from(self, losses, groups):

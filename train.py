@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
 from data import ChatTemplate, Sampler, build_examples, collate, load_conversations
-from lora import apply_lora, load_adapter, lora_state_dict, save_adapter, export_merged
+from lora import apply_lora, load_adapter, save_adapter, export_merged
 from resure import ReSURE, all_reduce_sum, count_units, gather, prefilter, reweighted_loss, unit_losses
 
 
@@ -341,6 +341,7 @@ def main(argv=None):
         total_units, total_tokens = all_reduce_sum(sum(u for u, _ in local), sum(t for _, t in local))
         rs_before = rs.state_dict()  # a fresh copy: restored if this step is skipped
         sum_loss = sum_wloss = 0.0
+        step_recs = []  # master only (record=master): sample, turn, group, loss, tau, weight, flagged, warmup
         for k, b in enumerate(batches):
             b = {key: v.to(device) for key, v in b.items()}
             sync = nullcontext() if (world == 1 or k == len(batches) - 1) else ddp.no_sync()
@@ -357,11 +358,7 @@ def main(argv=None):
                 (scaler.scale(loss) if scaler else loss).backward()
             sum_loss += float(np.sum(g_l[np.isfinite(g_l)]))
             sum_wloss += float(np.sum((weights * np.nan_to_num(g_l, nan=0.0, posinf=0.0))))
-            for rec in rs.pop_records():  # master only (record=master): sample, turn, group, loss, tau, weight
-                rec["step"] = step
-                last_seen[(rec["sample"], rec["turn"])] = rec
-                if units_log:
-                    units_log.write(json.dumps(rec) + "\n")
+            step_recs += rs.pop_records()
             tokens_since += int(b["attention_mask"].sum())
         if scaler:
             scaler.unscale_(opt)
@@ -378,6 +375,12 @@ def main(argv=None):
         if not ok:  # counted, and this step's units leave no trace in the statistics
             skipped += 1
             rs.load_state_dict(rs_before)
+        for rec in step_recs:  # logged as skipped, and not in the report, when the step was undone
+            rec.update(step=step, skipped=not ok)
+            if ok:
+                last_seen[(rec["sample"], rec["turn"])] = rec
+            if units_log:
+                units_log.write(json.dumps(rec) + "\n")
         opt.zero_grad(set_to_none=True)
         step += 1
 

@@ -34,7 +34,6 @@ reports it negative for SFT and positive for ReSURE. Writes OUT/results.md, OUT/
 (if matplotlib is installed; otherwise a printed note).
 """
 import argparse
-import contextlib
 import io
 import json
 import math
@@ -42,7 +41,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -112,24 +111,26 @@ def make_data(root, seed, n, n_test, max_turns):
     return paths, d / "test.jsonl", stats
 
 
-def prefiltered(path, model_dir, plan, out_path):
+def prefiltered(net, tpl, path, plan, out_path):
     """The kept 0.75 of a mixture, as train.py --prefilter-keep computes it (base-model per-dialogue loss)."""
     convs = load_conversations(path)
-    tpl = ChatTemplate.from_pretrained(model_dir)
     examples, _ = build_examples(convs, tpl, plan["max_len"])
     dtype, dev = _dtype(plan), _device()
-    net = M.Transformer.from_pretrained(model_dir, dtype=dtype, device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     scores, _ = train.score_units(net, examples, tpl.pad_id, dev, "dialogue", autocast=amp)
     keep = prefilter(scores, keep=PREFILTER_KEEP)
     kept = [convs[examples[i]["conv_index"]] for i in keep]
     save_jsonl(kept, out_path)
-    noisy = [any(m.get("noisy") for m in convs[e["conv_index"]]["messages"]) for e in examples]
+    noisy = [train.unit_noisy(e, 0) for e in examples]  # the supervised turns this example trains on
     dropped = np.ones(len(examples), bool)
     dropped[keep] = False
     tp, nd, nn_ = int((dropped & noisy).sum()), int(dropped.sum()), int(np.sum(noisy))
     return {"kept": len(kept), "of": len(examples), "dropped_noisy": tp,
             "precision": tp / nd if nd else math.nan, "recall": tp / nn_ if nn_ else math.nan}
+
+
+def prefiltered_path(path):
+    return path.with_name(f"{path.stem}_prefilter.jsonl")
 
 
 def _device():
@@ -159,7 +160,7 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
     os.makedirs(out)
     log = io.StringIO()
     t0 = time.time()
-    with contextlib.redirect_stdout(log):
+    with redirect_stdout(log):
         net = train.main(train_argv(plan, model_dir, data, out, seed, v))
     t_train = time.time() - t0
     (Path(out) / "train.log").write_text(log.getvalue())
@@ -167,12 +168,11 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
     net.eval()
     acc = accuracy(net, tpl, test_convs, batch_size=16, max_new_tokens=plan["new_tokens"])
     ptl = per_turn_loss(net, test_examples, batch_size=16, pad_id=tpl.pad_id)
-    text = log.getvalue()
     res = {"accuracy": acc["overall"], "acc_total": acc["total"],
            "acc_per_turn": {int(k): r["accuracy"] for k, r in acc["per_turn"].items()},
            "loss": ptl["overall"]["loss"], "loss_per_turn": {int(k): r["loss"] for k, r in ptl["per_turn"].items()},
            "train_s": t_train, "eval_s": time.time() - t0 - t_train,
-           "warnings": [w for w in ("lag", "collapse") if f"resure warning ({w})" in text]}
+           "warnings": json.loads((Path(out) / "resure_state.json").read_text())["warned"]}
     if v["method"] != "sft":
         res["flagging"] = flagging(out, data, tpl, plan)
     del net
@@ -185,21 +185,14 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
 def flagging(out, data, tpl, plan):
     """Unit decisions after the warm-up against the injected labels: overall, per noise type, per turn depth."""
     examples, _ = build_examples(load_conversations(data), tpl, plan["max_len"])
-    recs = [json.loads(line) for line in open(Path(out) / "units.jsonl")]
-    seen, by_step = 0, {}
-    for r in recs:
-        by_step.setdefault(r["step"], []).append(r)
     rows = []
-    for step in sorted(by_step):                     # one weigh() call per step (grad_accum 1)
-        batch = by_step[step]
-        if seen >= plan["warmup"]:                   # ReSURE's warm-up rule: units seen before this batch
-            for r in batch:
-                meta = examples[r["sample"]]["meta"]
-                t = r["turn"]
-                noisy = bool(meta["noisy"][t - 1]) if t > 0 else any(meta["noisy"])
-                kind = (meta["noise_type"][t - 1] if t > 0 else None) if noisy else "clean"
-                rows.append((r["flagged"], noisy, kind or "mixed", t or r["group"], r["weight"]))
-        seen += sum(r["loss"] is not None for r in batch)  # non-finite losses are written as null
+    for r in map(json.loads, open(Path(out) / "units.jsonl")):
+        if r["warmup"] or r["skipped"]:              # no decision yet, or a step train.py undid
+            continue
+        ex, t = examples[r["sample"]], r["turn"]
+        noisy = train.unit_noisy(ex, t)
+        kind = (ex["meta"]["noise_type"][t - 1] if t > 0 else "mixed") if noisy else "clean"
+        rows.append((r["flagged"], noisy, kind, t or r["group"], r["weight"]))
 
     def pr(sel):
         f = np.array([x[0] for x in sel], bool)
@@ -533,16 +526,14 @@ def main(argv=None):
         b_acc = accuracy(net, tpl, test_convs, batch_size=16, max_new_tokens=plan["new_tokens"])
         base[seed] = {"accuracy": b_acc["overall"],
                       "loss": per_turn_loss(net, test_examples, batch_size=16, pad_id=tpl.pad_id)["overall"]["loss"]}
-        del net
         if any(VARIANTS[m].get("prefilter") for m in plan["methods"]):
-            prefilter_stats[seed] = {}
-            for mix in MIXTURES:
-                kept = paths[mix].with_name(f"mix_{mix}_prefilter.jsonl")
-                prefilter_stats[seed][mix] = prefiltered(paths[mix], model_dir, plan, kept)
+            prefilter_stats[seed] = {mix: prefiltered(net, tpl, paths[mix], plan, prefiltered_path(paths[mix]))
+                                     for mix in MIXTURES}
+        del net
         for mix in MIXTURES:
             for name in plan["methods"]:
                 v = VARIANTS[name]
-                data = paths[mix].with_name(f"mix_{mix}_prefilter.jsonl") if v.get("prefilter") else paths[mix]
+                data = prefiltered_path(paths[mix]) if v.get("prefilter") else paths[mix]
                 run_dir = out / "runs" / f"seed{seed}" / mix / name.replace("/", "_")
                 r = run_one(plan, model_dir, data, run_dir, seed, v, test_convs, test_examples, tpl)
                 r.update(variant=name, mixture=mix, seed=seed)

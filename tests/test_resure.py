@@ -286,8 +286,13 @@ def test_records():
     rec = r.pop_records()
     assert len(rec) == 10 and r.records == []
     assert rec[6] == {"call": 1, "sample": 106, "turn": 6, "group": 2, "loss": 30.0, "tau": pytest.approx(6.0),
-                      "weight": pytest.approx(EPS1), "flagged": True}
+                      "weight": pytest.approx(EPS1), "flagged": True, "warmup": False}
     json.dumps(rec)
+    w = ReSURE(warmup_samples=12, record=True)  # warm-up: units seen before a batch < 12
+    w.weigh(B1_L, B1_G)
+    w.weigh(B1_L, B1_G)
+    w.weigh(B1_L, B1_G)
+    assert [r["warmup"] for r in w.pop_records()] == [True] * 20 + [False] * 10
 
 
 # --- units and Eq. 1 --------------------------------------------------------------------------------------------

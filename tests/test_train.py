@@ -113,6 +113,33 @@ def test_loss_goes_down_and_outputs_reload(setup):
     assert any('"eval"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
+def test_skipped_step_leaves_no_trace(setup, monkeypatch):
+    """A step whose gradient norm is not finite is skipped: the adapter does not move, ReSURE's statistics are
+    rolled back (seen counts the other steps only), its units are logged as skipped and left out of the report."""
+    import train
+    real, snaps = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):  # called once per step, after backward, before the optimizer step
+        params = list(params)
+        snaps.append([p.detach().clone() for p in params])
+        norm = real(params, max_norm)
+        return torch.tensor(float("nan")) if len(snaps) == 3 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = setup / "skip"
+    train.main(["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl"), "--out", str(out),
+                "--max-len", "128", "--lora-r", "4", "--lora-alpha", "8", "--lr", "3e-2", "--lora-dropout", "0",
+                "--warmup-samples", "16", "--ramp-steps", "2", "--max-steps", "5", "--batch-size", "8",
+                "--grad-accum", "1", "--record-units", "--no-resume"])
+    assert len(snaps) == 5
+    moved = [any(not torch.equal(a, b) for a, b in zip(snaps[i], snaps[i + 1])) for i in range(4)]
+    assert moved[1:] == [True, False, True]  # step index 2 changed nothing (index 0 runs at warm-up lr 0)
+    assert metrics(out)[-1]["skipped_steps"] == 1
+    assert json.loads((out / "resure_state.json").read_text())["seen"] == 4 * 8
+    units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
+    assert [u["step"] for u in units if u["skipped"]] == [2] * 8 and len(units) == 5 * 8
+    assert json.loads((out / "report.json").read_text())["flagging"]["units"] == 4 * 8
+
+
 @pytest.mark.parametrize("stats,update", ESTIMATORS)
 def test_torchrun_two_ranks_equal_one_process(setup, stats, update):
     common = ("--max-steps", "4", "--grad-accum", "2", "--lora-dropout", "0", "--lr", "1e-4", "--stats", stats,
