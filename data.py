@@ -366,7 +366,7 @@ class ChatTemplate:
                 break
         k = 0
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":  # system, user, tool: verbatim
+            if m["role"] != "assistant":  # system, user: verbatim
                 segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", 0))
                 continue
             k += 1

@@ -334,7 +334,7 @@ class HTTPJudge:
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.key = key or os.environ.get("RESURE_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
         if retries < 0:
-            raise JudgeError(f"retries must be >= 0, got {retries}")
+            raise EvalError(f"retries must be >= 0, got {retries}")  # a bad setting (exit 2), not a judge failure
         self.name, self.timeout, self.retries, self.backoff = name, timeout, retries, backoff
         self.max_tokens = max_tokens
         self.id = f"http:{self.url}:{name}"

@@ -102,8 +102,6 @@ def test_answer_file_roundtrip_in_fastchat_format(tmp_path, fixtures_dir):
     bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"choices": [{"turns": ["x"]}]}) + "\n")
     with pytest.raises(E.EvalError, match=r"bad.jsonl:2: not a model answer"):  # no question_id: no KeyError
         E.read_answers(bad)
-    with pytest.raises(E.JudgeError, match="retries must be >= 0"):
-        E.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
 
 
 def test_read_mt_bench_questions(fixtures_dir, tmp_path):
@@ -185,6 +183,12 @@ def test_http_judge_url_key_from_env_and_request(server, monkeypatch):
     assert server.requests[1]["auth"] == "Bearer sk-other"
     E.HTTPJudge("judge-1", url=server.url + "/chat/completions", key="flag", timeout=5).chat(MSGS)  # flags win
     assert server.requests[2]["auth"] == "Bearer flag" and server.requests[2]["path"] == "/v1/chat/completions"
+
+
+def test_negative_retries_is_bad_input():
+    with pytest.raises(E.EvalError, match="retries must be >= 0") as e:
+        E.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
+    assert not isinstance(e.value, E.JudgeError)  # exit 2 (bad input), not 1 (the backend failed)
 
 
 def test_http_judge_timeouts_and_retries_with_backoff(server, monkeypatch):

@@ -278,6 +278,13 @@ def test_frozen_head_token_losses_form_the_input_gradient_in_forward(tiny, name)
     finally:
         head.requires_grad_(True)
     assert wide == 0 and int((labels[:, 1:] != -100).sum()) > 3 * chunk
+    nodes, seen = [losses.grad_fn], set()  # the path taken: LinearCrossEntropy, not the recomputing checkpoint
+    while nodes:
+        n = nodes.pop()
+        if n is not None and n not in seen:
+            seen.add(n)
+            nodes += [f for f, _ in n.next_functions]
+    assert "LinearCrossEntropyBackward" in {type(n).__name__ for n in seen}
     assert (losses.double() - full).abs().max().item() <= 1e-6 * full.abs().max().item()  # fp32 vs fp64
     assert len(g1) == len(g2)
     for a, b in zip(g1, g2):
@@ -369,8 +376,8 @@ def test_bf16_linear_through_fp32_gemms_is_the_bf16_arithmetic(autocast, monkeyp
 
 
 def test_bf16_model_through_fp32_gemms_is_as_accurate_as_transformers_bf16(tiny, monkeypatch):
-    """A whole bf16 forward and LoRA-free backward (fp32 master weights, bf16 autocast) with the fp32-GEMM route: its
-    distance from the fp32 model is no larger than transformers' bf16 distance from the same fp32 model."""
+    """A whole bf16 forward (fp32 master weights, bf16 autocast) with the fp32-GEMM route: its distance from the fp32
+    model is no larger than transformers' bf16 distance from the same fp32 model (gradients: test_lora)."""
     monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
     hf, d, m = tiny["qwen2"]  # biases, a sliding window and a tied head
     ids, mask = batch([12, 9], 12, TINY["vocab_size"], pad=0, left=False)
