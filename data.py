@@ -63,7 +63,7 @@ def _open(path):
     return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
 
 
-def _iter_json_records(path):
+def iter_json_records(path):
     """Yield (where, obj) for a JSONL or JSON-array file; obj is a BadSample for an unparseable line."""
     with _open(path) as f:
         text = f.read()
@@ -75,7 +75,7 @@ def _iter_json_records(path):
         for i, obj in enumerate(arr):
             yield f"{path}[{i}]", obj
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028, \x85, ... may sit in a string
         if not line.strip():
             continue  # blank lines are not records
         where = f"{path}:{lineno}"
@@ -163,7 +163,7 @@ def load_conversations(path, on_bad_sample="error", report=None):
     """Read JSONL / JSON-array (.gz ok) conversations -> list of {"messages": [...], **extra}.
     on_bad_sample: "error" raises BadSample on the first bad record; "skip" skips it. If `report` (a dict) is
     given it is filled with {"path", "records", "kept", "skipped", "reasons": {reason: n}, "bad": [messages]}."""
-    return _validate_all(path, _iter_json_records(path), on_bad_sample, report)
+    return _validate_all(path, iter_json_records(path), on_bad_sample, report)
 
 
 def save_jsonl(records, path):
@@ -180,7 +180,7 @@ def save_jsonl(records, path):
 def from_mtbench101(path, on_bad_sample="skip", report=None):
     """MT-Bench-101 JSONL {"task", "id", "history": [{"user", "bot"}]} -> conversations (source "mt-bench-101")."""
     def rows():
-        for where, obj in _iter_json_records(path):
+        for where, obj in iter_json_records(path):
             if isinstance(obj, dict) and isinstance(obj.get("history"), list):
                 hist = obj["history"]
                 if not all(isinstance(h, dict) and "user" in h and "bot" in h for h in hist):
@@ -204,7 +204,7 @@ def from_hh_rlhf(path, on_bad_sample="skip", report=None, field="chosen"):
     Split on "\\n\\nHuman: " / "\\n\\nAssistant: ", strip each turn; id = "hh-<0-based row>". Rows with two
     consecutive Assistant turns fail "roles not alternating", an empty Assistant turn fails "empty content"."""
     def rows():
-        for row, (where, obj) in enumerate(_iter_json_records(path)):
+        for row, (where, obj) in enumerate(iter_json_records(path)):
             if not isinstance(obj, BadSample):
                 text = obj.get(field) if isinstance(obj, dict) else None
                 if not isinstance(text, str):

@@ -28,7 +28,8 @@ import urllib.request
 import numpy as np
 import torch
 
-from data import ChatTemplate, answer_matches, build_examples, collate, load_conversations, save_jsonl
+from data import (BadSample, ChatTemplate, answer_matches, build_examples, collate, iter_json_records,
+                  load_conversations, save_jsonl)
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
 
@@ -42,18 +43,16 @@ class JudgeError(EvalError):
 
 
 def read_jsonl(path):
+    """The JSON objects of a .jsonl file (or a JSON array; .gz too), read as data.py reads conversation files."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(rows[-1], dict):
-                    raise EvalError(f"{path}:{i}: expected a JSON object, got {type(rows[-1]).__name__}")
+    for where, obj in iter_json_records(path):
+        if isinstance(obj, BadSample):
+            raise EvalError(f"{where}: invalid JSON ({obj.detail})")
+        if not isinstance(obj, dict):
+            raise EvalError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
     return rows
 
 
@@ -128,7 +127,7 @@ def read_questions(path):
     when that is a user's), with the dialogue before it as "context"."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
-    rows = read_jsonl(path) if path.endswith(".jsonl") else [{}]
+    rows = read_jsonl(path)
     if rows and "turns" in rows[0]:
         for i, q in enumerate(rows, 1):
             t = q.get("turns")

@@ -90,6 +90,16 @@ def test_skip_reports_counts_per_reason(tmp_path, capsys):
         data.load_conversations(p, on_bad_sample="ignore")
 
 
+def test_unicode_line_separators_inside_strings_are_not_line_breaks(tmp_path):
+    """JSONL records end at \\n only; json.dumps(ensure_ascii=False) leaves U+2028/U+2029/\\x85/\\x0c raw inside
+    strings, where str.splitlines() would break a record in two."""
+    odd = "a\u2028b\u2029c\x85d\x0ce\x1cf\r\ng"
+    recs = [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": odd}]}] * 2
+    p = tmp_path / "odd.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert data.load_conversations(p) == recs
+
+
 def test_formats_json_array_sharegpt_extra_fields_gz(tmp_path):
     recs = [
         {"id": 7, "source": "x", "messages": [
