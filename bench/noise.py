@@ -49,6 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import model as M  # noqa: E402
 import train  # noqa: E402
@@ -56,6 +57,7 @@ from data import ChatTemplate, build_examples, load_conversations, save_jsonl, s
 from eval import accuracy, per_turn_loss, spearman  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from resure import ReSURE, prefilter  # noqa: E402
+from speed import cpu_info, make_tiny_model  # noqa: E402
 
 MIXTURES = ("H", "H+N", "H+N+L")
 ESTIMATOR = dict(stats="ema", stats_update="winsorized")
@@ -155,7 +157,7 @@ def train_argv(plan, model_dir, data, out, seed, v):
     return a
 
 
-def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl):
+def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl, train_examples):
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     log = io.StringIO()
@@ -174,7 +176,7 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
            "train_s": t_train, "eval_s": time.time() - t0 - t_train,
            "warnings": json.loads((Path(out) / "resure_state.json").read_text())["warned"]}
     if v["method"] != "sft":
-        res["flagging"] = flagging(out, data, tpl, plan)
+        res["flagging"] = flagging(out, train_examples)
     del net
     for d in Path(out).iterdir():  # the adapter and checkpoints (~80 MB a run at r=16): logs and units stay
         if d.is_dir():
@@ -182,9 +184,9 @@ def run_one(plan, model_dir, data, out, seed, v, test_convs, test_examples, tpl)
     return res
 
 
-def flagging(out, data, tpl, plan):
-    """Unit decisions after the warm-up against the injected labels: overall, per noise type, per turn depth."""
-    examples, _ = build_examples(load_conversations(data), tpl, plan["max_len"])
+def flagging(out, examples):
+    """Unit decisions after the warm-up against the injected labels (examples: the run's training set, as
+    train.py built it): overall, per noise type, per turn depth."""
     rows = []
     for r in map(json.loads, open(Path(out) / "units.jsonl")):
         if r["warmup"] or r["skipped"]:              # no decision yet, or a step train.py undid
@@ -500,12 +502,10 @@ def main(argv=None):
     if model_dir is None:
         model_dir = M.prepare_smollm2()
         if a.tiny:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from speed import make_tiny_model
             model_dir = make_tiny_model(out / "tiny-model", tokenizer_dir=model_dir)
     plan["model_name"] = Path(model_dir).name
     tpl = ChatTemplate.from_pretrained(model_dir)
-    machine = (f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (f"{cpu_info()[0]}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
                + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     runs = len(plan["seeds"]) * len(MIXTURES) * len(plan["methods"])
     skipped = [v for v in VARIANTS if v not in plan["methods"]]
@@ -516,7 +516,7 @@ def main(argv=None):
           f"model {model_dir}; output {out}" + (f"; not run: {', '.join(skipped)} (add them with --methods)"
                                                  if skipped else ""), flush=True)
     t_start = time.time()
-    results, base, data_stats, prefilter_stats = [], {}, {}, {}
+    results, base, data_stats, prefilter_stats, train_examples = [], {}, {}, {}, {}
     done = 0
     for seed in plan["seeds"]:
         paths, test_path, data_stats[seed] = make_data(out, seed, plan["n"], plan["test"], plan["max_turns"])
@@ -535,7 +535,10 @@ def main(argv=None):
                 v = VARIANTS[name]
                 data = prefiltered_path(paths[mix]) if v.get("prefilter") else paths[mix]
                 run_dir = out / "runs" / f"seed{seed}" / mix / name.replace("/", "_")
-                r = run_one(plan, model_dir, data, run_dir, seed, v, test_convs, test_examples, tpl)
+                if data not in train_examples:  # tokenized once per data file, not once per run
+                    train_examples[data] = build_examples(load_conversations(data), tpl, plan["max_len"])[0]
+                r = run_one(plan, model_dir, data, run_dir, seed, v, test_convs, test_examples, tpl,
+                            train_examples[data])
                 r.update(variant=name, mixture=mix, seed=seed)
                 results.append(r)
                 done += 1
@@ -569,14 +572,6 @@ def _clean(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def _cpu():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -85,18 +85,20 @@ PRESETS = {  # reps: timed repetitions per side (after one warm-up); mem_steps: 
 }
 
 
+def cpu_info():
+    """(CPU model name, which of the matmul-relevant ISA extensions it has), from one read of /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        info = {}
+    flags = info.get("flags", "").split()
+    return (info.get("model name") or platform.processor() or platform.machine(),
+            [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags])
+
+
 def machine(threads):
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    cpu, isa = cpu_info()
     import transformers
     import peft
     return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads,
