@@ -209,14 +209,18 @@ def load_hf(path, dtype, rank):
     return hf, opt
 
 
-def ours_step(net, opt, b, n_sup, amp):
-    with amp():
-        tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
-    loss = tok.sum() / n_sup
+def optimizer_step(opt, loss):
+    """The rest of a training step, the same on every side: backward, AdamW step, gradients cleared."""
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def ours_step(net, opt, b, n_sup, amp):
+    with amp():
+        tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
+    return optimizer_step(opt, tok.sum() / n_sup)
 
 
 def resure_loss(tok, b, rs):
@@ -235,11 +239,7 @@ def resure_loss(tok, b, rs):
 def resure_step(net, opt, b, rs, amp):
     with amp():
         tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
-    loss = resure_loss(tok.float(), b, rs)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, resure_loss(tok.float(), b, rs))
 
 
 def native_bf16(f, *args):
@@ -255,10 +255,7 @@ def hf_step(hf, opt, b, amp):
     with amp():
         loss = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                   use_cache=False).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return optimizer_step(opt, loss)
 
 
 def new_resure(seed=0):
