@@ -1,4 +1,5 @@
-"""Evaluation: per-turn loss, multi-turn generation in FastChat's format, synthetic accuracy, LLM judging, Spearman.
+"""Evaluation: per-turn loss, multi-turn generation in FastChat's format, exact-match accuracy, Spearman, and
+LLM judging (the judges themselves live in tools/judge.py).
 
     python eval.py loss     --model M [--adapter A] --data convs.jsonl [--out loss.json]
     python eval.py generate --model M [--adapter A] --questions question.jsonl --out answers.jsonl
@@ -10,26 +11,21 @@
 Answer files are FastChat's model-answer JSONL, one line per question:
     {"question_id": 81, "answer_id": "...", "model_id": "m", "choices": [{"index": 0, "turns": ["..", ".."]}],
      "tstamp": 1700000000.0}
-The HTTP judge reads RESURE_JUDGE_URL and RESURE_JUDGE_KEY (else OPENAI_API_KEY) when the flags are left out.
-Errors are one line on stderr: exit code 2 for bad input, 1 when the judge backend fails.
+The HTTP judge reads $RESURE_JUDGE_URL and $RESURE_JUDGE_KEY when the flags are left out ($OPENAI_API_KEY only for
+OpenAI's own endpoint). Errors are one line on stderr: exit code 2 for bad input, 1 when the judge backend fails.
 """
 import argparse
 import hashlib
-import http.client
 import json
 import math
 import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
 
-from data import (BadSample, ChatTemplate, answer_matches, build_examples, collate, iter_json_records,
-                  load_conversations, save_jsonl)
+from data import BadSample, ChatTemplate, build_examples, collate, iter_json_records, load_conversations, save_jsonl
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
 
@@ -38,12 +34,8 @@ class EvalError(ValueError):
     """Bad input: a missing or malformed file, an impossible setting."""
 
 
-class JudgeError(EvalError):
-    """The judge backend failed: network errors after all retries, an HTTP error, a malformed reply."""
-
-
 def read_jsonl(path):
-    """The JSON objects of a .jsonl file (or a JSON array; .gz too), read as data.py reads conversation files."""
+    """(where, object) for each record of a .jsonl file (or a JSON array; .gz too), read as data.py reads them."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
     rows = []
@@ -52,7 +44,7 @@ def read_jsonl(path):
             raise EvalError(f"{where}: invalid JSON ({obj.detail})")
         if not isinstance(obj, dict):
             raise EvalError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
+        rows.append((where, obj))
     return rows
 
 
@@ -125,24 +117,25 @@ def read_questions(path):
     """MT-Bench questions ({"question_id", "category", "turns": [user messages], "reference"?}), or a conversation
     file (data.py formats): then the question is the user turn before the final assistant turn (or the last message,
     when that is a user's), with the dialogue before it as "context"."""
-    if not os.path.isfile(path):
-        raise EvalError(f"{path}: no such file")
-    rows = read_jsonl(path)
-    if rows and "turns" in rows[0]:
-        for i, q in enumerate(rows, 1):
+    rows, seen, out = read_jsonl(path), set(), []
+    if rows and "turns" in rows[0][1]:
+        for where, q in rows:
             t = q.get("turns")
             if "question_id" not in q or not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
-                raise EvalError(f"{path}:{i}: a question needs question_id and turns, a non-empty list of strings")
-            q.setdefault("category", "")
-            q.setdefault("context", [])
-        return rows
-    out = []
-    for i, c in enumerate(load_conversations(path)):
-        msgs = c["messages"]
-        end = len(msgs) if msgs[-1]["role"] == "user" else \
-            max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
-        out.append({"question_id": c.get("id", i), "category": c.get("category", "dialogue"),
-                    "turns": [msgs[end - 1]["content"]], "context": msgs[:end - 1]})
+                raise EvalError(f"{where}: a question needs question_id and turns, a non-empty list of strings")
+            out.append({"category": "", "context": [], **q})
+    else:
+        for i, c in enumerate(load_conversations(path)):
+            msgs = c["messages"]
+            end = len(msgs) if msgs[-1]["role"] == "user" else \
+                max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+            out.append({"question_id": c.get("id", i), "category": c.get("category", "dialogue"),
+                        "turns": [msgs[end - 1]["content"]], "context": msgs[:end - 1]})
+    for i, q in enumerate(out):
+        if repr(q["question_id"]) in seen:
+            raise EvalError(f"{rows[i][0] if len(rows) == len(out) else path}: question_id {q['question_id']!r} "
+                            "is repeated")
+        seen.add(repr(q["question_id"]))
     return out
 
 
@@ -156,15 +149,15 @@ def answer_record(question_id, model_id, turns):
 def read_answers(path):
     """{question_id: [answer per turn]} from a FastChat model-answer file (first choice, as FastChat reads it)."""
     out = {}
-    for i, r in enumerate(read_jsonl(path), 1):
+    for where, r in read_jsonl(path):
         try:
             qid, turns = r["question_id"], r["choices"][0]["turns"]
             assert isinstance(turns, list) and all(isinstance(t, str) for t in turns)
         except (KeyError, IndexError, TypeError, AssertionError):
-            raise EvalError(f"{path}:{i}: not a model answer (needs question_id and choices[0].turns, a list of "
+            raise EvalError(f"{where}: not a model answer (needs question_id and choices[0].turns, a list of "
                             "strings)") from None
         if qid in out:
-            raise EvalError(f"{path}:{i}: a second answer to question_id {qid!r}")
+            raise EvalError(f"{where}: a second answer to question_id {qid!r}")
         out[qid] = turns
     return out
 
@@ -195,13 +188,24 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
 # ---------------------------------------------------------------------------------------------------------------
 # exact-match accuracy on the synthetic benchmark
 
+def normalize_answer(text):
+    """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", " separators."""
+    t = " ".join(str(text).strip().lower().split()).rstrip(".").strip()
+    return ", ".join(p.strip() for p in t.split(","))
+
+
+def answer_matches(pred, ref):
+    return normalize_answer(pred) == normalize_answer(ref)
+
+
+
 def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, max_turn_groups=None):
     """Exact-match accuracy per turn depth and overall (greedy decoding).
 
     Assistant turn k is predicted from the conversation up to user turn k with the REFERENCE earlier assistant
     answers in context (teacher forcing of the history), so each depth measures that turn alone, not the errors
     of earlier turns. The reference of a turn is its "reference" field when present (data.py synth writes the
-    true answer there), else its content. A prediction is correct when data.answer_matches accepts it."""
+    true answer there), else its content. A prediction is correct when answer_matches accepts it."""
     prompts, refs, depths = [], [], []
     for c in conversations:
         msgs = [dict(m, content=m.get("reference", m["content"])) if m["role"] == "assistant" else m
@@ -222,248 +226,6 @@ def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, ma
     correct, total = sum(c[0] for c in per.values()), sum(c[1] for c in per.values())
     return {"overall": correct / total if total else float("nan"), "correct": correct, "total": total,
             "per_turn": {d: {"accuracy": c[0] / c[1], "correct": c[0], "total": c[1]} for d, c in sorted(per.items())}}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# judging: prompts written for this project on the paper's criteria
-
-JUDGE_SYSTEM = "You are a careful, impartial judge of conversations between a user and an AI assistant."
-CRITERIA = """Judge it on four criteria:
-- Faithfulness: it agrees with everything established earlier in the dialogue (facts, names, numbers, the user's
-  corrections and constraints) and does not contradict itself.
-- Appropriateness: it does what the user's last message asks, in a fitting tone and format.
-- Naturalness: it reads as a fluent, coherent reply at this point of the conversation.
-- Completeness: it answers every part of the request, without padding."""
-SINGLE = """Rate the assistant's LAST reply in the conversation below on a scale of 1 to 10.
-{criteria}
-Scale: 1-3 wrong, off-topic or unusable; 4-6 partly right or clearly flawed; 7-8 good with minor issues;
-9-10 excellent.{ref_note}
-{how}
-
-{dialogue}{reference}"""
-PAIR = """Compare the LAST replies of two assistants, A and B, in the two conversations below (the user's messages
-are the same; each assistant's earlier replies are its own).
-{criteria}
-Do not let the order in which they are shown or the length of the replies sway you.{ref_note}
-{how}
-
-[Conversation with assistant A]
-{dialogue_a}
-
-[Conversation with assistant B]
-{dialogue_b}{reference}"""
-FORM = {"single": 'the rating in exactly this form: "Rating: [[N]]"',
-        "pair": 'the verdict in exactly this form: "Verdict: [[A]]" if A is better, "Verdict: [[B]]" if B is better, '
-                '"Verdict: [[C]]" for a tie'}
-
-
-def _dialogue(question, answers, k):
-    lines = [f"### {m['role'].capitalize()}:\n{m['content']}" for m in question.get("context", [])]
-    for u, a in zip(question["turns"][:k + 1], answers[:k + 1]):
-        lines += [f"### User:\n{u}", f"### Assistant:\n{a}"]
-    return "\n\n".join(lines)
-
-
-def judge_prompt(kind, backend, question, answers, k, answers_b=None):
-    """Chat messages asking for a 1-10 rating of turn k (0-based) or an A/B/tie verdict on it."""
-    ref = (question.get("reference") or [])[k:k + 1]
-    how = ("Reply with only " if backend == "local" else "Explain briefly, then end with ") + FORM[kind] + "."
-    fill = dict(criteria=CRITERIA, how=how,
-                ref_note=" A reference answer to the last message is given; use it to check correctness." if ref
-                else "", reference=f"\n\n[Reference answer to the last message]\n{ref[0]}" if ref else "")
-    if kind == "single":
-        text = SINGLE.format(dialogue=_dialogue(question, answers, k), **fill)
-    else:
-        text = PAIR.format(dialogue_a=_dialogue(question, answers, k),
-                           dialogue_b=_dialogue(question, answers_b, k), **fill)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": text}]
-
-
-CHOICES = {"single": [str(n) for n in range(1, 11)], "pair": ["A", "B", "C"]}
-PREFIX = {"single": "Rating: [[", "pair": "Verdict: [["}
-
-
-def parse_verdict(kind, reply):
-    """Strict: every "[[...]]" in the reply must be the same valid choice; else None."""
-    found = set(re.findall(r"\[\[\s*([^\[\]]*?)\s*\]\]", reply))
-    if len(found) != 1 or next(iter(found)) not in CHOICES[kind]:
-        return None
-    return next(iter(found))
-
-
-class LocalJudge:
-    """A local checkpoint as judge: its reply is forced to start with 'Rating: [[' (or 'Verdict: [[') and each
-    choice c is scored by the probability of the tokens of c + ']]' (so '1' and '10' compete fairly), from one
-    prompt forward whose KV cache is then shared by all choices. Single: score = probability-weighted mean
-    rating; pair: the most probable of A / B / C (tie)."""
-    backend = "local"
-
-    def __init__(self, model, template, name):
-        self.model, self.template, self.id = model, template, f"local:{name}"
-
-    @torch.no_grad()
-    def __call__(self, kind, messages):
-        enc, dev, n = self.template.tokenizer.encode, _device(self.model), len(CHOICES[kind])
-        prompt = self.template.encode_prompt(messages) + enc(PREFIX[kind], add_special_tokens=False).ids
-        conts = [enc(c + "]]", add_special_tokens=False).ids for c in CHOICES[kind]]
-        m = max(map(len, conts))
-        cache = self.model.new_cache(1, len(prompt) + m)
-        first = self.model.lm_head(self.model.hidden_states(torch.tensor([prompt], device=dev), cache=cache)[:, -1])
-        cache.expand(n)  # the prompt's cache, one row per choice
-        ids = torch.tensor([c + [self.template.pad_id] * (m - len(c)) for c in conts], device=dev)
-        rest = [self.model(ids[:, :-1], cache=cache)] if m > 1 else []
-        logits = torch.cat([first.expand(n, -1)[:, None], *rest], 1)
-        logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
-        real = torch.arange(m, device=dev) < torch.tensor([len(c) for c in conts], device=dev)[:, None]
-        logp = torch.where(real, logp, 0.0).sum(1)
-        probs = dict(zip(CHOICES[kind], torch.softmax(logp, 0).tolist()))
-        if kind == "single":
-            return {"score": sum(int(c) * x for c, x in probs.items()), "probs": probs}
-        return {"verdict": max(probs, key=probs.get), "probs": probs}
-
-
-class HTTPJudge:
-    """Any OpenAI-compatible /chat/completions endpoint through urllib. URL and key from arguments or the
-    environment (RESURE_JUDGE_URL; RESURE_JUDGE_KEY, else OPENAI_API_KEY). Network errors, timeouts, HTTP 429
-    and 5xx are retried with exponential backoff; other HTTP errors and malformed replies fail at once."""
-    backend = "http"
-
-    def __init__(self, name, url=None, key=None, timeout=60.0, retries=4, backoff=2.0, max_tokens=512):
-        url = (url or os.environ.get("RESURE_JUDGE_URL") or "https://api.openai.com/v1").rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.key = key or os.environ.get("RESURE_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
-        if retries < 0:
-            raise EvalError(f"retries must be >= 0, got {retries}")  # a bad setting (exit 2), not a judge failure
-        self.name, self.timeout, self.retries, self.backoff = name, timeout, retries, backoff
-        self.max_tokens = max_tokens
-        self.id = f"http:{self.url}:{name}"
-
-    def chat(self, messages):
-        body = json.dumps({"model": self.name, "messages": messages, "temperature": 0,
-                           "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        for attempt in range(self.retries + 1):
-            wait = self.backoff * 2 ** attempt
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    raw = r.read()
-                break
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:
-                    detail = e.read()[:200].decode(errors="replace").replace("\n", " ")
-                    raise JudgeError(f"{self.url}: HTTP {e.code} {e.reason}: {detail}") from None
-                err = f"HTTP {e.code} {e.reason}"
-                ra = (e.headers or {}).get("Retry-After", "")
-                wait = max(wait, float(ra)) if ra.replace(".", "", 1).isdigit() else wait
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated bodies
-                err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt == self.retries:
-                raise JudgeError(f"{self.url}: no reply after {attempt + 1} attempts (last: {err})")
-            time.sleep(wait)
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-            assert isinstance(content, str)
-        except (ValueError, KeyError, IndexError, TypeError, AssertionError):
-            raise JudgeError(f"{self.url}: malformed reply, expected JSON with choices[0].message.content: "
-                             f"{raw[:200]!r}") from None
-        return content
-
-    def __call__(self, kind, messages):
-        reply = self.chat(messages)
-        v = parse_verdict(kind, reply)
-        if kind == "single":
-            return {"score": None if v is None else float(v), "reply": reply}
-        return {"verdict": v, "reply": reply}
-
-
-class JudgeCache:
-    """Judgments in a JSONL file, keyed by a hash of (judge id, prompt messages), and the prompt holds the question
-    and the answers; each line is appended and flushed at once, so an interrupted run resumes where it stopped."""
-
-    def __init__(self, path):
-        self.path, self.data = path, {}
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                raw = f.read()
-            lines = raw.split(b"\n")
-            for i, line in enumerate(lines, 1):
-                try:
-                    if line.strip():
-                        r = json.loads(line)
-                        self.data[r["key"]] = r["result"]
-                except (ValueError, KeyError, TypeError):
-                    if i < len(lines):  # only an unterminated last line (a killed run) is forgiven, and cut off
-                        raise EvalError(f"{path}:{i}: not a judge-cache line") from None
-                    print(f"{path}:{i}: dropping a half-written last line", file=sys.stderr)
-                    with open(path, "r+b") as f:
-                        f.truncate(len(raw) - len(line))
-        self.hits = 0
-
-    def get(self, judge, kind, messages, meta):
-        key = hashlib.sha256(json.dumps([judge.id, kind, messages], sort_keys=True).encode()).hexdigest()
-        if key in self.data:
-            self.hits += 1
-            return self.data[key]
-        result = judge(kind, messages)
-        self.data[key] = result
-        if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "judge": judge.id, **meta, "result": result}) + "\n")
-        return result
-
-
-def _pairs(questions, *answer_sets):
-    """(question, k) for every turn that every answer file answers; the rest is counted as missing."""
-    todo, missing = [], 0
-    for q in questions:
-        for k in range(len(q["turns"])):
-            if all(len(a.get(q["question_id"], [])) > k for a in answer_sets):
-                todo.append((q, k))
-            else:
-                missing += 1
-    return todo, missing
-
-
-def judge_single(judge, questions, answers, cache=None):
-    """1-10 rating of every answered turn: mean overall and per turn, plus unparsed/missing counts."""
-    cache = cache or JudgeCache(None)
-    todo, missing = _pairs(questions, answers)
-    scores = {}
-    for q, k in todo:
-        r = cache.get(judge, "single", judge_prompt("single", judge.backend, q, answers[q["question_id"]], k),
-                      {"question_id": q["question_id"], "turn": k + 1, "kind": "single"})
-        scores.setdefault(k + 1, []).append(r["score"])
-    ok = [s for v in scores.values() for s in v if s is not None]
-    return {"score": float(np.mean(ok)) if ok else float("nan"), "judged": len(ok),
-            "per_turn": {t: float(np.mean([s for s in v if s is not None] or [np.nan])) for t, v in scores.items()},
-            "unparsed": sum(s is None for v in scores.values() for s in v), "missing": missing,
-            "cache_hits": cache.hits}
-
-
-def judge_pairwise(judge, questions, answers_a, answers_b, cache=None):
-    """A vs B on every turn both answer, judged in both orders; a win needs both orders to agree (a disagreement
-    or a tie in either order is a tie, as in FastChat), which cancels position bias."""
-    cache = cache or JudgeCache(None)
-    todo, missing = _pairs(questions, answers_a, answers_b)
-    out = {"win": 0, "tie": 0, "loss": 0, "unparsed": 0, "missing": missing}
-    for q, k in todo:
-        qa, qb = answers_a[q["question_id"]], answers_b[q["question_id"]]
-        meta = {"question_id": q["question_id"], "turn": k + 1, "kind": "pair"}
-        v1 = cache.get(judge, "pair", judge_prompt("pair", judge.backend, q, qa, k, qb), meta)["verdict"]
-        v2 = cache.get(judge, "pair", judge_prompt("pair", judge.backend, q, qb, k, qa), meta)["verdict"]
-        if v1 is None or v2 is None:
-            out["unparsed"] += 1
-            continue
-        g1, g2 = {"A": "win", "B": "loss", "C": "tie"}[v1], {"A": "loss", "B": "win", "C": "tie"}[v2]
-        out[g1 if g1 == g2 else "tie"] += 1
-    n = out["win"] + out["tie"] + out["loss"]
-    out["win_rate"] = out["win"] / n if n else float("nan")
-    out["win_rate_ties_half"] = (out["win"] + 0.5 * out["tie"]) / n if n else float("nan")
-    out["cache_hits"] = cache.hits
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,63 +273,98 @@ def _emit(res, out):
     print(json.dumps(res))
 
 
-def main(argv=None):
+RANGES = dict(batch_size=(1, False), max_new_tokens=(1, False), temperature=(0, False), top_p=(0, True),
+              max_len=(2, False), max_turn_groups=(1, False), timeout=(0, True), retries=(0, False), seed=(0, False))
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     cmd = {c: sub.add_parser(c).add_argument for c in ("loss", "generate", "accuracy", "judge", "spearman")}
     for c in ("loss", "generate", "accuracy", "judge"):
-        a = cmd[c]
+        add = cmd[c]
         if c != "judge":
-            a("--model", required=True, help="Hugging Face folder")
-            a("--adapter", help="LoRA adapter folder (PEFT format)")
-            a("--chat-template", help="force a template name (see data.py)")
-            a("--batch-size", type=int, default=8)
-        a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        a("--out", help="output file (generate: answers .jsonl; others: results .json)")
+            add("--model", required=True, help="Hugging Face folder")
+            add("--adapter", help="LoRA adapter folder (PEFT format)")
+            add("--chat-template", help="force a template name (see data.py)")
+            add("--batch-size", type=int, default=8)
+        add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        add("--out", help="output file (generate: answers .jsonl; others: results .json)")
     for c in ("loss", "accuracy"):
-        cmd[c]("--data", required=True, help="conversations (loss) or data.py synth's test.jsonl (accuracy)")
+        cmd[c]("--data", required=True, help="conversations (loss) or tools/synth.py's test.jsonl (accuracy)")
         cmd[c]("--on-bad-sample", choices=["error", "skip"], default="error")
     cmd["loss"]("--max-len", type=int, default=2048)
     cmd["loss"]("--max-turn-groups", type=int, default=None, help="cap the turn depth (default: none)")
     cmd["accuracy"]("--max-new-tokens", type=int, default=32)
-    a = cmd["generate"]
-    a("--questions", required=True, help="MT-Bench question.jsonl or a conversation file")
-    a("--model-id", help="model_id in the answer file (default: model folder name, + adapter name)")
-    a("--max-new-tokens", type=int, default=512)
-    a("--temperature", type=float, default=0.0)
-    a("--top-p", type=float, default=1.0)
-    a("--seed", type=int, default=None)
-    a = cmd["judge"]
-    a("--questions", required=True, help="the questions the answer files answer")
-    a("--answers", required=True, help="FastChat answer file to grade (model A in pairwise mode)")
-    a("--answers-b", help="second answer file: pairwise A vs B instead of single grading")
-    a("--judge-model", help="local judge: a Hugging Face folder run through model.py")
-    a("--judge-name", help="HTTP judge: model name sent to the endpoint, e.g. gpt-4o")
-    a("--judge-url", help="OpenAI-compatible base URL (default: $RESURE_JUDGE_URL, else api.openai.com/v1)")
-    a("--judge-key", help="API key (default: $RESURE_JUDGE_KEY, else $OPENAI_API_KEY)")
-    a("--timeout", type=float, default=60.0)
-    a("--retries", type=int, default=4)
-    a("--cache", default="judge_cache.jsonl", help="judgment cache (resume without paying twice); '' for none")
+    add = cmd["generate"]
+    add("--questions", required=True, help="MT-Bench question.jsonl or a conversation file")
+    add("--model-id", help="model_id in the answer file (default: model folder name, + adapter name)")
+    add("--max-new-tokens", type=int, default=512)
+    add("--temperature", type=float, default=0.0)
+    add("--top-p", type=float, default=1.0)
+    add("--seed", type=int, default=None)
+    add = cmd["judge"]
+    add("--questions", required=True, help="the questions the answer files answer")
+    add("--answers", required=True, help="FastChat answer file to grade (model A in pairwise mode)")
+    add("--answers-b", help="second answer file: pairwise A vs B instead of single grading")
+    add("--judge-model", help="local judge: a Hugging Face folder run through model.py")
+    add("--judge-name", help="HTTP judge: model name sent to the endpoint, e.g. gpt-4o")
+    add("--judge-url", help="OpenAI-compatible base URL (default: $RESURE_JUDGE_URL, else api.openai.com/v1)")
+    add("--judge-key", help="API key (default: $RESURE_JUDGE_KEY; $OPENAI_API_KEY only for api.openai.com)")
+    add("--timeout", type=float, default=60.0)
+    add("--retries", type=int, default=4)
+    add("--cache", default=None, help="judgment cache, to resume without paying twice (default: judge_cache.jsonl "
+        "beside --out, else in the working directory; '' for none)")
     cmd["spearman"]("--x", required=True, help="settings as ordinal numbers, e.g. 1,2,3 for H, H+N, H+N+L")
     cmd["spearman"]("--y", required=True, help="scores, same length")
     args = p.parse_args(argv)
+    for k, (lo, strict) in RANGES.items():
+        v = getattr(args, k, None)
+        if v is not None and not (math.isfinite(v) and (v > lo if strict else v >= lo) and (k != "top_p" or v <= 1)):
+            raise EvalError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {lo}"
+                            f"{' and <= 1' if k == 'top_p' else ''}, got {v}")
+    if getattr(args, "device", None):
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            raise EvalError(f"--device {args.device}: not usable here ({str(e).splitlines()[0][:100]})") from None
+    if getattr(args, "out", None):  # checked before the work, not after it
+        if os.path.isdir(args.out):
+            raise EvalError(f"--out {args.out}: is a folder, expected a file name")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
+            raise EvalError(f"--out {args.out}: its folder is not writable")
+    return args
 
+
+def judge(args):
+    """The judge subcommand: single grading, or A vs B in both orders, through tools/judge.py."""
+    from tools import judge as J
+    questions, answers = read_questions(args.questions), read_answers(args.answers)
+    answers_b = read_answers(args.answers_b) if args.answers_b else None
+    if args.judge_model:
+        model, template = load(args.judge_model, None, args.dtype, args.device)
+        jd = J.LocalJudge(model, template, os.path.abspath(args.judge_model))
+    elif args.judge_name:
+        jd = J.HTTPJudge(args.judge_name, args.judge_url, args.judge_key, args.timeout, args.retries)
+    else:
+        raise EvalError("judge: give --judge-model DIR (local judge) or --judge-name NAME (HTTP endpoint)")
+    cache = args.cache
+    if cache is None:  # beside --out when given: nothing is written into the working directory then
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl") if args.out else \
+            "judge_cache.jsonl"
+    cache = J.JudgeCache(cache or None)
+    return _emit(J.judge_pairwise(jd, questions, answers, answers_b, cache) if answers_b
+                 else J.judge_single(jd, questions, answers, cache), args.out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.cmd == "spearman":
         return print(json.dumps({"spearman": spearman(_numbers(args.x, "--x"), _numbers(args.y, "--y"))}))
     if args.cmd == "judge":
-        questions, ans = read_questions(args.questions), read_answers(args.answers)
-        if args.judge_model:
-            model, template = load(args.judge_model, None, args.dtype, args.device)
-            judge = LocalJudge(model, template, os.path.abspath(args.judge_model))
-        elif args.judge_name:
-            judge = HTTPJudge(args.judge_name, args.judge_url, args.judge_key, args.timeout, args.retries)
-        else:
-            raise EvalError("judge: give --judge-model DIR (local judge) or --judge-name NAME (HTTP endpoint)")
-        cache = JudgeCache(args.cache or None)
-        return _emit(judge_pairwise(judge, questions, ans, read_answers(args.answers_b), cache) if args.answers_b
-                     else judge_single(judge, questions, ans, cache), args.out)
-
+        return judge(args)
     data = read_questions(args.questions) if args.cmd == "generate" else \
         load_conversations(args.data, on_bad_sample=args.on_bad_sample)
     if not data:
@@ -587,7 +384,7 @@ def main(argv=None):
         for d, r in list(res["per_turn"].items()) + [("all", {"accuracy": res["overall"], **res})]:
             print(f"turn {d:>3}  exact match {r['accuracy']:.3f}  ({r['correct']}/{r['total']})")
         return _emit(res, args.out)
-    examples, report = build_examples(data, template, args.max_len, args.max_turn_groups or 8)
+    examples, report = build_examples(data, template, args.max_len, args.max_turn_groups)
     print(f"data: {report.summary()}")
     res = per_turn_loss(model, examples, args.batch_size, template.pad_id, args.max_turn_groups)
     for d, r in list(res["per_turn"].items()) + [("all", res["overall"])]:
@@ -601,8 +398,8 @@ def cli(argv=None):
         main(argv)
         return 0
     except (ValueError, OSError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, JudgeError) else 2
+        print(f"eval.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

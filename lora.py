@@ -9,16 +9,16 @@ is still the checkpoint key, and the adapter keys are PEFT's with the `base_mode
 import json
 import math
 import os
-import shutil
-import tempfile
+import sys
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from model import gemm_dtype, linear
+from model import gemm_dtype, read_json
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -51,7 +51,7 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return y
         # Both matmuls run in the autocast dtype under autocast, else in the input's dtype (the adapter is fp32).
@@ -161,7 +161,9 @@ def disabled(model: nn.Module):
 
 
 def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
-    """adapter_config.json + adapter_model.safetensors, readable by peft.PeftModel.from_pretrained."""
+    """adapter_config.json + adapter_model.safetensors, readable by peft.PeftModel.from_pretrained, and base.json
+    (the base model's name and model.fingerprint), so that load_adapter can warn about an adapter put on another
+    base. Each file is written under a temporary name and renamed into place."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise AdapterError("model has no LoRA adapter to save (call apply_lora first)")
@@ -175,9 +177,14 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    tmp = os.path.join(out_dir, ".adapter_model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    base_info = {"base_model": os.path.basename(os.path.normpath(base)), "fingerprint": getattr(model, "fingerprint", None)}
+    for name, obj in (("adapter_config.json", config), ("base.json", base_info)):
+        with open(os.path.join(out_dir, f".{name}.tmp"), "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(os.path.join(out_dir, f".{name}.tmp"), os.path.join(out_dir, name))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> nn.Module:
@@ -188,11 +195,10 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
         if not os.path.isfile(p):
             raise AdapterError(f"{p}: not found (an adapter folder holds adapter_config.json and "
                                "adapter_model.safetensors)")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = read_json(cfg_path, AdapterError)
+    if type(cfg.get("r")) is not int or cfg["r"] <= 0 or not isinstance(cfg.get("lora_alpha"), (int, float)):
+        raise AdapterError(f"{cfg_path}: needs a positive integer r and a number lora_alpha, got "
+                           f"r={cfg.get('r')!r}, lora_alpha={cfg.get('lora_alpha')!r}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for key in ("use_dora", "fan_in_fan_out"):
@@ -210,7 +216,14 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
     if not lora_modules(model):
         apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
                    targets=targets, use_rslora=cfg.get("use_rslora", False), verbose=verbose)
-    tensors = load_file(w_path)
+    tensors = _read_adapter(w_path)
+    base = os.path.join(adapter_dir, "base.json")
+    base = read_json(base, AdapterError) if os.path.isfile(base) else {}
+    mine = getattr(model, "fingerprint", None)
+    if base.get("fingerprint") and mine and base["fingerprint"] != mine:
+        print(f"warning: {adapter_dir} was trained on base model {base.get('base_model')!r} (fingerprint "
+              f"{base['fingerprint']}), not on {os.path.basename(str(getattr(model, 'path', '')))!r} "
+              f"(fingerprint {mine}): same shapes, other weights or config", file=sys.stderr)
     ours = lora_state_dict(model)
     # PEFT writes "base_model.model.<name>.lora_A.weight"; older files may carry the adapter name too.
     theirs = {k.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.",
@@ -226,6 +239,9 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
            if theirs[k].shape != v.shape]
     if bad:
         raise AdapterError(f"{w_path}: {len(bad)} adapter tensors have the wrong shape, e.g. {bad[0]}")
+    nonfinite = [k for k, v in theirs.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise AdapterError(f"{w_path}: adapter tensor {nonfinite[0]} holds NaN or infinite values")
     with torch.no_grad():
         for k, v in ours.items():
             v.copy_(theirs[k].to(v.dtype))
@@ -235,56 +251,10 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
     return model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-
-
-def export_merged(model: nn.Module, base_dir: str, out_dir: str, max_shard_bytes: int = 5 * 2**30):
-    """Write a merged Hugging Face folder (config, safetensors shards + index when large, tokenizer files)."""
-    tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    state = {}
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if ".lora_A." in k or ".lora_B." in k or (tie and k == "lm_head.weight"):
-                continue
-            state[k] = v
-        for name, m in lora_modules(model).items():
-            w = m.weight.float() if m.merged else m.weight.float() + m.delta_weight()
-            state[f"{name}.weight"] = w.to(m.weight.dtype)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merged-", dir=parent)
-    shards, cur, size = [], {}, 0
-    for k in sorted(state):
-        nbytes = state[k].numel() * state[k].element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = state[k]
-        size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(base_dir, "config.json")) as f:
-        config = json.load(f)
-    dtype = next(iter(state.values())).dtype
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(base_dir, name)):
-            shutil.copy2(os.path.join(base_dir, name), os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+def _read_adapter(path):
+    """The tensors of an adapter_model.safetensors, or one AdapterError line."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None

@@ -1,20 +1,20 @@
 """ReSURE (arXiv 2508.19996, Sec. 3): down-weight supervision whose loss is unusually high for its turn depth.
 
-Per turn group b a running estimator (welford.py) tracks the unit losses. For one batch, with the statistics as they
-stood before it:
-  tau_b = mu_b + alpha * sigma_b                                   (Eq. 5)
-  l <= tau_b: reliable, w = 1, the loss enters the statistics      (Eq. 6)
-  l >  tau_b: unreliable, w = max(eps, exp(-(l - tau_b) / tau_b))  (Eqs. 6-7)
-  eps = floor_percentile-th percentile (numpy, linear) of the batch's weights before the floor
-  loss = 1/N * sum_s w_s * l_s, the weights are constants         (Eq. 1)
-Warm-up: a batch is a warm-up batch (all w = 1, every loss enters) while fewer than warmup_samples units had been seen
-before it; a group with fewer than min_count values in its estimator has no usable sigma, so its units are reliable.
-Ramp (our reading of the paper's "gradually increased filtering weight"): the s-th weigh() call after warm-up
-(s = 0, 1, ...) uses w_eff = 1 - r * (1 - w), r = min(1, (s + 1) / ramp_steps); ramp_steps = 0 means r = 1 at once.
-Modes: resure; sft (all w = 1; every loss enters the statistics, for logging); global (one group for all depths);
-hard (flagged w = 0, no floor). stats_update: reliable (paper) | winsorized (flagged enter as tau) | all.
-Non-finite losses get w = 0, are counted, never enter the statistics. Losses must be >= 0 (cross-entropy).
-Another weighting rule: edit weight_rule(). Another statistic: add it to welford.ESTIMATORS.
+Per turn group b a running estimator (welford.py) tracks the unit losses l (Eq. 1: a unit's mean token loss).
+For one batch, with the statistics as they stood before it:
+  tau_b = mu_b + alpha * sigma_b                                          (Eq. 5)
+  l <= tau_b: reliable, w = 1, and l enters the statistics               (Eqs. 2-4: the conditional update)
+  l >  tau_b: unreliable, w = max(eps, exp(-(l - tau_b) / tau_b))        (Eq. 6)
+  eps = the floor_percentile-th percentile (numpy, linear) of the batch's weights before the floor
+  l~ = w * l with w a constant (Eq. 7); the objective is the mean of l~ over the optimizer step's units.
+Warm-up: a batch is a warm-up batch (every w = 1, every loss enters) while fewer than warmup_samples units were
+seen before it, or the statistics come from a separate high-quality set (warmup_from, the paper's 640 samples);
+a group with fewer than min_count values has no usable sigma, so its units are reliable.
+Ramp (our reading of "gradually increased filtering weight"): in the s-th optimizer step after warm-up
+(s = 1, 2, ...) w_eff = 1 - r * (1 - w) with r = min(1, s / ramp_steps); ramp_steps = 0: r = 1 at once.
+Beyond the paper (README): modes sft (every w = 1), global (one group), hard (flagged w = 0); stats_update
+winsorized (flagged units enter as tau) or all; other estimators (welford.py). Non-finite losses get w = 0, are
+counted and never enter the statistics. Another weighting rule: edit weight_rule().
 """
 import copy
 import math
@@ -33,7 +33,7 @@ class ReSUREError(ValueError):
 
 
 def weight_rule(l, tau):
-    """Eq. 6: weight of units whose loss l exceeds their threshold tau (numpy arrays; tau = 0 gives w = 0)."""
+    """Eq. 6 before the floor: weight of units whose loss l exceeds their threshold tau (numpy arrays; tau = 0 gives w = 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(tau > 0, np.exp(-(l - tau) / np.where(tau > 0, tau, 1.0)), 0.0)
 
@@ -62,15 +62,15 @@ class ReSURE:
                 "collapse_run")
 
     def __init__(self, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=50, min_count=2,
-                 max_turn_groups=8, mode="resure", stats="welford", stats_update="reliable", ema_decay=0.05,
+                 max_turn_groups=None, mode="resure", stats="welford", stats_update="reliable", ema_decay=0.05,
                  window=256, warn_steps=20, record=False):
         if mode not in MODES or stats_update not in UPDATES:
             raise ReSUREError(f"resure: mode must be one of {MODES} and stats_update one of {UPDATES}, "
                               f"got mode={mode!r} stats_update={stats_update!r}")
-        if not (0 <= floor_percentile <= 100 and min_count >= 2 and max_turn_groups >= 1 and ramp_steps >= 0
-                and warmup_samples >= 0 and alpha >= 0):
-            raise ReSUREError("resure: need 0 <= floor_percentile <= 100, min_count >= 2, max_turn_groups >= 1, "
-                              "ramp_steps >= 0, warmup_samples >= 0, alpha >= 0")
+        if not (0 <= floor_percentile <= 100 and min_count >= 2 and (max_turn_groups or 1) >= 1
+                and ramp_steps >= 0 and warmup_samples >= 0 and alpha >= 0):
+            raise ReSUREError("resure: need 0 <= floor_percentile <= 100, min_count >= 2, max_turn_groups >= 1 "
+                              "(or None), ramp_steps >= 0, warmup_samples >= 0, alpha >= 0")
         self.alpha, self.floor_percentile, self.warmup_samples = float(alpha), float(floor_percentile), warmup_samples
         self.ramp_steps, self.min_count, self.max_turn_groups, self.mode = ramp_steps, min_count, max_turn_groups, mode
         self.stats_kind, self.stats_update, self.ema_decay, self.window = stats, stats_update, float(ema_decay), window
@@ -86,7 +86,7 @@ class ReSURE:
             raise ReSUREError(f"resure: {n} losses but {len(g)} groups")
         if (g < 1).any():
             raise ReSUREError(f"resure: unit {int(np.argmax(g < 1))} has turn group {g[g < 1][0]}; groups are >= 1")
-        return np.ones_like(g) if self.mode == "global" else np.minimum(g, self.max_turn_groups)
+        return np.ones_like(g) if self.mode == "global" else np.minimum(g, self.max_turn_groups or g.max(initial=1))
 
     def _losses(self, losses):
         l = _np(losses, np.float64, "losses")
@@ -101,9 +101,10 @@ class ReSURE:
         est = self.stats[b]
         return est.mean + self.alpha * est.std if est.count >= self.min_count else math.inf
 
-    def weigh(self, losses, groups, ids=None, turns=None):
+    def weigh(self, losses, groups, ids=None, turns=None, new_step=True):
         """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
-        ids/turns (optional, per unit: sample index, turn) only label the records."""
+        new_step: this batch starts an optimizer step (False for the later micro-batches of an accumulated step:
+        the ramp moves once per optimizer step). ids/turns (per unit: sample index, turn) only label records."""
         l = self._losses(losses)
         g, n, finite = self._groups(groups, len(l)), len(l), np.isfinite(l)
         pre = {int(b): (self.stats[b].count, self.stats[b].mean, self.stats[b].std, self.tau(b)) for b in set(g)}
@@ -113,14 +114,14 @@ class ReSURE:
         flagged = finite & (l > tau) & active
         w, eps, r = np.where(finite, 1.0, 0.0), None, 0.0
         if active:
-            r = 1.0 if self.ramp_steps == 0 else min(1.0, (self.ramp_pos + 1) / self.ramp_steps)
-            self.ramp_pos += 1
+            self.ramp_pos += new_step or self.ramp_pos == 0             # optimizer steps after warm-up, this one too
+            r = 1.0 if self.ramp_steps == 0 else min(1.0, self.ramp_pos / self.ramp_steps)
         if flagged.any():
             if self.mode == "hard":
                 w[flagged] = 0.0                                              # filtering, not reweighting
             else:
                 w[flagged] = weight_rule(l[flagged], tau[flagged])            # Eq. 6
-                eps = float(np.percentile(w[finite], self.floor_percentile))  # Eq. 7: floor
+                eps = float(np.percentile(w[finite], self.floor_percentile))  # Eq. 6: the floor
                 w[flagged] = np.maximum(w[flagged], eps)
             if r < 1.0:
                 w[flagged] = 1.0 - r * (1.0 - w[flagged])                     # ramp
@@ -170,7 +171,7 @@ class ReSURE:
         self._check_lag_collapse(active, nf, nflag, groups)
 
     def _check_lag_collapse(self, active, nf, nflag, groups):
-        """Issue 9. Lag: nothing flagged while every judged group's batch loss is below its mean (so >= alpha*sigma
+        """Lag: nothing flagged while every judged group's batch loss is below its mean (so >= alpha*sigma
         under tau); collapse: more than half of the units flagged. Each over warn_steps consecutive calls, once."""
         if not active or not nf:
             return
@@ -222,7 +223,7 @@ class ReSURE:
         self.stats.load_state_dict(s["stats"])
 
 
-# --- units and the reweighted loss (Eq. 1) ----------------------------------------------------------------------
+# --- units (Eq. 1) and the reweighted loss (Eq. 7) --------------------------------------------------------------------
 def _unit_masks(labels, turn_ids, unit):
     sup = labels != -100
     sup[:, 0] = False                          # position 0 predicts nothing (token_losses pads it with 0)
@@ -263,7 +264,7 @@ def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
 
 def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None, total_tokens=None,
                     world_size=1):
-    """Eq. 1 with constant weights. sample: sum w*l / total_units; token: sum w*l*n_tokens / total_tokens.
+    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units; token: sum w*l*n_tokens / total_tokens.
     total_* are GLOBAL counts over every rank and micro-batch of the optimizer step (default: this call's), so the
     local shares add up, over ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks:
     pass world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process gradient.
@@ -333,9 +334,9 @@ def all_reduce_sum(*counts):
 
 # --- static pre-filtering baseline (paper Sec. 5.2) ---------------------------------------------------------------
 def prefilter(scores, keep=0.75):
-    """Keep the lowest-scoring fraction of a dataset scored once by the base model's per-sample loss (our stand-in
-    for the paper's reward-model quality indicator): floor(keep * n + 0.5) samples, ties broken by index,
-    non-finite scores last. Returns the kept indices, ascending."""
+    """Keep the lowest-scoring fraction of a dataset (train.py scores it by the base model's per-sample loss, our
+    stand-in for the paper's reward model, or by -score from --prefilter-scores): floor(keep * n + 0.5) samples,
+    ties broken by index, non-finite scores last. Returns the kept indices, ascending."""
     s = _np(scores, np.float64, "scores")
     if not 0 < keep <= 1:
         raise ReSUREError(f"resure: prefilter keep must be in (0, 1], got {keep}")

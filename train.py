@@ -1,19 +1,20 @@
-"""LoRA fine-tuning of a LLaMA/Qwen chat model on multi-turn data, with ReSURE reweighting.
+"""LoRA fine-tuning of a LLaMA / Qwen chat model on multi-turn dialogues, with ReSURE reweighting.
 
-    python train.py                                   # demo: SmolLM2-135M + synthetic noisy dialogues, CPU
+    python train.py                                   # the demo: SmolLM2-135M + synthetic noisy dialogues, CPU
     python train.py --model DIR --data train.jsonl --out runs/x
-    torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --dtype bf16 --grad-checkpointing
+    torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --out runs/x
 
-One optimizer step = grad_accum micro-steps on every rank. Each micro-step: forward to per-token losses, per-unit
-losses (a dialogue, or one assistant turn), all-gather (loss, group, tokens) so every rank weighs the same global
-batch identically (resure.py), backward on the local share of Eq. 1. Only the LoRA adapter is trained.
+One optimizer step = grad_accum micro-batches on every rank. A micro-batch: forward to per-token losses, per-unit
+losses (a dialogue, or one assistant turn), all-gather (loss, group, ...) so that every rank weighs the same global
+batch identically (resure.py), backward on this rank's share of Eq. 7. Only the LoRA adapter is trained.
+Runs are never lost: checkpoints are written whole or not at all, SIGINT / SIGTERM finish the step and save, the
+same command resumes bitwise-exactly, a finished run is not redone, and a changed setting is refused on resume.
 """
 import argparse
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -21,13 +22,38 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from data import ChatTemplate, Sampler, build_examples, collate, load_conversations
-from lora import apply_lora, load_adapter, save_adapter, export_merged
+from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice
+from lora import apply_lora, load_adapter, save_adapter
 from resure import ReSURE, all_reduce_sum, count_units, gather, prefilter, reweighted_loss, unit_losses
+from tools import runs
+
+# Paper settings (Sec. 4), used when --model is given and a flag is left out; the README lists the deviations.
+PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
+             epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=25,
+             unit="dialogue", stats="welford", stats_update="reliable", grad_checkpointing=True,
+             dtype="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
+# The demo: small enough for 2 CPU cores in minutes, strong enough that the effect shows (printed at start).
+DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
+            epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
+            stats="ema", stats_update="winsorized", unit="turn", max_steps=45, grad_checkpointing=False)
+# Every numeric flag's range: (low, high, low included, high included); floats must be finite.
+RANGES = dict(epochs=(0, None, 0, 0), max_steps=(1, None, 1, 0), batch_size=(1, None, 1, 0), grad_accum=(1, None, 1, 0),
+              lr=(0, None, 0, 0), warmup_ratio=(0, 1, 1, 0), weight_decay=(0, None, 1, 0), beta2=(0, 1, 0, 0),
+              grad_clip=(0, None, 1, 0), max_len=(2, None, 1, 0), seed=(0, 2**32 - 1, 1, 1), lora_r=(1, None, 1, 0),
+              lora_alpha=(0, None, 0, 0), lora_dropout=(0, 1, 1, 0), alpha=(0, None, 1, 0),
+              floor_percentile=(0, 100, 1, 1), warmup_samples=(0, None, 1, 0), ramp_steps=(0, None, 1, 0),
+              max_turn_groups=(0, None, 1, 0), ema_decay=(0, 1, 0, 0), window=(2, None, 1, 0),
+              prefilter_keep=(0, 1, 0, 1), log_every=(1, None, 1, 0), eval_every=(0, None, 1, 0),
+              save_every=(0, None, 1, 0), report_top=(0, None, 1, 0), demo_eval=(0, None, 1, 0))
+# What defines a run: resuming with any of these changed is refused (--allow-changed-config overrides).
+RUN_KEYS = ("model", "data_sha256", "warmup_data", "world_size", "chat_template", "on_bad_sample", "epochs",
+            "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "beta2", "grad_clip",
+            "max_len", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "method", "unit", "loss_norm",
+            "alpha", "floor_percentile", "warmup_samples", "ramp_steps", "max_turn_groups", "stats", "stats_update",
+            "ema_decay", "window", "prefilter_keep", "prefilter_scores", "group_by_length")
 
 
 class UsageError(ValueError):
@@ -40,73 +66,61 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# Paper settings (ReSURE, Sec. 4): used whenever --model is given and a flag is left out.
-PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
-             epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=100,
-             unit="dialogue", stats="welford", stats_update="reliable",
-             dtype="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
-# Demo settings: small enough for 2 CPU cores in minutes, strong enough that the effect shows (printed at start).
-DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
-            epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
-            stats="ema", stats_update="winsorized", unit="turn", max_steps=45)
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the SmolLM2 demo")
-    a("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
-    a("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
-    a("--warmup-data", help="high-quality conversations to initialize the statistics from (paper: 640)")
-    a("--out", default="out", help="output folder (checkpoints, adapter, metrics.jsonl, report)")
-    a("--chat-template", default=None, help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
-    a("--on-bad-sample", choices=["error", "skip"], default="error")
-    # schedule
-    a("--epochs", type=float, default=None, help="paper: 3")
-    a("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    a("--batch-size", type=int, default=None, help="per device; paper: 4")
-    a("--grad-accum", type=int, default=None, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
-    a("--lr", type=float, default=None, help="paper: 1e-5, cosine")
-    a("--warmup-ratio", type=float, default=None, help="linear lr warm-up fraction; paper: 0.01")
-    a("--weight-decay", type=float, default=0.0)
-    a("--beta2", type=float, default=0.95)
-    a("--grad-clip", type=float, default=1.0)
-    a("--max-len", type=int, default=None, help="tokens; longer dialogues lose trailing turns")
-    a("--seed", type=int, default=42)
-    a("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="base weights + autocast; adapter stays fp32")
-    a("--grad-checkpointing", action="store_true", help="recompute each block in backward")
-    a("--group-by-length", action="store_true", help="batch similar lengths together to cut padding")
-    # LoRA
-    a("--lora-r", type=int, default=None, help="paper: 128")
-    a("--lora-alpha", type=float, default=None, help="paper: 16")
-    a("--lora-dropout", type=float, default=None, help="paper: 0.3")
-    # ReSURE
-    a("--method", choices=["resure", "sft", "global", "hard"], default="resure",
-      help="sft = every weight 1; global = one group for all depths; hard = flagged units get weight 0")
-    a("--unit", choices=["dialogue", "turn"], default=None, help="what one loss l_s is (paper: dialogue)")
-    a("--loss-norm", choices=["sample", "token"], default="sample", help="Eq. 1 (sample) or per token")
-    a("--alpha", type=float, default=None, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
-    a("--floor-percentile", type=float, default=None, help="eps = this percentile of batch weights; paper: 5")
-    a("--warmup-samples", type=int, default=None, help="units seen before detection starts; paper: 640")
-    a("--ramp-steps", type=int, default=None, help="steps over which down-weighting is blended in")
-    a("--max-turn-groups", type=int, default=8, help="deeper turns share the last group")
-    a("--stats", choices=["welford", "ema", "window", "mad"], default=None, help="running estimator; paper: welford")
-    a("--stats-update", choices=["reliable", "winsorized", "all"], default=None,
-      help="which units update the statistics; paper: reliable")
-    a("--ema-decay", type=float, default=0.05)
-    a("--window", type=int, default=256)
-    a("--prefilter-keep", type=float, default=1.0, help="static baseline: keep the lowest-loss fraction first")
-    a("--record-units", action="store_true", help="write every unit's loss/tau/weight to units.jsonl")
-    # output
-    a("--log-every", type=int, default=10)
-    a("--eval-every", type=int, default=0, help="0: only at the end")
-    a("--save-every", type=int, default=0, help="0: only at the end")
-    a("--resume", action="store_true", help="continue from the newest checkpoint in --out (automatic if present)")
-    a("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
-    a("--merge", action="store_true", help="also export a merged Hugging Face folder to OUT/merged")
-    a("--report-top", type=int, default=20, help="most down-weighted samples listed in report.json")
-    a("--demo-eval", type=int, default=32, help="demo only: clean test dialogues scored before and after")
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the SmolLM2 demo")
+    add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
+    add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
+    add("--warmup-data", help="high-quality conversations to initialize the statistics from (paper: 640)")
+    add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, report.json")
+    add("--chat-template", default=None, help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
+    add("--on-bad-sample", choices=["error", "skip"], default="error")
+    add("--epochs", type=float, default=None, help="paper: 3")
+    add("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    add("--batch-size", type=int, default=None, help="per device; paper: 4")
+    add("--grad-accum", type=int, default=None, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
+    add("--lr", type=float, default=None, help="paper: 1e-5, cosine")
+    add("--warmup-ratio", type=float, default=None, help="linear lr warm-up fraction; paper: 0.01")
+    add("--weight-decay", type=float, default=0.0)
+    add("--beta2", type=float, default=0.95)
+    add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: no clipping")
+    add("--max-len", type=int, default=None, help="tokens; longer dialogues lose trailing turns")
+    add("--seed", type=int, default=42)
+    add("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="base weights + autocast; adapter stays fp32")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="paper: on")
+    add("--group-by-length", action="store_true", help="batch similar lengths together to cut padding")
+    add("--lora-r", type=int, default=None, help="paper: 128")
+    add("--lora-alpha", type=float, default=None, help="paper: 16")
+    add("--lora-dropout", type=float, default=None, help="paper: 0.3")
+    add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
+        help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
+    add("--unit", choices=["dialogue", "turn"], default=None, help="what one loss l_s is (paper: dialogue)")
+    add("--loss-norm", choices=["sample", "token"], default="sample", help="mean over units (paper) or tokens")
+    add("--alpha", type=float, default=None, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
+    add("--floor-percentile", type=float, default=None, help="eps = this percentile of the weights of one "
+        "gathered micro-batch (Eq. 6); paper: 5")
+    add("--warmup-samples", type=int, default=None, help="units seen before detection starts; paper: 640")
+    add("--ramp-steps", type=int, default=None, help="optimizer steps over which down-weighting is blended in")
+    add("--max-turn-groups", type=int, default=0, help="deeper turns share the last group; 0: one group per depth")
+    add("--stats", choices=["welford", "ema", "window", "mad"], default=None, help="running estimator; paper: welford")
+    add("--stats-update", choices=["reliable", "winsorized", "all"], default=None,
+        help="which units update the statistics; paper: reliable")
+    add("--ema-decay", type=float, default=0.05)
+    add("--window", type=int, default=256)
+    add("--prefilter-keep", type=float, default=1.0, help="static baseline: train on this fraction only")
+    add("--prefilter-scores", help="quality scores, one per conversation (higher is better), instead of the "
+        "base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
+    add("--record-units", action="store_true", help="write every unit's loss/tau/weight to units.jsonl")
+    add("--log-every", type=int, default=10)
+    add("--eval-every", type=int, default=0, help="0: only at the end")
+    add("--save-every", type=int, default=0, help="0: only at the end")
+    add("--resume", action="store_true", help="require a checkpoint to continue from (automatic if present)")
+    add("--no-resume", action="store_true", help="start over: an earlier run in --out is moved aside first")
+    add("--allow-changed-config", action="store_true", help="resume although a setting of the run changed")
+    add("--merge", action="store_true", help="also export a merged Hugging Face folder to OUT/merged")
+    add("--report-top", type=int, default=20, help="most down-weighted samples listed in report.json")
+    add("--demo-eval", type=int, default=32, help="demo only: clean test dialogues scored before and after")
     args = p.parse_args(argv)
     args.demo = args.model is None and args.data is None
     if (args.model is None) != (args.data is None):
@@ -114,16 +128,17 @@ def parse_args(argv=None):
     for k, v in (DEMO if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k in ("batch_size", "grad_accum", "lora_r", "max_len"):
-        if getattr(args, k) <= 0:
-            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if not 0 < args.prefilter_keep <= 1:
-        raise UsageError(f"--prefilter-keep must be in (0, 1], got {args.prefilter_keep}")
+    for k, (lo, hi, lo_in, hi_in) in RANGES.items():
+        v = getattr(args, k)
+        ok = v is None or (math.isfinite(v) and (v >= lo if lo_in else v > lo) and
+                           (hi is None or (v <= hi if hi_in else v < hi)))
+        if not ok:
+            raise UsageError(f"--{k.replace('_', '-')} must be {'>=' if lo_in else '>'} {lo}"
+                             + (f" and {'<=' if hi_in else '<'} {hi}" if hi is not None else "") + f", got {v}")
+    if args.resume and args.no_resume:
+        raise UsageError("--resume and --no-resume contradict each other")
     return args
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# distributed + determinism
 
 def setup_distributed():
     if "RANK" not in os.environ:
@@ -131,29 +146,11 @@ def setup_distributed():
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return rank, world, local, torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return rank, world, local, torch.device("cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, local, torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def rng_state():  # plain types and tensors only, so torch.load(weights_only=True) reads it back
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-class TokenLoss(nn.Module):
+class TokenLoss(torch.nn.Module):
     """What DDP wraps: forward = per-token losses, so DDP's hooks see the whole computation."""
 
     def __init__(self, net):
@@ -173,243 +170,234 @@ def cosine_lr(step, total, warmup, base):
 
 @torch.no_grad()
 def score_units(net, examples, pad_id, device, unit, batch_size=8, autocast=nullcontext):
-    """Per-unit losses of examples under net (for warm-up statistics and static pre-filtering)."""
+    """Per-unit losses and groups of examples under net (for warm-up statistics and static pre-filtering)."""
+    was_training, out_l, out_g = net.training, [], []
     net.eval()
-    out_l, out_g = [], []
     for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], pad_id)
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         with autocast():
             tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
         u = unit_losses(tok.float(), b["labels"], b["turn_ids"], b["group"], unit)
         out_l.append(u[0].double().cpu())
         out_g.append(u[1].cpu())
-    net.train()
+    net.train(was_training)
     return torch.cat(out_l).numpy(), torch.cat(out_g).numpy()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints: OUT/step-0000100/ written as OUT/.tmp-step-0000100/ then renamed (a kill mid-write leaves the
-# previous checkpoint intact); the newest two are kept.
+# --- setting up a run ----------------------------------------------------------------------------------------------
+class Run(argparse.Namespace):
+    """Everything one training run holds: args, rank/world/device, net, opt, scaler, rs, examples, logs."""
 
-def checkpoints(out):
-    if not os.path.isdir(out):
-        return []
-    return sorted(d for d in os.listdir(out) if d.startswith("step-") and os.path.isdir(os.path.join(out, d)))
-
-
-def save_checkpoint(out, step, net, opt, scaler, rs, args, rank, world):
-    tmp, final = os.path.join(out, f".tmp-step-{step:07d}"), os.path.join(out, f"step-{step:07d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(net, tmp, args.model)
-        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                   os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "resure_state.json"), "w") as f:
-            json.dump(rs.state_dict(), f)
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump({"step": step, "world_size": world, "args": vars(args)}, f, indent=1, default=str)
-    if world > 1:
-        dist.barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write(str(step))
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-2]:
-            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
-    if world > 1:
-        dist.barrier()
-
-
-def load_checkpoint(path, net, opt, scaler, rs, rank):
-    load_adapter(net, path)
-    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
-    opt.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    with open(os.path.join(path, "resure_state.json")) as f:
-        rs.load_state_dict(json.load(f))
-    rng = os.path.join(path, f"rng-rank{rank}.pt")
-    if os.path.isfile(rng):
-        set_rng_state(torch.load(rng, weights_only=True))
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)["step"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def load_examples(path, template, args, label):
     if not os.path.isfile(path):
         raise UsageError(f"{label} {path}: no such file")
     convs = load_conversations(path, on_bad_sample=args.on_bad_sample)
-    examples, report = build_examples(convs, template, args.max_len, args.max_turn_groups)
+    examples, report = build_examples(convs, template, args.max_len, args.max_turn_groups or None)
     if not examples:
         raise UsageError(f"{path}: no usable conversation ({report.summary()})")
-    return examples, report
+    return examples, report, convs
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, local_rank, device = setup_distributed()
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    demo_test = None
-    if args.demo:
-        args, demo_test = prepare_demo(args, log)
+def read_scores(path, convs):
+    """--prefilter-scores: a number per line in conversation order, or JSON lines {"id", "score"} matched by id."""
+    rows = [line for line in open(path, encoding="utf-8").read().split("\n") if line.strip()]
+    try:
+        vals = [json.loads(line) for line in rows]
+    except ValueError as e:
+        raise UsageError(f"--prefilter-scores {path}: not a number or JSON object per line ({e})") from None
+    if all(isinstance(v, dict) for v in vals):
+        by_id = {v.get("id"): v.get("score") for v in vals}
+        scores = [by_id.get(c.get("id")) for c in convs]
+    elif len(vals) == len(convs):
+        scores = vals
+    else:
+        raise UsageError(f"--prefilter-scores {path}: {len(vals)} scores for {len(convs)} conversations")
+    bad = next((i for i, s in enumerate(scores) if isinstance(s, bool) or not isinstance(s, (int, float))), None)
+    if bad is not None:
+        raise UsageError(f"--prefilter-scores {path}: no numeric score for conversation {bad} "
+                         f"(id {convs[bad].get('id')!r})")
+    return np.asarray(scores, dtype=np.float64)
+
+
+def prepare_data(run):
+    """Training examples (pre-filtered when asked), held-out examples, and the statistics' warm-up."""
+    args, amp = run.args, run.amp
+    run.examples, report, convs = load_examples(args.data, run.template, args, "--data")
+    run.log(f"data: {args.data}: {report.summary()}")
+    run.eval_examples = load_examples(args.eval_data, run.template, args, "--eval-data")[0] if args.eval_data else None
+    if args.prefilter_keep < 1 or args.prefilter_scores:  # the paper's static pre-filtering (Sec. 5.2)
+        if args.prefilter_scores:
+            scores = -read_scores(args.prefilter_scores, convs)[[e["conv_index"] for e in run.examples]]
+        else:  # our stand-in for the paper's reward model: the base model's loss, lower is better
+            scores = score_units(run.net, run.examples, run.template.pad_id, run.device, "dialogue", autocast=amp)[0]
+        keep = prefilter(scores, keep=args.prefilter_keep)
+        run.log(f"prefilter: kept {len(keep)} of {len(run.examples)} samples (highest "
+                f"{'score in ' + args.prefilter_scores if args.prefilter_scores else 'quality: lowest base-model loss'})")
+        run.examples = [dict(run.examples[i], index=j) for j, i in enumerate(keep)]
+    if args.warmup_data:
+        wex = load_examples(args.warmup_data, run.template, args, "--warmup-data")[0]
+        n = run.rs.warmup_from(*score_units(run.net, wex, run.template.pad_id, run.device, args.unit, autocast=amp))
+        run.log(f"warm-up: statistics initialized from {n} units of {len(wex)} samples of {args.warmup_data}")
+    elif args.method != "sft":
+        run.log(f"warm-up: statistics from the first {args.warmup_samples} units of the unfiltered training stream "
+                "(the paper warms up on 640 high-quality samples: give them with --warmup-data)")
+
+
+
+
+def build(run):
+    """Model, template, data, ReSURE, LoRA, optimizer, scaler and schedule; False when OUT holds this run, done."""
+    args = run.args
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a folder")
+    if not os.path.isfile(args.data):
+        raise UsageError(f"--data {args.data}: no such file")
+    run.identity = runs.identity(args, RUN_KEYS, run.world)
+    if not runs.claim(run):
+        return False
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    run.amp = (lambda: torch.autocast(run.device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    run.net = M.Transformer.from_pretrained(args.model, dtype=dtype, device=run.device)
+    run.net.gradient_checkpointing = args.grad_checkpointing
+    run.template = ChatTemplate.from_pretrained(args.model, name=args.chat_template)
+    run.rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
+                    ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups or None, mode=args.method,
+                    stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,
+                    record=run.rank == 0)  # per-unit records for units.jsonl and report.json
+    prepare_data(run)
+    apply_lora(run.net, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, verbose=run.rank == 0)
+    run.params = [p for p in run.net.parameters() if p.requires_grad]
+    run.opt = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16 and run.device.type == "cuda")
+    cuda = [run.device.index] if run.device.type == "cuda" else None
+    run.ddp = DDP(TokenLoss(run.net), device_ids=cuda) if run.world > 1 else TokenLoss(run.net)
+    n, G = len(run.examples), args.batch_size * run.world
+    run.micro_per_epoch = -(-n // G) - (0 < n % G < run.world)  # a last batch leaving a rank empty is dropped
+    if run.micro_per_epoch < 1:
+        raise UsageError(f"--data {args.data}: {n} examples cannot feed {run.world} ranks")
+    if 0 < n % G < run.world:
+        run.log(f"sampler: dropping the last {n % G} samples of each epoch (fewer than {run.world} ranks)")
+    run.total = args.max_steps or max(1, int(args.epochs * run.micro_per_epoch) // args.grad_accum)
+    run.warmup = math.ceil(args.warmup_ratio * run.total)
+    lengths = [len(e["input_ids"]) for e in run.examples] if args.group_by_length else None
+    run.epochs = {}  # epoch -> its global batches: (epoch, position) is all the sampler's state
+    run.batches = lambda m: rank_slice(run.epochs.setdefault(m // run.micro_per_epoch, epoch_batches(
+        n, G, args.seed, m // run.micro_per_epoch, lengths))[m % run.micro_per_epoch], run.rank, run.world)
+    return True
 
-    # model, adapter, data
-    net = M.Transformer.from_pretrained(args.model, dtype=dtype, device=device)
-    if args.grad_checkpointing:
-        net.gradient_checkpointing = True
-    template = ChatTemplate.from_pretrained(args.model, name=args.chat_template)
-    examples, report = load_examples(args.data, template, args, "--data")
-    log(f"data: {args.data}: {report.summary()}")
-    eval_examples = load_examples(args.eval_data, template, args, "--eval-data")[0] if args.eval_data else None
-    if args.prefilter_keep < 1:  # Sec. 5.2 baseline: base-model loss as the quality indicator
-        scores, _ = score_units(net, examples, template.pad_id, device, "dialogue", autocast=amp)
-        keep = prefilter(scores, keep=args.prefilter_keep)
-        log(f"prefilter: kept {len(keep)} of {len(examples)} samples (lowest base-model loss)")
-        examples = [dict(examples[i], index=j) for j, i in enumerate(keep)]
-    rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
-                ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups, mode=args.method,
-                stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,
-                record=master)  # per-unit records for units.jsonl and report.json
-    if args.warmup_data:
-        wex, _ = load_examples(args.warmup_data, template, args, "--warmup-data")
-        wl, wg = score_units(net, wex, template.pad_id, device, args.unit, autocast=amp)
-        rs.warmup_from(wl, wg)
-        log(f"statistics initialized from {len(wex)} samples of {args.warmup_data}")
 
-    apply_lora(net, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, verbose=master)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
-    ddp = DDP(TokenLoss(net), device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 \
-        else TokenLoss(net)
+def train_step(run, step):
+    """One optimizer step of grad_accum micro-batches on every rank; returns what the log needs."""
+    args, rs = run.args, run.rs
+    lr = cosine_lr(step, run.total, run.warmup, args.lr)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    batches = [collate([run.examples[i] for i in run.batches(step * args.grad_accum + k)], run.template.pad_id)
+               for k in range(args.grad_accum)]
+    local = [count_units(b["labels"], b["turn_ids"], args.unit) for b in batches]
+    total_units, total_tokens = all_reduce_sum(sum(u for u, _ in local), sum(t for _, t in local))
+    rs_before, sums, recs, tokens = rs.state_dict(), np.zeros(3), [], 0  # rs_before: restored if skipped
+    for k, b in enumerate(batches):
+        b = {key: v.to(run.device) for key, v in b.items()}
+        with nullcontext() if run.world == 1 or k == len(batches) - 1 else run.ddp.no_sync():
+            with run.amp():
+                tok = run.ddp(b["input_ids"], b["labels"], b["attention_mask"])
+            losses, groups, ntok, sidx, turn = unit_losses(tok.float(), b["labels"], b["turn_ids"], b["group"],
+                                                           args.unit)                               # Eq. 1
+            g_l, g_g, g_ids, g_turn, offsets = gather(losses.detach(), groups, b["index"][sidx], turn)
+            weights, _ = rs.weigh(g_l, g_g, ids=g_ids, turns=g_turn, new_step=k == 0)             # Eqs. 2-6
+            loss = reweighted_loss(losses, ntok, weights[offsets[run.rank]:offsets[run.rank + 1]], args.loss_norm,
+                                   total_units, total_tokens, run.world)                           # Eq. 7
+            run.scaler.scale(loss).backward()
+        finite = np.isfinite(g_l)
+        sums += [g_l[finite].sum(), (weights[finite] * g_l[finite]).sum(), finite.sum()]
+        recs += rs.pop_records()
+        tokens += int(b["attention_mask"].sum())
+    run.scaler.unscale_(run.opt)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip or math.inf))
+    ok = math.isfinite(gnorm)  # a non-finite loss or an fp16 overflow poisoned the gradient: skip the step
+    if ok:
+        run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    if not ok:  # counted, and this step's units leave no trace in the statistics
+        rs.load_state_dict(rs_before)
+    for r in recs:  # logged as skipped, and left out of the report, when the step was undone
+        r.update(step=step, skipped=not ok)
+        run.last_seen.update({(r["sample"], r["turn"]): r} if ok else {})
+    n = max(sums[2], 1)
+    return dict(step=step + 1, epoch=(step + 1) * args.grad_accum / run.micro_per_epoch, loss=sums[0] / n if
+                sums[2] else math.nan, weighted_loss=sums[1] / n, lr=lr, grad_norm=gnorm, ok=ok, tokens=tokens,
+                finite_units=int(sums[2]), records=recs)
 
-    sampler = Sampler(len(examples), args.batch_size, rank=rank, world_size=world, seed=args.seed, shuffle=True,
-                      group_by_length=[len(e["input_ids"]) for e in examples] if args.group_by_length else None)
-    micro_per_epoch = len(sampler)
-    tail = len(examples) % (args.batch_size * world)
-    if 0 < tail < world:  # the last global batch would leave some rank empty: drop it, and say so
-        micro_per_epoch -= 1
-        log(f"sampler: dropping the last {tail} samples of each epoch (fewer than {world} ranks)")
-    total = args.max_steps or max(1, int(args.epochs * micro_per_epoch) // args.grad_accum)
-    warmup = math.ceil(args.warmup_ratio * total)
-    epoch_batches = {}
 
-    def micro_batch(m):  # the m-th micro-batch of the run, across epochs: (epoch, position) is all the state
-        epoch, pos = divmod(m, micro_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches.clear()
-            epoch_batches[epoch] = sampler.global_batches(epoch)
-        return sampler.rank_slice(epoch_batches[epoch][pos])
-
-    step = 0
-    os.makedirs(args.out, exist_ok=True)
-    ckpts = checkpoints(args.out)
-    if ckpts and not args.no_resume:
-        step = load_checkpoint(os.path.join(args.out, ckpts[-1]), net, opt, scaler, rs, rank)
-        log(f"resumed from {ckpts[-1]} (step {step})")
-    elif args.resume:
-        raise UsageError(f"--resume: no checkpoint in {args.out}")
-    log(f"training {total} steps x {args.grad_accum} micro-batches x {args.batch_size} x {world} ranks; "
-        f"method={args.method} unit={args.unit} stats={args.stats}/{args.stats_update} dtype={args.dtype}")
-
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
-    units_log = open(os.path.join(args.out, "units.jsonl"), "a") if master and args.record_units else None
-    last_seen = {}  # (sample index, turn) -> last record, for the final report
-    t0, tokens_since, skipped = time.time(), 0, 0
-    net.train()
-    while step < total:
-        lr = cosine_lr(step, total, warmup, args.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batches = [collate([examples[i] for i in micro_batch(step * args.grad_accum + k)], template.pad_id)
-                   for k in range(args.grad_accum)]
-        local = [count_units(b["labels"], b["turn_ids"], args.unit) for b in batches]
-        total_units, total_tokens = all_reduce_sum(sum(u for u, _ in local), sum(t for _, t in local))
-        rs_before = rs.state_dict()  # a fresh copy: restored if this step is skipped
-        sum_loss = sum_wloss = 0.0
-        step_recs = []  # master only (record=master): sample, turn, group, loss, tau, weight, flagged, warmup
-        for k, b in enumerate(batches):
-            b = {key: v.to(device) for key, v in b.items()}
-            sync = nullcontext() if (world == 1 or k == len(batches) - 1) else ddp.no_sync()
-            with sync:
-                with amp():
-                    tok = ddp(b["input_ids"], b["labels"], b["attention_mask"])
-                losses, groups, ntok, sidx, turn = unit_losses(tok.float(), b["labels"], b["turn_ids"],
-                                                               b["group"], args.unit)
-                g_l, g_g, g_ids, g_turn, offsets = gather(losses.detach(), groups, b["index"][sidx], turn)
-                weights, _ = rs.weigh(g_l, g_g, ids=g_ids, turns=g_turn)
-                lo, hi = offsets[rank], offsets[rank + 1]
-                loss = reweighted_loss(losses, ntok, weights[lo:hi], norm=args.loss_norm, total_units=total_units,
-                                       total_tokens=total_tokens, world_size=world)
-                (scaler.scale(loss) if scaler else loss).backward()
-            sum_loss += float(np.sum(g_l[np.isfinite(g_l)]))
-            sum_wloss += float(np.sum((weights * np.nan_to_num(g_l, nan=0.0, posinf=0.0))))
-            step_recs += rs.pop_records()
-            tokens_since += int(b["attention_mask"].sum())
-        if scaler:
-            scaler.unscale_(opt)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
-        if scaler:  # fp16: the scaler skips an overflowing step itself and lowers its scale
-            scale = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            ok = scaler.get_scale() >= scale
-        else:  # a non-finite loss inside the model poisoned the gradients: skip the step
-            ok = math.isfinite(gnorm)
-            if ok:
-                opt.step()
-        if not ok:  # counted, and this step's units leave no trace in the statistics
-            skipped += 1
-            rs.load_state_dict(rs_before)
-        for rec in step_recs:  # logged as skipped, and not in the report, when the step was undone
-            rec.update(step=step, skipped=not ok)
-            if ok:
-                last_seen[(rec["sample"], rec["turn"])] = rec
-            if units_log:
-                units_log.write(json.dumps(rec) + "\n")
-        opt.zero_grad(set_to_none=True)
-        step += 1
-
-        if master and (step % args.log_every == 0 or step == total):
+def train(run, step):
+    """Steps from `step` to run.total: logs, evaluation, checkpoints; SIGINT / SIGTERM stop after a step."""
+    args, master, stop = run.args, run.rank == 0, runs.Stop(run)
+    metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if master else None
+    units = open(os.path.join(run.out, "units.jsonl"), "a") if master and args.record_units else None
+    t0, tokens, skipped, blind = time.time(), 0, 0, 0
+    while step < run.total:
+        r = train_step(run, step)
+        step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
+        blind = blind + 1 if r["finite_units"] == 0 else 0
+        if blind >= min(5, run.total):
+            raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
+                             "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
+        if units:
+            units.writelines(json.dumps(x) + "\n" for x in r["records"])
+            units.flush()
+        if master and (step % args.log_every == 0 or step == run.total):
             dt = time.time() - t0
-            summ = rs.summary()
-            rec = dict(step=step, epoch=step * args.grad_accum / micro_per_epoch, loss=sum_loss / total_units,
-                       weighted_loss=sum_wloss / total_units, lr=lr, grad_norm=gnorm,
-                       tokens_per_s=tokens_since * world / dt, eta_s=dt / args.log_every * (total - step),
-                       skipped_steps=skipped, **summ)
-            t0, tokens_since = time.time(), 0
+            rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
+                       grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
+                       eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
+            t0, tokens = time.time(), 0
             metrics.write(json.dumps(rec, default=float) + "\n")
             metrics.flush()
-            log(format_log(rec))
-        for w in rs.warnings():
-            log(w)
-        if eval_examples and args.eval_every and step % args.eval_every == 0 and master:
-            log_eval(net, eval_examples, template, metrics, step, log)
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(args.out, step, net, opt, scaler, rs, args, rank, world)
+            run.log(format_log(rec))
+        for w in run.rs.warnings():
+            run.log(w)
+        if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
+            log_eval(run, metrics, step)
+        if stop.requested():
+            runs.save(run, step)
+            run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
+                    f"written: the same command continues the run")
+            raise SystemExit(stop.exit_code)
+        if args.save_every and step % args.save_every == 0 and step < run.total:
+            runs.save(run, step)
+    runs.save(run, step)
+    return metrics
 
-    save_checkpoint(args.out, step, net, opt, scaler, rs, args, rank, world)
-    if master:
-        finish(args, net, rs, examples, last_seen, eval_examples, template, metrics, step, log)
-        if demo_test is not None:
-            demo_report(args, net, template, demo_test, log)
-    if dist.is_initialized():  # torchrun, also with one rank
-        dist.destroy_process_group()
-    return net
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, _, device = setup_distributed()
+    run = Run(args=args, rank=rank, world=world, device=device, out=args.out, last_seen={}, demo_test=None,
+              log=print if rank == 0 else (lambda *a, **k: None))
+    try:
+        if args.demo:
+            from tools.demo import prepare
+            run.demo_test = prepare(args, DEMO, run.log)
+        if not build(run):
+            return None
+        runs.start(run)
+        step = runs.resume(run)
+        run.log(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x {world} ranks; "
+                f"method={args.method} unit={args.unit} stats={args.stats}/{args.stats_update} dtype={args.dtype}")
+        run.net.train()
+        metrics = train(run, step)
+        if rank == 0:
+            finish(run, metrics)
+        return run.net
+    finally:
+        if dist.is_initialized():  # torchrun, also with one rank
+            dist.destroy_process_group()
 
 
 def format_log(r):
@@ -421,39 +409,42 @@ def format_log(r):
             f"eta {r['eta_s'] / 60:.1f}m | {groups}")
 
 
-def log_eval(net, eval_examples, template, metrics, step, log):
+def log_eval(run, metrics, step):
     from eval import per_turn_loss
-    res = per_turn_loss(net, eval_examples, pad_id=template.pad_id)  # in eval mode, then back
+    res = per_turn_loss(run.net, run.eval_examples, pad_id=run.template.pad_id)  # in eval mode, then back
     metrics.write(json.dumps({"step": step, "eval": res}, default=float) + "\n")
-    log(f"eval step {step}: " + json.dumps(res, default=float))
+    metrics.flush()
+    run.log(f"eval step {step}: " + json.dumps(res, default=float))
 
 
-def finish(args, net, rs, examples, last_seen, eval_examples, template, metrics, step, log):
-    adapter = os.path.join(args.out, "adapter")
-    save_adapter(net, adapter, args.model)
-    with open(os.path.join(args.out, "resure_state.json"), "w") as f:
-        json.dump(rs.state_dict(), f, indent=1)
-    recs = sorted(last_seen.values(), key=lambda r: r["weight"])
-    top = []
-    for r in recs[:args.report_top]:
-        ex = examples[r["sample"]]
-        meta = ex.get("meta", {})
-        top.append(dict(r, id=meta.get("id", r["sample"]), snippet=snippet(ex, template, r["turn"])))
-    report = {"steps": step, "most_down_weighted": top}
-    pr = flag_quality(recs, examples)
+def finish(run, metrics):
+    """The adapter, resure_state.json, report.json (the most down-weighted units, flagging against noise labels
+    where the data has them), the final evaluation, the merged export; then the run is marked finished."""
+    args, step = run.args, run.total
+    adapter = os.path.join(run.out, "adapter")
+    save_adapter(run.net, adapter, args.model)
+    runs.dump(run.rs.state_dict(), os.path.join(run.out, "resure_state.json"))
+    recs = sorted(run.last_seen.values(), key=lambda r: r["weight"])
+    report = {"steps": step, "most_down_weighted": [
+        dict(r, id=run.examples[r["sample"]].get("meta", {}).get("id", r["sample"]),
+             snippet=snippet(run.examples[r["sample"]], run.template, r["turn"])) for r in recs[:args.report_top]]}
+    pr = flag_quality(recs, run.examples)
     if pr:
         report["flagging"] = pr
         fmt = (lambda x: "-" if x is None else f"{x:.2f}")
-        log(f"flagging vs noise labels: precision {fmt(pr['precision'])} recall {fmt(pr['recall'])} "
-            f"({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last sighting of each)")
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    if eval_examples:
-        log_eval(net, eval_examples, template, metrics, step, log)
+        run.log(f"flagging vs noise labels: precision {fmt(pr['precision'])} recall {fmt(pr['recall'])} "
+                f"({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last sighting of each)")
+    runs.dump(report, os.path.join(run.out, "report.json"))
+    if run.eval_examples:
+        log_eval(run, metrics, step)
     if args.merge:
-        export_merged(net, args.model, os.path.join(args.out, "merged"))
-        log(f"merged model written to {os.path.join(args.out, 'merged')}")
-    log(f"adapter written to {adapter}")
+        from tools.export import export_merged
+        run.log(f"merged model written to {export_merged(run.net, args.model, os.path.join(run.out, 'merged'))}")
+    runs.finished(run, step)
+    run.log(f"adapter written to {adapter}")
+    if run.demo_test:
+        from tools.demo import report as demo_report
+        demo_report(args, run.net, run.template, run.demo_test, run.log)
 
 
 def unit_noisy(ex, turn):
@@ -461,8 +452,7 @@ def unit_noisy(ex, turn):
     flags = ex.get("meta", {}).get("noisy")
     if flags is None:
         return None
-    n = ex.get("n_turns", len(flags))
-    flags = [bool(x) for x in flags[:n]]
+    flags = [bool(x) for x in flags[:ex.get("n_turns", len(flags))]]
     return flags[turn - 1] if turn > 0 else any(flags)
 
 
@@ -471,54 +461,19 @@ def flag_quality(recs, examples):
     pairs = [(f, n) for f, n in pairs if n is not None]
     if not pairs:
         return None
-    tp = sum(f and n for f, n in pairs)
-    nf, nn_ = sum(f for f, _ in pairs), sum(n for _, n in pairs)
+    tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
     return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
                 recall=tp / nn_ if nn_ else None)
 
 
 def snippet(ex, template, turn, n=80):
-    lab = ex["labels"]
-    ids = [t for t, l, tid in zip(ex["input_ids"], lab, ex["turn_ids"]) if l != -100 and (turn <= 0 or tid == turn)]
+    ids = [t for t, lab, k in zip(ex["input_ids"], ex["labels"], ex["turn_ids"]) if lab != -100 and turn in (0, k)]
     return template.tokenizer.decode(ids)[:n]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# demo: `python train.py` with no --model/--data
-
-DEMO_START = time.time()
-
-
-def prepare_demo(args, log):
-    from data import synth
-    cache = os.environ.get("RESURE_CACHE", os.path.expanduser("~/.cache/resure"))
-    args.model = M.prepare_smollm2()
-    data_dir = os.path.join(cache, f"synth-seed{args.seed}")
-    if not os.path.isfile(os.path.join(data_dir, "synth_meta.json")):  # written last: the set is complete
-        synth(data_dir, seed=args.seed)
-    args.data = os.path.join(data_dir, "train_N.jsonl")
-    log("demo: SmolLM2-135M-Instruct + LoRA + ReSURE on the synthetic noisy multi-turn benchmark (tier N)")
-    log("demo settings: " + " ".join(f"{k}={getattr(args, k)}" for k in DEMO))
-    return args, os.path.join(data_dir, "test.jsonl")
-
-
-def demo_report(args, net, template, test_path, log):
-    from eval import accuracy
-    from lora import disabled
-    t0 = time.time()
-    convs = load_conversations(test_path)[:args.demo_eval]
-    net.eval()
-    after = accuracy(net, template, convs)
-    with disabled(net):  # the base model
-        before = accuracy(net, template, convs)
-    log(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, {time.time() - t0:.0f} s): "
-        f"before {before['overall']:.3f} -> after {after['overall']:.3f}")
-    log(f"demo done in {time.time() - DEMO_START:.0f} s")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input of every kind: one line, exit 2
+        print(f"train.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)

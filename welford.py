@@ -1,4 +1,6 @@
-"""Running loss statistics for ReSURE's thresholds (paper Sec. 3, Eqs. 2-4), plus the alternatives of issue 9.
+"""Running loss statistics for ReSURE's thresholds: Welford's algorithm (paper Sec. 3, Eqs. 2-4) and three
+tracking estimators that go beyond the paper (cumulative statistics lag a falling loss and, fed only the units
+judged reliable, collapse; see the README).
 
 One interface: update(x), update_many(xs), .count, .mean, .std, state_dict(), load_state_dict(s).
   Welford      cumulative mean and sample (n-1) variance in float64 (the paper, Eqs. 2-4), mergeable (Chan et al.)

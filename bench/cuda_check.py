@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
-from lora import DEFAULT_TARGETS, PEFT_PREFIX, TOKENIZER_FILES, apply_lora  # noqa: E402
+from lora import DEFAULT_TARGETS, PEFT_PREFIX, apply_lora  # noqa: E402
+from tools.cuda_graphs import DECODE_GRAPHS  # noqa: E402
+from tools.export import TOKENIZER_FILES  # noqa: E402
 
 RESULTS = []
 
@@ -61,12 +63,12 @@ def reuse_and_recapture(ours, ids, t_first):
     it has baked in changes (new LoRA layers, their scaling, merging)."""
     from lora import merge_lora
     other = [ids[1, 50:60].tolist(), ids[2, 10:30].tolist(), ids[0, 70:75].tolist()]
-    key = M.DECODE_GRAPHS[ours][0]
+    key = DECODE_GRAPHS[ours][0]
     t0 = time.perf_counter()
     base = M.generate(ours, other, max_new_tokens=48)
     t_reuse = time.perf_counter() - t0
     print(f"  graph generate: first call {t_first:.2f} s, next call {t_reuse:.3f} s", flush=True)
-    check("generate: graph re-captured for a call of the same shape", int(M.DECODE_GRAPHS[ours][0] is not key), 0)
+    check("generate: graph re-captured for a call of the same shape", int(DECODE_GRAPHS[ours][0] is not key), 0)
     check("generate: reused graph vs eager, tokens differing", differ(base, M.generate(ours, other, 48,
                                                                                            static=False)), 0)
     apply_lora(ours, r=8, alpha=16, dropout=0.0, verbose=False)

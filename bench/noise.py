@@ -53,7 +53,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import model as M  # noqa: E402
 import train  # noqa: E402
-from data import ChatTemplate, build_examples, load_conversations, save_jsonl, synth  # noqa: E402
+from data import ChatTemplate, build_examples, load_conversations, save_jsonl  # noqa: E402
+from tools.smollm2 import prepare_smollm2  # noqa: E402
+from tools.synth import synth  # noqa: E402
 from eval import accuracy, per_turn_loss, spearman  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from resure import ReSURE, prefilter  # noqa: E402
@@ -500,7 +502,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model_dir = a.model
     if model_dir is None:
-        model_dir = M.prepare_smollm2()
+        model_dir = prepare_smollm2()
         if a.tiny:
             model_dir = make_tiny_model(out / "tiny-model", tokenizer_dir=model_dir)
     plan["model_name"] = Path(model_dir).name

@@ -1,4 +1,4 @@
-"""Speed of our model.py + lora.py against transformers + PEFT on the same work (issue 8).
+"""Speed of our model.py + lora.py against transformers + PEFT on the same work.
 
     python bench/speed.py                  # SmolLM2-135M-Instruct, more repetitions (minutes)
     python bench/speed.py --quick          # < 5 minutes on 2 CPU cores
@@ -13,14 +13,13 @@ torch thread count; the table shows medians.
            layer of the blocks; batch B x T random token ids, no padding, spans alternating context / assistant so
            about half the tokens are supervised (the same ids and labels for both). Ours: model.token_losses, mean
            over the supervised tokens; theirs: LlamaForCausalLM(labels=...).loss, the same mean. fp32, and bf16 =
-           base weights in bf16 + torch.autocast(bf16) for both (adapters fp32 on both sides). On a CPU without
-           AMX ours runs bf16 GEMMs as fp32 GEMMs on the bf16 values (model.CPU_BF16_AS_FP32: there they are
-           faster); a third side, ours on torch's bf16 kernels, is timed in the same alternation and shown too.
+           base weights in bf16 + torch.autocast(bf16) for both (adapters fp32 on both sides); both run torch's
+           own kernels.
   memory   peak resident memory of a training run: each (implementation, dtype) in its own fresh subprocess, which
            imports its libraries, resets the kernel's peak counter (/proc/self/clear_refs), then loads the model and
            runs 2 steps (--quick: 1); peak = VmHWM - VmRSS at the reset (library imports are not counted for
            either side; what our code imports lazily while loading is). The whole-process VmHWM is shown too.
-  resure   ReSURE's extra work in our training step (unit losses per assistant turn, gather, weigh, the Eq. 1 loss
+  resure   ReSURE's extra work in our training step (unit losses per assistant turn, gather, weigh, the Eq. 7 loss
            and its backward) timed on its own, over our plain step (mean over supervised tokens); beside it a
            whole-step A/B of the two (at the 3% level usually inside the step-to-step noise, shown beside it).
   generate greedy decoding of N new tokens at batch 1 and 8 (random prompts of 24-64 tokens, left padded), no early
@@ -57,8 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
-from data import turn_group  # noqa: E402
-from lora import DEFAULT_TARGETS, TOKENIZER_FILES, apply_lora  # noqa: E402
+from data import ChatTemplate, load_tokenizer, turn_group  # noqa: E402
+from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
+from tools.export import TOKENIZER_FILES  # noqa: E402
+from tools.smollm2 import prepare_smollm2  # noqa: E402
 from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -143,7 +144,7 @@ def make_tiny_model(out_dir, tokenizer_dir=None):
     import transformers
     out_dir = Path(out_dir)
     torch.manual_seed(0)
-    vocab_size = M.load_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True) if tokenizer_dir else 512
+    vocab_size = load_tokenizer(tokenizer_dir).get_vocab_size(with_added_tokens=True) if tokenizer_dir else 512
     cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    tie_word_embeddings=True, max_position_embeddings=1024)
@@ -240,15 +241,6 @@ def resure_step(net, opt, b, rs, amp):
     with amp():
         tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
     return optimizer_step(opt, resure_loss(tok.float(), b, rs))
-
-
-def native_bf16(f, *args):
-    """f(*args) with model.py's fp32 route for bf16 GEMMs (CPU_BF16_AS_FP32) switched off."""
-    before, M.CPU_BF16_AS_FP32 = M.CPU_BF16_AS_FP32, False
-    try:
-        return f(*args)
-    finally:
-        M.CPU_BF16_AS_FP32 = before
 
 
 def hf_step(hf, opt, b, amp):
@@ -412,8 +404,6 @@ def bench_train(path, dtype_name, cfg, log):
     net, opt = load_ours(path, dtype, cfg["rank"])
     hf, hopt = load_hf(path, dtype, cfg["rank"])
     sides = {"ours": lambda: ours_step(net, opt, b, n_sup, amp), "hf": lambda: hf_step(hf, hopt, b, amp)}
-    if M.bf16_as_fp32(DEV, dtype):  # also ours on torch's own bf16 kernels, so the route's share is visible
-        sides["ours_native"] = lambda: native_bf16(ours_step, net, opt, b, n_sup, amp)
     first = {k: f() for k, f in sides.items()}  # = warm-up
     t = alternate(sides, cfg["reps"], warmup=0)
     del hf, hopt
@@ -423,8 +413,7 @@ def bench_train(path, dtype_name, cfg, log):
            "tokens_per_s": {k: tokens / med(v) for k, v in t.items()},
            "flops": train_flops(mcfg, cfg["batch"], cfg["length"], n_sup, cfg["rank"])}
     log(f"  train {dtype_name}: ours {med(t['ours']):.3f} s/step, transformers+PEFT {med(t['hf']):.3f} s/step "
-        f"(first-step loss {first['ours']:.4f} vs {first['hf']:.4f})"
-        + (f"; ours on torch's bf16 kernels {med(t['ours_native']):.3f} s/step" if "ours_native" in t else ""))
+        f"(first-step loss {first['ours']:.4f} vs {first['hf']:.4f})")
     if dtype_name in cfg["resure_dtypes"]:
         res["resure"] = bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log)
     return res
@@ -454,7 +443,7 @@ def bench_generate(path, dtype_name, cfg, log):
     dtype = DTYPES[dtype_name]
     net = M.Transformer.from_pretrained(path, dtype=dtype, device=DEV).eval()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEV).eval()
-    vocab, n, stops = net.config.vocab_size, cfg["new_tokens"], set(M.stop_ids(path))
+    vocab, n, stops = net.config.vocab_size, cfg["new_tokens"], set(ChatTemplate.from_pretrained(path).stop_ids)
     gcfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     wbytes = sum(p.numel() * p.element_size() for p in net.parameters())
     bw = copy_bandwidth(max(wbytes, 64 << 20))
@@ -537,9 +526,6 @@ def table(r):
         tgt = TARGETS.get(f"train_{d}")
         lines.append(ratio_row(f"LoRA train step, {d} (tokens/s)", tp["ours"], tp["hf"], tp["ours"] / tp["hf"],
                                tgt))
-        if "ours_native" in tp:
-            lines.append(ratio_row(f"the same, ours on torch's bf16 GEMM kernels (model.CPU_BF16_AS_FP32 = False)",
-                                   tp["ours_native"], tp["hf"], tp["ours_native"] / tp["hf"]))
     for d, mem in r["memory"].items():
         o, h = mem["ours"]["delta_mib"], mem["hf"]["delta_mib"]
         lines.append(ratio_row(f"peak memory of training, {d} (MiB above the libraries' imports)", o, h, o / h,
@@ -579,8 +565,6 @@ def table(r):
         lines.append(ratio_row(f"checkpoint load, {d}, repeated in one process (s)", o, h, h / o, fmt="{:.3f}"))
     for d, tr in r["train"].items():
         peak, what = r["matmul_peak"][d]["peak"], "peak"
-        if "ours_native" in tr["tokens_per_s"] and "fp32" in r["matmul_peak"]:  # ours ran fp32 kernels on bf16 values
-            peak, what = max(peak, r["matmul_peak"]["fp32"]["peak"]), "peak of the faster of the bf16 and fp32 kernels"
         fo, fh = (tr["flops"] * tr["tokens_per_s"][k] / tr["tokens"] / peak for k in ("ours", "hf"))
         note = " **above the measured peak: the peak measurement was disturbed**" if max(fo, fh) > 1 else ""
         lines.append(f"| training throughput / matmul peak, {d} ({what} {peak / 1e9:.0f} GFLOP/s, "
@@ -648,7 +632,7 @@ def main(argv=None):
             tmp = tempfile.mkdtemp(prefix="speed-tiny-")
             a.model = make_tiny_model(Path(tmp) / "model")
         else:
-            a.model = M.prepare_smollm2()
+            a.model = prepare_smollm2()
     if not (Path(a.model) / "config.json").is_file():
         raise BenchError(f"--model {a.model}: no config.json there")
     log = lambda s: print(s, flush=True)  # noqa: E731

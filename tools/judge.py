@@ -1,0 +1,283 @@
+"""LLM judges for eval.py's `judge` subcommand: prompts on the paper's criteria, a local checkpoint or an
+OpenAI-compatible endpoint as the judge, a resumable cache, single grading and pairwise comparison.
+
+Credentials: $OPENAI_API_KEY is sent only to OpenAI's own endpoint (api.openai.com); any other --judge-url takes
+its key from --judge-key or $RESURE_JUDGE_KEY only. A URL's query string and user info (where some services
+put a key) are never written to the cache, the logs or an error message.
+"""
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import torch
+
+
+class JudgeError(ValueError):
+    """The judge backend failed: network errors after all retries, an HTTP error, a malformed reply."""
+    exit_code = 1
+
+
+class JudgeSetupError(ValueError):
+    """A bad judge setting or cache file (bad input, exit code 2)."""
+
+
+def public_url(url):
+    """url without user info, query string and fragment: what may be stored or printed."""
+    p = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else
+                                    p.netloc, p.path, "", ""))
+
+
+JUDGE_SYSTEM = "You are a careful, impartial judge of conversations between a user and an AI assistant."
+CRITERIA = """Judge it on four criteria:
+- Faithfulness: it agrees with everything established earlier in the dialogue (facts, names, numbers, the user's
+  corrections and constraints) and does not contradict itself.
+- Appropriateness: it does what the user's last message asks, in a fitting tone and format.
+- Naturalness: it reads as a fluent, coherent reply at this point of the conversation.
+- Completeness: it answers every part of the request, without padding."""
+SINGLE = """Rate the assistant's LAST reply in the conversation below on a scale of 1 to 10.
+{criteria}
+Scale: 1-3 wrong, off-topic or unusable; 4-6 partly right or clearly flawed; 7-8 good with minor issues;
+9-10 excellent.{ref_note}
+{how}
+
+{dialogue}{reference}"""
+PAIR = """Compare the LAST replies of two assistants, A and B, in the two conversations below (the user's messages
+are the same; each assistant's earlier replies are its own).
+{criteria}
+Do not let the order in which they are shown or the length of the replies sway you.{ref_note}
+{how}
+
+[Conversation with assistant A]
+{dialogue_a}
+
+[Conversation with assistant B]
+{dialogue_b}{reference}"""
+FORM = {"single": 'the rating in exactly this form: "Rating: [[N]]"',
+        "pair": 'the verdict in exactly this form: "Verdict: [[A]]" if A is better, "Verdict: [[B]]" if B is better, '
+                '"Verdict: [[C]]" for a tie'}
+
+
+def _dialogue(question, answers, k):
+    lines = [f"### {m['role'].capitalize()}:\n{m['content']}" for m in question.get("context", [])]
+    for u, a in zip(question["turns"][:k + 1], answers[:k + 1]):
+        lines += [f"### User:\n{u}", f"### Assistant:\n{a}"]
+    return "\n\n".join(lines)
+
+
+def judge_prompt(kind, backend, question, answers, k, answers_b=None):
+    """Chat messages asking for a 1-10 rating of turn k (0-based) or an A/B/tie verdict on it."""
+    ref = (question.get("reference") or [])[k:k + 1]
+    how = ("Reply with only " if backend == "local" else "Explain briefly, then end with ") + FORM[kind] + "."
+    fill = dict(criteria=CRITERIA, how=how,
+                ref_note=" A reference answer to the last message is given; use it to check correctness." if ref
+                else "", reference=f"\n\n[Reference answer to the last message]\n{ref[0]}" if ref else "")
+    if kind == "single":
+        text = SINGLE.format(dialogue=_dialogue(question, answers, k), **fill)
+    else:
+        text = PAIR.format(dialogue_a=_dialogue(question, answers, k),
+                           dialogue_b=_dialogue(question, answers_b, k), **fill)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": text}]
+
+
+CHOICES = {"single": [str(n) for n in range(1, 11)], "pair": ["A", "B", "C"]}
+PREFIX = {"single": "Rating: [[", "pair": "Verdict: [["}
+
+
+def parse_verdict(kind, reply):
+    """Strict: every "[[...]]" in the reply must be the same valid choice; else None."""
+    found = set(re.findall(r"\[\[\s*([^\[\]]*?)\s*\]\]", reply))
+    if len(found) != 1 or next(iter(found)) not in CHOICES[kind]:
+        return None
+    return next(iter(found))
+
+
+class LocalJudge:
+    """A local checkpoint as judge: its reply is forced to start with 'Rating: [[' (or 'Verdict: [[') and each
+    choice c is scored by the probability of the tokens of c + ']]' (so '1' and '10' compete fairly), from one
+    prompt forward whose KV cache is then shared by all choices. Single: score = probability-weighted mean
+    rating; pair: the most probable of A / B / C (tie)."""
+    backend = "local"
+
+    def __init__(self, model, template, name):
+        self.model, self.template, self.id = model, template, f"local:{name}"
+
+    @torch.no_grad()
+    def __call__(self, kind, messages):
+        enc, dev, n = self.template.tokenizer.encode, self.model.lm_head.weight.device, len(CHOICES[kind])
+        prompt = self.template.encode_prompt(messages) + enc(PREFIX[kind], add_special_tokens=False).ids
+        conts = [enc(c + "]]", add_special_tokens=False).ids for c in CHOICES[kind]]
+        m = max(map(len, conts))
+        cache = self.model.new_cache(1, len(prompt) + m)
+        first = self.model.lm_head(self.model.hidden_states(torch.tensor([prompt], device=dev), cache=cache)[:, -1])
+        cache.k, cache.v = ([t.expand(n, -1, -1, -1).clone() for t in kv] for kv in (cache.k, cache.v))
+        cache.valid, cache.next_pos = cache.valid.expand(n, -1).clone(), cache.next_pos.expand(n).clone()
+        ids = torch.tensor([c + [self.template.pad_id] * (m - len(c)) for c in conts], device=dev)
+        rest = [self.model(ids[:, :-1], cache=cache)] if m > 1 else []
+        logits = torch.cat([first.expand(n, -1)[:, None], *rest], 1)
+        logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+        real = torch.arange(m, device=dev) < torch.tensor([len(c) for c in conts], device=dev)[:, None]
+        logp = torch.where(real, logp, 0.0).sum(1)
+        probs = dict(zip(CHOICES[kind], torch.softmax(logp, 0).tolist()))
+        if kind == "single":
+            return {"score": sum(int(c) * x for c, x in probs.items()), "probs": probs}
+        return {"verdict": max(probs, key=probs.get), "probs": probs}
+
+
+class HTTPJudge:
+    """Any OpenAI-compatible /chat/completions endpoint through urllib. URL from the argument, else
+    $RESURE_JUDGE_URL, else OpenAI's; key from the argument, else $RESURE_JUDGE_KEY, else (OpenAI's endpoint only)
+    $OPENAI_API_KEY. Network errors, timeouts, HTTP 429 and 5xx are retried with exponential backoff; other HTTP
+    errors and malformed replies fail at once."""
+    backend = "http"
+
+    def __init__(self, name, url=None, key=None, timeout=60.0, retries=4, backoff=2.0, max_tokens=512):
+        p = urllib.parse.urlsplit(url or os.environ.get("RESURE_JUDGE_URL") or "https://api.openai.com/v1")
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise JudgeSetupError(f"judge URL {public_url(p.geturl())!r} is not an http(s) URL")
+        if retries < 0 or not timeout > 0:
+            raise JudgeSetupError(f"need retries >= 0 and timeout > 0, got {retries} and {timeout}")
+        path = p.path.rstrip("/")
+        self.url = p._replace(path=path if path.endswith("/chat/completions") else path + "/chat/completions").geturl()
+        self.shown = public_url(self.url)  # what may be stored or printed; self.url may hold a key
+        openai = p.hostname == "api.openai.com" and p.scheme == "https"
+        self.key = key or os.environ.get("RESURE_JUDGE_KEY") or (os.environ.get("OPENAI_API_KEY") if openai else None)
+        self.name, self.timeout, self.retries, self.backoff = name, timeout, retries, backoff
+        self.max_tokens = max_tokens
+        self.id = f"http:{self.shown}:{name}"
+
+    def chat(self, messages):
+        body = json.dumps({"model": self.name, "messages": messages, "temperature": 0,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        for attempt in range(self.retries + 1):
+            wait = self.backoff * 2 ** attempt
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    raw = r.read()
+                break
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    detail = e.read()[:200].decode(errors="replace").replace("\n", " ").replace(self.url, self.shown)
+                    raise JudgeError(f"{self.shown}: HTTP {e.code} {e.reason}: {detail}") from None
+                err = f"HTTP {e.code} {e.reason}"
+                ra = (e.headers or {}).get("Retry-After", "")
+                wait = max(wait, float(ra)) if ra.replace(".", "", 1).isdigit() else wait
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated bodies
+                err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            err = err.replace(self.url, self.shown)
+            if attempt == self.retries:
+                raise JudgeError(f"{self.shown}: no reply after {attempt + 1} attempts (last: {err})")
+            time.sleep(wait)
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+            assert isinstance(content, str)
+        except (ValueError, KeyError, IndexError, TypeError, AssertionError):
+            raise JudgeError(f"{self.shown}: malformed reply, expected JSON with choices[0].message.content: "
+                             f"{raw[:200]!r}") from None
+        return content
+
+    def __call__(self, kind, messages):
+        reply = self.chat(messages)
+        v = parse_verdict(kind, reply)
+        if kind == "single":
+            return {"score": None if v is None else float(v), "reply": reply}
+        return {"verdict": v, "reply": reply}
+
+
+class JudgeCache:
+    """Judgments in a JSONL file, keyed by a hash of (judge id, prompt messages), and the prompt holds the question
+    and the answers; each line is appended and flushed at once, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, path):
+        self.path, self.data = path, {}
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                raw = f.read()
+            lines = raw.split(b"\n")
+            for i, line in enumerate(lines, 1):
+                try:
+                    if line.strip():
+                        r = json.loads(line)
+                        self.data[r["key"]] = r["result"]
+                except (ValueError, KeyError, TypeError):
+                    if i < len(lines):  # only an unterminated last line (a killed run) is forgiven, and cut off
+                        raise JudgeSetupError(f"{path}:{i}: not a judge-cache line") from None
+                    print(f"{path}:{i}: dropping a half-written last line", file=sys.stderr)
+                    with open(path, "r+b") as f:
+                        f.truncate(len(raw) - len(line))
+        self.hits = 0
+
+    def get(self, judge, kind, messages, meta):
+        key = hashlib.sha256(json.dumps([judge.id, kind, messages], sort_keys=True).encode()).hexdigest()
+        if key in self.data:
+            self.hits += 1
+            return self.data[key]
+        result = judge(kind, messages)
+        self.data[key] = result
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "judge": judge.id, **meta, "result": result}) + "\n")
+        return result
+
+
+def _pairs(questions, *answer_sets):
+    """(question, k) for every turn that every answer file answers; the rest is counted as missing."""
+    todo, missing = [], 0
+    for q in questions:
+        for k in range(len(q["turns"])):
+            if all(len(a.get(q["question_id"], [])) > k for a in answer_sets):
+                todo.append((q, k))
+            else:
+                missing += 1
+    return todo, missing
+
+
+def judge_single(judge, questions, answers, cache=None):
+    """1-10 rating of every answered turn: mean overall and per turn, plus unparsed/missing counts."""
+    cache = cache or JudgeCache(None)
+    todo, missing = _pairs(questions, answers)
+    scores = {}
+    for q, k in todo:
+        r = cache.get(judge, "single", judge_prompt("single", judge.backend, q, answers[q["question_id"]], k),
+                      {"question_id": q["question_id"], "turn": k + 1, "kind": "single"})
+        scores.setdefault(k + 1, []).append(r["score"])
+    ok = [s for v in scores.values() for s in v if s is not None]
+    return {"score": float(np.mean(ok)) if ok else float("nan"), "judged": len(ok),
+            "per_turn": {t: float(np.mean([s for s in v if s is not None] or [np.nan])) for t, v in scores.items()},
+            "unparsed": sum(s is None for v in scores.values() for s in v), "missing": missing,
+            "cache_hits": cache.hits}
+
+
+def judge_pairwise(judge, questions, answers_a, answers_b, cache=None):
+    """A vs B on every turn both answer, judged in both orders; a win needs both orders to agree (a disagreement
+    or a tie in either order is a tie, as in FastChat), which cancels position bias."""
+    cache = cache or JudgeCache(None)
+    todo, missing = _pairs(questions, answers_a, answers_b)
+    out = {"win": 0, "tie": 0, "loss": 0, "unparsed": 0, "missing": missing}
+    for q, k in todo:
+        qa, qb = answers_a[q["question_id"]], answers_b[q["question_id"]]
+        meta = {"question_id": q["question_id"], "turn": k + 1, "kind": "pair"}
+        v1 = cache.get(judge, "pair", judge_prompt("pair", judge.backend, q, qa, k, qb), meta)["verdict"]
+        v2 = cache.get(judge, "pair", judge_prompt("pair", judge.backend, q, qb, k, qa), meta)["verdict"]
+        if v1 is None or v2 is None:
+            out["unparsed"] += 1
+            continue
+        g1, g2 = {"A": "win", "B": "loss", "C": "tie"}[v1], {"A": "loss", "B": "win", "C": "tie"}[v2]
+        out[g1 if g1 == g2 else "tie"] += 1
+    n = out["win"] + out["tie"] + out["loss"]
+    out["win_rate"] = out["win"] / n if n else float("nan")
+    out["win_rate_ties_half"] = (out["win"] + 0.5 * out["tie"]) / n if n else float("nan")
+    out["cache_hits"] = cache.hits
+    return out
