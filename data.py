@@ -383,10 +383,11 @@ def turn_group(turn_ids, labels, max_turn_groups=8):
     return b if max_turn_groups is None else min(b, max_turn_groups)
 
 
-def build_examples(conversations, template, max_len, max_turn_groups=8):
+def build_examples(conversations, template, max_len, max_turn_groups=8, free=False):
     """Encode conversations -> (examples, report). Each example: input_ids, labels, turn_ids, group, n_turns (the
     assistant turns kept), index (position in examples), conv_index (position in conversations), meta (record
-    fields except messages, plus per-kept-assistant-turn lists "noisy" / "noise_type" where messages carry them).
+    fields except messages, plus per-kept-assistant-turn lists "noisy" / "noise_type" where messages carry them);
+    with free, also "free": (turn, input_ids, labels) of each supervised reply after an empty user turn alone.
     A conversation longer than max_len loses its trailing turns; one whose first turn does not fit is dropped."""
     rep = Report(conversations=len(conversations), examples=0, truncated=0, dropped=0, unsupervised=0, turns_kept=0,
                  turns_dropped=0, tokens=0, supervised_tokens=0, max_len=max_len)
@@ -410,6 +411,10 @@ def build_examples(conversations, template, max_len, max_turn_groups=8):
                 meta[key] = [msgs[i].get(key) for i in asst[:k]]
         examples.append({**enc, "group": turn_group(enc["turn_ids"], enc["labels"], max_turn_groups),
                          "n_turns": k, "meta": meta, "index": len(examples), "conv_index": ci})
+        if free:  # the context-gain view: the same reply tokens with no dialogue before them
+            alone = [(j, template.encode([{"role": "user", "content": ""}, {**msgs[i], "train": True}]))
+                     for j, i in enumerate(asst[:k], 1) if msgs[i].get("train", True)]
+            examples[-1]["free"] = [(j, e["input_ids"], e["labels"]) for j, e in alone]
         rep["turns_kept"] += k
         rep["tokens"] += len(enc["input_ids"])
         rep["supervised_tokens"] += sum(label != -100 for label in enc["labels"])
@@ -430,7 +435,32 @@ def collate(examples, pad_id):
         out["attention_mask"][i, :n] = 1
     out["group"] = torch.tensor([int(e.get("group", 0)) for e in examples], dtype=torch.long)
     out["index"] = torch.tensor([int(e.get("index", i)) for i, e in enumerate(examples)], dtype=torch.long)
+    free = [(i, k, ids, lab) for i, e in enumerate(examples) for k, ids, lab in e.get("free", ())]
+    if free:  # free_unit: (batch row, turn) of each reply scored alone
+        T = max(len(f[2]) for f in free)
+        out.update(free_ids=torch.tensor([f[2] + [pad_id] * (T - len(f[2])) for f in free]),
+                   free_labels=torch.tensor([f[3] + [-100] * (T - len(f[3])) for f in free]),
+                   free_mask=torch.tensor([[1] * len(f[2]) + [0] * (T - len(f[2])) for f in free]),
+                   free_unit=torch.tensor([f[:2] for f in free]))
     return out
+
+
+def read_scores(path, convs):
+    """One quality score per conversation (higher is better): a number per line in conversation order, or JSON
+    lines {"id", "score"} matched by the conversations' ids."""
+    rows = [r for r in _read_bytes(path).decode("utf-8", errors="replace").split("\n") if r.strip()]
+    try:
+        vals = [json.loads(r) for r in rows]
+    except ValueError as e:
+        raise DataError(f"{path}: not a number or a JSON object on every line ({e})") from None
+    if vals and all(isinstance(v, dict) for v in vals):
+        vals = [{v.get("id"): v.get("score") for v in vals}.get(c.get("id")) for c in convs]
+    elif len(vals) != len(convs):
+        raise DataError(f"{path}: {len(vals)} scores for {len(convs)} conversations")
+    bad = next((i for i, v in enumerate(vals) if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    if bad is not None:
+        raise DataError(f"{path}: no numeric score for conversation {bad} (id {convs[bad].get('id')!r})")
+    return np.asarray(vals, dtype=np.float64)
 
 
 def epoch_batches(n, global_batch, seed, epoch, lengths=None, drop_last=False):

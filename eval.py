@@ -96,7 +96,7 @@ def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None)
 # generation
 
 @torch.no_grad()
-def _generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0, top_p=1.0,
+def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0, top_p=1.0,
                     seed=None):
     """Decoded completions of token-id prompts, batched by similar length (model.generate pads on the left and
     stops each row at its first stop id). Returns (texts, number of new tokens)."""
@@ -176,7 +176,7 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
             for u, a in zip(questions[i]["turns"][:k], answers[i]):
                 msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
             prompts.append(template.encode_prompt(msgs + [{"role": "user", "content": questions[i]["turns"][k]}]))
-        texts, n = _generate_texts(model, template, prompts, batch_size, max_new_tokens, temperature, top_p, seed)
+        texts, n = generate_texts(model, template, prompts, batch_size, max_new_tokens, temperature, top_p, seed)
         n_new += n
         for i, t in zip(todo, texts):
             answers[i].append(t)
@@ -217,7 +217,7 @@ def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, ma
                 prompts.append(template.encode_prompt(msgs[:i]))
                 refs.append(m["content"])
                 depths.append(min(k, max_turn_groups) if max_turn_groups else k)
-    preds, _ = _generate_texts(model, template, prompts, batch_size, max_new_tokens)
+    preds, _ = generate_texts(model, template, prompts, batch_size, max_new_tokens)
     per = {}
     for d, p, r in zip(depths, preds, refs):
         c = per.setdefault(d, [0, 0])

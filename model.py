@@ -103,10 +103,8 @@ def _rope_config(c, where) -> dict:
             raise CheckpointError(f"{where}: rope type {kind!r} needs {key!r}")
         out["rope_" + key] = float(rope[key])
     if kind == "llama3":
-        old = rope.get("original_max_position_embeddings") or c.get("max_position_embeddings")
-        if old is None:
-            raise CheckpointError(f"{where}: rope type 'llama3' needs 'original_max_position_embeddings'")
-        out["rope_original_max_position_embeddings"] = int(old)
+        out["rope_original_max_position_embeddings"] = int(rope.get("original_max_position_embeddings")
+                                                            or c.get("max_position_embeddings", 8192))
     return out
 
 
@@ -158,11 +156,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.hd, self.n_head, self.n_kv = layer, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=cfg.o_bias)
+        D, q, kv, b = cfg.hidden_size, self.n_head * self.hd, self.n_kv * self.hd, cfg.qkv_bias
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, q, b), nn.Linear(D, kv, b), nn.Linear(D, kv, b)
+        self.o_proj = nn.Linear(q, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
         self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
@@ -201,10 +197,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Attention(cfg, layer)
+        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), MLP(cfg)
 
     def forward(self, x, cos, sin, masks, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
@@ -321,7 +315,7 @@ class Transformer(nn.Module):
             model = cls(cfg)
         found = safetensors_index(path)                                    # name -> (file, open file)
         expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-        missing = [k for k in expected if k not in found and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+        missing = [k for k in expected if k not in found and (k != "lm_head.weight" or not cfg.tie_word_embeddings)]
         if missing:
             raise CheckpointError(f"{path}: missing tensor(s) {_names(missing)} ({len(missing)} of {len(expected)})")
         unexpected = [k for k in found if k not in expected]
@@ -329,22 +323,20 @@ class Transformer(nn.Module):
             raise CheckpointError(f"{path}: unexpected tensor(s) {_names(unexpected)} in "
                                   f"{_names(sorted({found[k][0].name for k in unexpected}))}")
         for k, (file, st) in found.items():
-            s = st.get_slice(k)
-            if s.get_dtype() not in ("F64", "F32", "F16", "BF16"):
-                raise CheckpointError(f"{file}: tensor {k} has dtype {s.get_dtype()}, expected a float type")
-            if tuple(s.get_shape()) != expected[k]:
-                raise CheckpointError(f"{file}: tensor {k} has shape {tuple(s.get_shape())}, config.json "
-                                      f"implies {expected[k]}")
+            dt, shape = st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())
+            if dt not in ("F64", "F32", "F16", "BF16") or shape != expected[k]:
+                raise CheckpointError(f"{file}: tensor {k} has " + (f"dtype {dt}, expected a float type" if shape ==
+                                      expected[k] else f"shape {shape}, config.json implies {expected[k]}"))
         for k, (file, st) in found.items():
             try:
                 t = st.get_tensor(k)
-                if k == "model.embed_tokens.weight":  # the base's identity, recorded in adapters (lora.py)
-                    model.fingerprint = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-                                                       + t[:64].to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
-                                                       ).hexdigest()[:16]
-                t = t.to(device=device, dtype=dtype)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{file}: tensor {k} cannot be read, truncated or corrupt ({e})") from None
+            if k == "model.embed_tokens.weight":  # the base's identity, recorded with adapters (lora.py)
+                model.fingerprint = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode() +
+                                                   t[:64].to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+                                                   ).hexdigest()[:16]
+            t = t.to(device=device, dtype=dtype)
             if not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"{file}: tensor {k} holds NaN or infinite values (as {dtype})")
             mod, _, name = k.rpartition(".")
@@ -390,9 +382,8 @@ def row_cross_entropy(logits, y, lse=None):
     return lse - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def _names(names, n=5):
-    names = list(names)
-    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
+def _names(names):
+    return ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
 def safetensors_index(path) -> dict:
@@ -418,9 +409,8 @@ def safetensors_index(path) -> dict:
                                   f"({str(e).splitlines()[0][:120]})") from None
         for name in st.keys():
             if name in found or (weight_map is not None and weight_map.get(name) != f.name):
-                raise CheckpointError(f"{f}: holds tensor {name}, which "
-                                      + (f"{found[name][0].name} holds too" if name in found else
-                                         f"the index maps to {weight_map.get(name)}"))
+                raise CheckpointError(f"{f}: holds tensor {name}, which the index maps to {weight_map.get(name)}"
+                                      if name not in found else f"{f}: tensor {name} is also in {found[name][0].name}")
             found[name] = (f, st)
     absent = [k for k in weight_map or {} if k not in found]
     if absent:
@@ -433,9 +423,8 @@ class KVCache:
     slot s of row b holds a real token (False for left padding); next_pos[b]: row b's next RoPE position."""
 
     def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        shape, n = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim), cfg.num_hidden_layers
+        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)] for _ in "kv")
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length, self.padded = 0, False

@@ -57,24 +57,26 @@ def _num(x):  # JSON-safe float: None for nan/inf
 
 class ReSURE:
     CONFIG = ("alpha", "floor_percentile", "warmup_samples", "ramp_steps", "min_count", "max_turn_groups", "mode",
-              "stats_kind", "stats_update", "ema_decay", "window")
+              "stats_kind", "stats_update", "ema_decay", "window", "gain_alpha")
     COUNTERS = ("calls", "seen", "ramp_pos", "units_total", "flagged_total", "nonfinite_total", "lag_run",
                 "collapse_run")
 
     def __init__(self, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=50, min_count=2,
                  max_turn_groups=None, mode="resure", stats="welford", stats_update="reliable", ema_decay=0.05,
-                 window=256, warn_steps=20, record=False):
+                 window=256, gain_alpha=None, warn_steps=20, record=False):
         if mode not in MODES or stats_update not in UPDATES:
             raise ReSUREError(f"resure: mode must be one of {MODES} and stats_update one of {UPDATES}, "
                               f"got mode={mode!r} stats_update={stats_update!r}")
         if not (0 <= floor_percentile <= 100 and min_count >= 2 and (max_turn_groups or 1) >= 1
-                and ramp_steps >= 0 and warmup_samples >= 0 and alpha >= 0):
+                and ramp_steps >= 0 and warmup_samples >= 0 and alpha >= 0 and (gain_alpha or 0) >= 0):
             raise ReSUREError("resure: need 0 <= floor_percentile <= 100, min_count >= 2, max_turn_groups >= 1 "
-                              "(or None), ramp_steps >= 0, warmup_samples >= 0, alpha >= 0")
+                              "(or None), ramp_steps >= 0, warmup_samples >= 0, alpha >= 0, gain_alpha >= 0")
         self.alpha, self.floor_percentile, self.warmup_samples = float(alpha), float(floor_percentile), warmup_samples
         self.ramp_steps, self.min_count, self.max_turn_groups, self.mode = ramp_steps, min_count, max_turn_groups, mode
         self.stats_kind, self.stats_update, self.ema_decay, self.window = stats, stats_update, float(ema_decay), window
         self.stats = GroupedStats(stats, ema_decay, window)
+        self.gain_alpha = None if gain_alpha is None else float(gain_alpha)
+        self.gain_stats = GroupedStats(stats, ema_decay, window)  # the context-gain view; used when gain_alpha is set
         self.warn_steps, self.record, self.records = warn_steps, record, []
         for k in self.COUNTERS:  # weigh() calls, finite units seen, calls after warm-up, ..., lag/collapse streaks
             setattr(self, k, 0)
@@ -101,58 +103,92 @@ class ReSURE:
         est = self.stats[b]
         return est.mean + self.alpha * est.std if est.count >= self.min_count else math.inf
 
-    def weigh(self, losses, groups, ids=None, turns=None, new_step=True):
+    def gain_band(self, b):
+        """(lo, hi) = mu_g -+ gain_alpha * sigma_g of group b's context gains ((-inf, inf) while too few)."""
+        est, a = self.gain_stats[b], self.gain_alpha or 0.0
+        return (est.mean - a * est.std, est.mean + a * est.std) if est.count >= self.min_count else (-math.inf, math.inf)
+
+    def weigh(self, losses, groups, ids=None, turns=None, new_step=True, gains=None):
         """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
         new_step: this batch starts an optimizer step (False for the later micro-batches of an accumulated step:
-        the ramp moves once per optimizer step). ids/turns (per unit: sample index, turn) only label records."""
+        the ramp moves once per optimizer step). gains: each unit's context gain (with gain_alpha set). ids/turns
+        (per unit: sample index, turn) only label the records."""
         l = self._losses(losses)
         g, n, finite = self._groups(groups, len(l)), len(l), np.isfinite(l)
         pre = {int(b): (self.stats[b].count, self.stats[b].mean, self.stats[b].std, self.tau(b)) for b in set(g)}
         tau = np.array([pre[b][3] for b in g], dtype=np.float64)                      # Eq. 5, before the batch
         warm = self.seen < self.warmup_samples
         active = not warm and self.mode != "sft"
-        flagged = finite & (l > tau) & active
-        w, eps, r = np.where(finite, 1.0, 0.0), None, 0.0
+        by_loss = finite & (l > tau) & active
+        w = np.where(finite, 1.0, 0.0)
+        w[by_loss] = weight_rule(l[by_loss], tau[by_loss])                            # Eq. 6 before the floor
+        x, band, by_gain = self._gain_view(gains, g, n, finite, active, w)
+        flagged, eps, r = by_loss | by_gain, None, 0.0
         if active:
             self.ramp_pos += new_step or self.ramp_pos == 0             # optimizer steps after warm-up, this one too
             r = 1.0 if self.ramp_steps == 0 else min(1.0, self.ramp_pos / self.ramp_steps)
-        if flagged.any():
-            if self.mode == "hard":
-                w[flagged] = 0.0                                              # filtering, not reweighting
-            else:
-                w[flagged] = weight_rule(l[flagged], tau[flagged])            # Eq. 6
-                eps = float(np.percentile(w[finite], self.floor_percentile))  # Eq. 6: the floor
-                w[flagged] = np.maximum(w[flagged], eps)
-            if r < 1.0:
-                w[flagged] = 1.0 - r * (1.0 - w[flagged])                     # ramp
-        for i in np.flatnonzero(finite):                                      # fixed (gathered batch) order
-            if not flagged[i] or self.stats_update == "all":
-                self.stats.update(g[i], l[i])
-            elif self.stats_update == "winsorized":
-                self.stats.update(g[i], tau[i])
+        if flagged.any() and self.mode == "hard":
+            w[flagged] = 0.0                                                          # filtering, not reweighting
+        elif flagged.any():
+            eps = float(np.percentile(w[finite], self.floor_percentile))              # Eq. 6: the floor
+            w[flagged] = np.maximum(w[flagged], eps)
+        if r < 1.0:
+            w[flagged] = 1.0 - r * (1.0 - w[flagged])                                 # the ramp
+        self._update(self.stats, g, l, finite, by_loss, tau)                          # the conditional update
+        if x is not None:
+            self._update(self.gain_stats, g, x, finite & np.isfinite(x), by_gain, np.clip(x, band[0], band[1]))
         self.calls, self.seen, self.units_total = self.calls + 1, self.seen + int(finite.sum()), self.units_total + n
         self.flagged_total += int(flagged.sum())
         self.nonfinite_total += int(n - finite.sum())
-        self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active)
+        self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active, by_gain)
         if self.record:
+            view = [("loss+gain" if a and b else "loss" if a else "gain" if b else None) for a, b in zip(by_loss, by_gain)]
             self.records += [{"call": self.calls, "sample": None if ids is None else int(ids[i]),
                               "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
                               "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
-                              "flagged": bool(flagged[i]), "warmup": bool(warm)} for i in range(n)]
+                              "flagged": bool(flagged[i]), "warmup": bool(warm), "view": view[i],
+                              **({} if x is None else {"gain": _num(x[i]), "gain_lo": _num(band[0][i]),
+                                                       "gain_hi": _num(band[1][i])})} for i in range(n)]
         return w, flagged
 
-    def warmup_from(self, losses, groups):
+    def _gain_view(self, gains, g, n, finite, active, w):
+        """The context-gain view (beyond the paper): a unit whose gain lies outside its group's band is flagged
+        and weighted exp(-d / h), d its distance outside the band and h the band's half-width (Eq. 6's shape
+        with the band's own scale, since a gain can be negative); w keeps the lower of the two views' weights."""
+        if gains is None or self.gain_alpha is None:
+            return None, None, np.zeros(n, dtype=bool)
+        x = _np(gains, np.float64, "gains")
+        if len(x) != n:
+            raise ReSUREError(f"resure: {n} losses but {len(x)} gains")
+        lo, hi = (np.array(v) for v in zip(*[self.gain_band(b) for b in g])) if n else (np.zeros(0), np.zeros(0))
+        by_gain = finite & np.isfinite(x) & ((x < lo) | (x > hi)) & active
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d, h = np.maximum(lo - x, x - hi), (hi - lo) / 2
+            w[by_gain] = np.minimum(w[by_gain], np.where(h[by_gain] > 0, np.exp(-d[by_gain] / h[by_gain]), 0.0))
+        return x, (lo, hi), by_gain
+
+    def _update(self, stats, g, x, ok, flagged, clipped):
+        """Reliable values enter their group's statistics in batch order; flagged ones as stats_update says."""
+        for i in np.flatnonzero(ok):
+            if not flagged[i] or self.stats_update == "all":
+                stats.update(g[i], x[i])
+            elif self.stats_update == "winsorized":
+                stats.update(g[i], clipped[i])
+
+    def warmup_from(self, losses, groups, gains=None):
         """Initialize the statistics from a separate high-quality set (the paper: 640 dialogues); counts as seen."""
         l = self._losses(losses)
         g, ok = self._groups(groups, len(l)), np.isfinite(l)
-        for b, x in zip(g[ok], l[ok]):
-            self.stats.update(b, x)
+        self._update(self.stats, g, l, ok, np.zeros(len(l), bool), l)
+        if gains is not None and self.gain_alpha is not None:
+            x = _np(gains, np.float64, "gains")
+            self._update(self.gain_stats, g, x, ok & np.isfinite(x), np.zeros(len(l), bool), x)
         self.seen += int(ok.sum())
         self.nonfinite_total += int((~ok).sum())
         return int(ok.sum())
 
     # --- observability ------------------------------------------------------------------------------------------
-    def _summarize(self, l, g, w, flagged, finite, pre, warm, r, eps, active):
+    def _summarize(self, l, g, w, flagged, finite, pre, warm, r, eps, active, by_gain):
         groups = {}
         for b, (cnt, mu, sigma, tau) in sorted(pre.items()):
             m = (g == b) & finite
@@ -167,7 +203,8 @@ class ReSURE:
                      "weight_mean": stat(np.mean, wf), "weight_min": stat(np.min, wf),
                      "weight_median": stat(np.median, wf), "eps": eps, "nonfinite": len(l) - nf,
                      "nonfinite_total": self.nonfinite_total, "flagged_total": self.flagged_total,
-                     "units_total": self.units_total, "groups": groups}
+                     "units_total": self.units_total, "groups": groups,
+                     **({"flagged_by_gain": int(by_gain.sum())} if self.gain_alpha is not None else {})}
         self._check_lag_collapse(active, nf, nflag, groups)
 
     def _check_lag_collapse(self, active, nf, nflag, groups):
@@ -210,17 +247,20 @@ class ReSURE:
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self):
         return {"config": {k: getattr(self, k) for k in self.CONFIG}, **{k: getattr(self, k) for k in self.COUNTERS},
-                "warned": list(self.warned), "stats": self.stats.state_dict()}
+                "warned": list(self.warned), "stats": self.stats.state_dict(),
+                **({"gain_stats": self.gain_stats.state_dict()} if self.gain_alpha is not None else {})}
 
     def load_state_dict(self, s):
         diff = [f"{k}: checkpoint {s['config'].get(k)!r} vs now {getattr(self, k)!r}"
-                for k in self.CONFIG if s["config"].get(k) != getattr(self, k)]
+                for k in self.CONFIG if s["config"].get(k, None) != getattr(self, k)]
         if diff:
             raise ReSUREError("resure state does not match this run's settings: " + "; ".join(diff))
         for k in self.COUNTERS:
             setattr(self, k, int(s[k]))
         self.warned, self.pending = list(s["warned"]), []  # a warning raised after the snapshot is raised again
         self.stats.load_state_dict(s["stats"])
+        if self.gain_alpha is not None:
+            self.gain_stats.load_state_dict(s["gain_stats"])
 
 
 # --- units (Eq. 1) and the reweighted loss (Eq. 7) --------------------------------------------------------------------
@@ -294,19 +334,21 @@ def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def gather(losses, *columns):
-    """All-gather units from every rank (counts may differ), rank-major: (losses as numpy float64, each integer
-    column (groups, token counts, sample ids, ...) as numpy int64, offsets); rank r's units are
-    offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns. Without torch.distributed:
-    copies, offsets = [0, n]."""
-    l = _np(losses, np.float64, "losses")
+def gather(values, *columns):
+    """All-gather units from every rank (counts may differ), rank-major: (values as numpy float64 -- one row [U] or
+    several [m, U], e.g. losses and context gains -- each integer column (groups, sample ids, ...) as numpy int64,
+    offsets); rank r's units are offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns.
+    Without torch.distributed: copies, offsets = [0, n]."""
+    v = values.detach().cpu().double().numpy() if torch.is_tensor(values) else np.asarray(values, np.float64)
+    if v.ndim not in (1, 2):
+        raise ReSUREError(f"resure: gather values must be 1-D or 2-D, got shape {tuple(v.shape)}")
     ints = [_np(c, np.int64, f"column {i + 1}") for i, c in enumerate(columns)]
-    n = len(l)
+    n = v.shape[-1]
     if any(len(c) != n for c in ints):
-        raise ReSUREError(f"resure: gather needs one value per unit in every column ({n} losses)")
+        raise ReSUREError(f"resure: gather needs one value per unit in every column ({n} units)")
     ints = np.stack(ints) if ints else np.zeros((0, n), dtype=np.int64)
     if not _distributed():
-        return (l.copy(), *ints.copy(), np.array([0, n]))
+        return (v.copy(), *ints.copy(), np.array([0, n]))
     dist, dev, world = torch.distributed, _device(), torch.distributed.get_world_size()
     counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev))
@@ -320,7 +362,7 @@ def gather(losses, *columns):
         dist.all_gather(outs, buf)
         return np.concatenate([o[..., :c].cpu().numpy() for o, c in zip(outs, counts)], axis=-1)
 
-    return (all_gather(l), *all_gather(ints), np.concatenate([[0], np.cumsum(counts)]))
+    return (all_gather(v), *all_gather(ints), np.concatenate([[0], np.cumsum(counts)]))
 
 
 def all_reduce_sum(*counts):

@@ -5,10 +5,10 @@
     torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --out runs/x
 
 One optimizer step = grad_accum micro-batches on every rank. A micro-batch: forward to per-token losses, per-unit
-losses (a dialogue, or one assistant turn), all-gather (loss, group, ...) so that every rank weighs the same global
-batch identically (resure.py), backward on this rank's share of Eq. 7. Only the LoRA adapter is trained.
-Runs are never lost: checkpoints are written whole or not at all, SIGINT / SIGTERM finish the step and save, the
-same command resumes bitwise-exactly, a finished run is not redone, and a changed setting is refused on resume.
+losses (a dialogue, or one assistant turn), all-gather them so that every rank weighs the same global batch
+identically (resure.py), backward on this rank's share of Eq. 7 (ReSURELoss below). Only the LoRA adapter trains.
+The run folder (tools/runs.py) loses nothing: checkpoints are whole or absent, SIGINT / SIGTERM finish the step
+and save, the same command resumes bitwise-exactly, a finished run is not redone, changed settings are refused.
 """
 import argparse
 import json
@@ -25,12 +25,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice
-from lora import apply_lora, load_adapter, save_adapter
+from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice, read_scores
+from lora import apply_lora, save_adapter
 from resure import ReSURE, all_reduce_sum, count_units, gather, prefilter, reweighted_loss, unit_losses
 from tools import runs
 
-# Paper settings (Sec. 4), used when --model is given and a flag is left out; the README lists the deviations.
+# The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
 PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
              epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=25,
              unit="dialogue", stats="welford", stats_update="reliable", grad_checkpointing=True,
@@ -39,21 +39,21 @@ PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=
 DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
             epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
             stats="ema", stats_update="winsorized", unit="turn", max_steps=45, grad_checkpointing=False)
-# Every numeric flag's range: (low, high, low included, high included); floats must be finite.
+# Every numeric flag's range: (low, high, low allowed, high allowed); floats must also be finite.
 RANGES = dict(epochs=(0, None, 0, 0), max_steps=(1, None, 1, 0), batch_size=(1, None, 1, 0), grad_accum=(1, None, 1, 0),
               lr=(0, None, 0, 0), warmup_ratio=(0, 1, 1, 0), weight_decay=(0, None, 1, 0), beta2=(0, 1, 0, 0),
               grad_clip=(0, None, 1, 0), max_len=(2, None, 1, 0), seed=(0, 2**32 - 1, 1, 1), lora_r=(1, None, 1, 0),
-              lora_alpha=(0, None, 0, 0), lora_dropout=(0, 1, 1, 0), alpha=(0, None, 1, 0),
+              lora_alpha=(0, None, 0, 0), lora_dropout=(0, 1, 1, 0), alpha=(0, None, 1, 0), gain_alpha=(0, None, 0, 0),
               floor_percentile=(0, 100, 1, 1), warmup_samples=(0, None, 1, 0), ramp_steps=(0, None, 1, 0),
               max_turn_groups=(0, None, 1, 0), ema_decay=(0, 1, 0, 0), window=(2, None, 1, 0),
               prefilter_keep=(0, 1, 0, 1), log_every=(1, None, 1, 0), eval_every=(0, None, 1, 0),
               save_every=(0, None, 1, 0), report_top=(0, None, 1, 0), demo_eval=(0, None, 1, 0))
-# What defines a run: resuming with any of these changed is refused (--allow-changed-config overrides).
-RUN_KEYS = ("model", "data_sha256", "warmup_data", "world_size", "chat_template", "on_bad_sample", "epochs",
-            "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "beta2", "grad_clip",
-            "max_len", "seed", "dtype", "lora_r", "lora_alpha", "lora_dropout", "method", "unit", "loss_norm",
-            "alpha", "floor_percentile", "warmup_samples", "ramp_steps", "max_turn_groups", "stats", "stats_update",
-            "ema_decay", "window", "prefilter_keep", "prefilter_scores", "group_by_length")
+# What defines a run: resuming with one of these changed is refused (--allow-changed-config overrides).
+RUN_KEYS = ("model", "warmup_data", "chat_template", "on_bad_sample", "epochs", "max_steps", "batch_size",
+            "grad_accum", "lr", "warmup_ratio", "weight_decay", "beta2", "grad_clip", "max_len", "seed", "dtype",
+            "lora_r", "lora_alpha", "lora_dropout", "method", "unit", "loss_norm", "alpha", "floor_percentile",
+            "warmup_samples", "ramp_steps", "max_turn_groups", "stats", "stats_update", "ema_decay", "window",
+            "detector", "gain_alpha", "prefilter_keep", "prefilter_scores", "group_by_length")
 
 
 class UsageError(ValueError):
@@ -108,6 +108,9 @@ def parse_args(argv=None):
         help="which units update the statistics; paper: reliable")
     add("--ema-decay", type=float, default=0.05)
     add("--window", type=int, default=256)
+    add("--detector", choices=["loss", "loss+gain"], default="loss",
+        help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha sigma_g (ours)")
+    add("--gain-alpha", type=float, default=2.0, help="the context-gain band's half-width in sigmas")
     add("--prefilter-keep", type=float, default=1.0, help="static baseline: train on this fraction only")
     add("--prefilter-scores", help="quality scores, one per conversation (higher is better), instead of the "
         "base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
@@ -130,9 +133,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     for k, (lo, hi, lo_in, hi_in) in RANGES.items():
         v = getattr(args, k)
-        ok = v is None or (math.isfinite(v) and (v >= lo if lo_in else v > lo) and
-                           (hi is None or (v <= hi if hi_in else v < hi)))
-        if not ok:
+        if v is not None and not (math.isfinite(v) and (v >= lo if lo_in else v > lo) and
+                                  (hi is None or (v <= hi if hi_in else v < hi))):
             raise UsageError(f"--{k.replace('_', '-')} must be {'>=' if lo_in else '>'} {lo}"
                              + (f" and {'<=' if hi_in else '<'} {hi}" if hi is not None else "") + f", got {v}")
     if args.resume and args.no_resume:
@@ -142,12 +144,12 @@ def parse_args(argv=None):
 
 def setup_distributed():
     if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, local, torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class TokenLoss(torch.nn.Module):
@@ -169,81 +171,105 @@ def cosine_lr(step, total, warmup, base):
 
 
 @torch.no_grad()
-def score_units(net, examples, pad_id, device, unit, batch_size=8, autocast=nullcontext):
-    """Per-unit losses and groups of examples under net (for warm-up statistics and static pre-filtering)."""
-    was_training, out_l, out_g = net.training, [], []
-    net.eval()
+def score_units(run, examples, unit, batch_size=8):
+    """Per-unit (losses, groups, context gains or None) of examples under run.net, without dropout: the warm-up
+    statistics and static pre-filtering."""
+    was_training, out = run.net.training, []
+    run.net.eval()
     for i in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        with autocast():
-            tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
-        u = unit_losses(tok.float(), b["labels"], b["turn_ids"], b["group"], unit)
-        out_l.append(u[0].double().cpu())
-        out_g.append(u[1].cpu())
-    net.train(was_training)
-    return torch.cat(out_l).numpy(), torch.cat(out_g).numpy()
+        b = {k: v.to(run.device) for k, v in collate(examples[i:i + batch_size], run.template.pad_id).items()}
+        with run.amp():
+            tok = run.net.token_losses(b["input_ids"], b["labels"], b["attention_mask"]).float()
+        losses, groups, _, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
+        gains = context_gain(run, b, losses, sidx, turn) if "free_ids" in b else torch.full_like(losses, math.nan)
+        out.append(torch.stack([losses.double(), groups.double(), gains.double()]).cpu())
+    run.net.train(was_training)
+    losses, groups, gains = torch.cat(out, 1).numpy()
+    return losses, groups.astype(np.int64), gains if np.isfinite(gains).any() else None
 
 
-# --- setting up a run ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def context_gain(run, b, losses, sidx, turn):
+    """Each unit's context gain: the mean loss of its reply tokens after an empty user turn (data.py's free rows)
+    minus its loss in the dialogue, in nats per token: how much the dialogue helps predict the reply."""
+    if "free_ids" not in b:
+        return torch.full_like(losses, math.nan)
+    with run.amp():
+        tok = run.net.token_losses(b["free_ids"], b["free_labels"], b["free_mask"]).float()
+    sup = (b["free_labels"] != -100) & (torch.arange(tok.shape[1], device=tok.device) > 0)
+    row, k = b["free_unit"].unbind(1)
+    size = (len(b["input_ids"]), int(max(k.max(), turn.max())) + 1)
+    s = tok.new_zeros(size).index_put_((row, k), (tok * sup).sum(1), accumulate=True)
+    n = tok.new_zeros(size).index_put_((row, k), sup.sum(1).float(), accumulate=True)
+    free = s.sum(1)[sidx] / n.sum(1)[sidx] if run.args.unit == "dialogue" else s[sidx, turn] / n[sidx, turn]
+    return free - losses
+
+
+class ReSURELoss:
+    """What train.py minimizes: ReSURE's reweighted unit losses (Eqs. 1-7). A baseline hands train.main another
+    object with these four methods (baselines/dpo.py does) and keeps the rest of the loop."""
+
+    def examples(self, run, convs):
+        return build_examples(convs, run.template, run.args.max_len, run.args.max_turn_groups or None,
+                              free=run.args.detector == "loss+gain")
+
+    def collate(self, run, examples):
+        return collate(examples, run.template.pad_id)
+
+    def count(self, run, b):  # (units, supervised tokens) of a micro-batch, known before its forward pass
+        return count_units(b["labels"], b["turn_ids"], run.args.unit)
+
+    def loss(self, run, b, k, totals):
+        """(this rank's share of the step's loss, the global batch's unit losses, their weights)."""
+        args = run.args
+        with run.amp():
+            tok = run.ddp(b["input_ids"], b["labels"], b["attention_mask"]).float()
+        losses, groups, ntok, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], args.unit)  # Eq. 1
+        vals = losses.detach()[None]
+        if args.detector == "loss+gain":
+            vals = torch.cat([vals, context_gain(run, b, losses.detach(), sidx, turn)[None]])
+        vals, groups, ids, turns, offsets = gather(vals, groups, b["index"][sidx], turn)
+        weights, _ = run.rs.weigh(vals[0], groups, ids=ids, turns=turns, new_step=k == 0,       # Eqs. 2-6
+                                  gains=vals[1] if len(vals) > 1 else None)
+        mine = weights[offsets[run.rank]:offsets[run.rank + 1]]
+        return reweighted_loss(losses, ntok, mine, args.loss_norm, *totals, run.world), vals[0], weights  # Eq. 7
+
+
 class Run(argparse.Namespace):
-    """Everything one training run holds: args, rank/world/device, net, opt, scaler, rs, examples, logs."""
+    """Everything one training run holds: args, rank/world/device, net, opt, scaler, rs, examples, objective."""
 
 
-def load_examples(path, template, args, label):
+def load_examples(run, path, label, convert=None):
     if not os.path.isfile(path):
         raise UsageError(f"{label} {path}: no such file")
-    convs = load_conversations(path, on_bad_sample=args.on_bad_sample)
-    examples, report = build_examples(convs, template, args.max_len, args.max_turn_groups or None)
+    convs = load_conversations(path, on_bad_sample=run.args.on_bad_sample)
+    examples, report = (convert or ReSURELoss().examples)(run, convs)
     if not examples:
         raise UsageError(f"{path}: no usable conversation ({report.summary()})")
     return examples, report, convs
 
 
-def read_scores(path, convs):
-    """--prefilter-scores: a number per line in conversation order, or JSON lines {"id", "score"} matched by id."""
-    rows = [line for line in open(path, encoding="utf-8").read().split("\n") if line.strip()]
-    try:
-        vals = [json.loads(line) for line in rows]
-    except ValueError as e:
-        raise UsageError(f"--prefilter-scores {path}: not a number or JSON object per line ({e})") from None
-    if all(isinstance(v, dict) for v in vals):
-        by_id = {v.get("id"): v.get("score") for v in vals}
-        scores = [by_id.get(c.get("id")) for c in convs]
-    elif len(vals) == len(convs):
-        scores = vals
-    else:
-        raise UsageError(f"--prefilter-scores {path}: {len(vals)} scores for {len(convs)} conversations")
-    bad = next((i for i, s in enumerate(scores) if isinstance(s, bool) or not isinstance(s, (int, float))), None)
-    if bad is not None:
-        raise UsageError(f"--prefilter-scores {path}: no numeric score for conversation {bad} "
-                         f"(id {convs[bad].get('id')!r})")
-    return np.asarray(scores, dtype=np.float64)
-
-
 def prepare_data(run):
     """Training examples (pre-filtered when asked), held-out examples, and the statistics' warm-up."""
-    args, amp = run.args, run.amp
-    run.examples, report, convs = load_examples(args.data, run.template, args, "--data")
+    args = run.args
+    run.examples, report, convs = load_examples(run, args.data, "--data", run.objective.examples)
     run.log(f"data: {args.data}: {report.summary()}")
-    run.eval_examples = load_examples(args.eval_data, run.template, args, "--eval-data")[0] if args.eval_data else None
+    plain = lambda r, c: build_examples(c, r.template, args.max_len, args.max_turn_groups or None)  # noqa: E731
+    run.eval_examples = load_examples(run, args.eval_data, "--eval-data", plain)[0] if args.eval_data else None
     if args.prefilter_keep < 1 or args.prefilter_scores:  # the paper's static pre-filtering (Sec. 5.2)
-        if args.prefilter_scores:
-            scores = -read_scores(args.prefilter_scores, convs)[[e["conv_index"] for e in run.examples]]
-        else:  # our stand-in for the paper's reward model: the base model's loss, lower is better
-            scores = score_units(run.net, run.examples, run.template.pad_id, run.device, "dialogue", autocast=amp)[0]
+        scores = -read_scores(args.prefilter_scores, convs)[[e["conv_index"] for e in run.examples]] if \
+            args.prefilter_scores else score_units(run, run.examples, "dialogue")[0]  # ours: the base model's loss
         keep = prefilter(scores, keep=args.prefilter_keep)
-        run.log(f"prefilter: kept {len(keep)} of {len(run.examples)} samples (highest "
-                f"{'score in ' + args.prefilter_scores if args.prefilter_scores else 'quality: lowest base-model loss'})")
+        run.log(f"prefilter: kept {len(keep)} of {len(run.examples)} samples (the best by "
+                f"{args.prefilter_scores or 'base-model loss, our stand-in for the paper reward model'})")
         run.examples = [dict(run.examples[i], index=j) for j, i in enumerate(keep)]
     if args.warmup_data:
-        wex = load_examples(args.warmup_data, run.template, args, "--warmup-data")[0]
-        n = run.rs.warmup_from(*score_units(run.net, wex, run.template.pad_id, run.device, args.unit, autocast=amp))
+        wex = load_examples(run, args.warmup_data, "--warmup-data")[0]
+        n = run.rs.warmup_from(*score_units(run, wex, args.unit))
         run.log(f"warm-up: statistics initialized from {n} units of {len(wex)} samples of {args.warmup_data}")
     elif args.method != "sft":
         run.log(f"warm-up: statistics from the first {args.warmup_samples} units of the unfiltered training stream "
                 "(the paper warms up on 640 high-quality samples: give them with --warmup-data)")
-
-
 
 
 def build(run):
@@ -267,7 +293,7 @@ def build(run):
     run.rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
                     ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups or None, mode=args.method,
                     stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,
-                    record=run.rank == 0)  # per-unit records for units.jsonl and report.json
+                    gain_alpha=args.gain_alpha if args.detector == "loss+gain" else None, record=run.rank == 0)
     prepare_data(run)
     apply_lora(run.net, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, verbose=run.rank == 0)
     run.params = [p for p in run.net.parameters() if p.requires_grad]
@@ -276,17 +302,17 @@ def build(run):
     cuda = [run.device.index] if run.device.type == "cuda" else None
     run.ddp = DDP(TokenLoss(run.net), device_ids=cuda) if run.world > 1 else TokenLoss(run.net)
     n, G = len(run.examples), args.batch_size * run.world
-    run.micro_per_epoch = -(-n // G) - (0 < n % G < run.world)  # a last batch leaving a rank empty is dropped
-    if run.micro_per_epoch < 1:
+    run.per_epoch = -(-n // G) - (0 < n % G < run.world)  # a last batch that would leave a rank empty is dropped
+    if run.per_epoch < 1:
         raise UsageError(f"--data {args.data}: {n} examples cannot feed {run.world} ranks")
     if 0 < n % G < run.world:
         run.log(f"sampler: dropping the last {n % G} samples of each epoch (fewer than {run.world} ranks)")
-    run.total = args.max_steps or max(1, int(args.epochs * run.micro_per_epoch) // args.grad_accum)
+    run.total = args.max_steps or max(1, int(args.epochs * run.per_epoch) // args.grad_accum)
     run.warmup = math.ceil(args.warmup_ratio * run.total)
     lengths = [len(e["input_ids"]) for e in run.examples] if args.group_by_length else None
     run.epochs = {}  # epoch -> its global batches: (epoch, position) is all the sampler's state
-    run.batches = lambda m: rank_slice(run.epochs.setdefault(m // run.micro_per_epoch, epoch_batches(
-        n, G, args.seed, m // run.micro_per_epoch, lengths))[m % run.micro_per_epoch], run.rank, run.world)
+    run.batches = lambda m: rank_slice(run.epochs.setdefault(m // run.per_epoch, epoch_batches(
+        n, G, args.seed, m // run.per_epoch, lengths))[m % run.per_epoch], run.rank, run.world)
     return True
 
 
@@ -296,25 +322,17 @@ def train_step(run, step):
     lr = cosine_lr(step, run.total, run.warmup, args.lr)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    batches = [collate([run.examples[i] for i in run.batches(step * args.grad_accum + k)], run.template.pad_id)
+    batches = [run.objective.collate(run, [run.examples[i] for i in run.batches(step * args.grad_accum + k)])
                for k in range(args.grad_accum)]
-    local = [count_units(b["labels"], b["turn_ids"], args.unit) for b in batches]
-    total_units, total_tokens = all_reduce_sum(sum(u for u, _ in local), sum(t for _, t in local))
+    totals = all_reduce_sum(*np.sum([run.objective.count(run, b) for b in batches], axis=0))
     rs_before, sums, recs, tokens = rs.state_dict(), np.zeros(3), [], 0  # rs_before: restored if skipped
     for k, b in enumerate(batches):
         b = {key: v.to(run.device) for key, v in b.items()}
         with nullcontext() if run.world == 1 or k == len(batches) - 1 else run.ddp.no_sync():
-            with run.amp():
-                tok = run.ddp(b["input_ids"], b["labels"], b["attention_mask"])
-            losses, groups, ntok, sidx, turn = unit_losses(tok.float(), b["labels"], b["turn_ids"], b["group"],
-                                                           args.unit)                               # Eq. 1
-            g_l, g_g, g_ids, g_turn, offsets = gather(losses.detach(), groups, b["index"][sidx], turn)
-            weights, _ = rs.weigh(g_l, g_g, ids=g_ids, turns=g_turn, new_step=k == 0)             # Eqs. 2-6
-            loss = reweighted_loss(losses, ntok, weights[offsets[run.rank]:offsets[run.rank + 1]], args.loss_norm,
-                                   total_units, total_tokens, run.world)                           # Eq. 7
+            loss, losses, weights = run.objective.loss(run, b, k, totals)
             run.scaler.scale(loss).backward()
-        finite = np.isfinite(g_l)
-        sums += [g_l[finite].sum(), (weights[finite] * g_l[finite]).sum(), finite.sum()]
+        ok = np.isfinite(losses)
+        sums += [losses[ok].sum(), (weights[ok] * losses[ok]).sum(), ok.sum()]
         recs += rs.pop_records()
         tokens += int(b["attention_mask"].sum())
     run.scaler.unscale_(run.opt)
@@ -329,10 +347,10 @@ def train_step(run, step):
     for r in recs:  # logged as skipped, and left out of the report, when the step was undone
         r.update(step=step, skipped=not ok)
         run.last_seen.update({(r["sample"], r["turn"]): r} if ok else {})
-    n = max(sums[2], 1)
-    return dict(step=step + 1, epoch=(step + 1) * args.grad_accum / run.micro_per_epoch, loss=sums[0] / n if
-                sums[2] else math.nan, weighted_loss=sums[1] / n, lr=lr, grad_norm=gnorm, ok=ok, tokens=tokens,
-                finite_units=int(sums[2]), records=recs)
+    n = sums[2]
+    return dict(step=step + 1, epoch=(step + 1) * args.grad_accum / run.per_epoch, loss=sums[0] / n if n else math.nan,
+                weighted_loss=sums[1] / n if n else math.nan, lr=lr, grad_norm=gnorm, ok=ok, tokens=tokens,
+                finite_units=int(n), records=recs)
 
 
 def train(run, step):
@@ -367,7 +385,7 @@ def train(run, step):
         if stop.requested():
             runs.save(run, step)
             run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
-                    f"written: the same command continues the run")
+                    "written: the same command continues the run")
             raise SystemExit(stop.exit_code)
         if args.save_every and step % args.save_every == 0 and step < run.total:
             runs.save(run, step)
@@ -375,11 +393,13 @@ def train(run, step):
     return metrics
 
 
-def main(argv=None):
+def main(argv=None, objective=None):
+    """Train; returns the model (None when --out already held this finished run). objective: ReSURELoss() unless
+    a baseline brings its own."""
     args = parse_args(argv)
-    rank, world, _, device = setup_distributed()
+    rank, world, device = setup_distributed()
     run = Run(args=args, rank=rank, world=world, device=device, out=args.out, last_seen={}, demo_test=None,
-              log=print if rank == 0 else (lambda *a, **k: None))
+              objective=objective or ReSURELoss(), log=print if rank == 0 else (lambda *a, **k: None))
     try:
         if args.demo:
             from tools.demo import prepare
@@ -418,22 +438,25 @@ def log_eval(run, metrics, step):
 
 
 def finish(run, metrics):
-    """The adapter, resure_state.json, report.json (the most down-weighted units, flagging against noise labels
-    where the data has them), the final evaluation, the merged export; then the run is marked finished."""
+    """The adapter, resure_state.json, report.json (the most down-weighted units; flagging against noise labels
+    where the data has them, per view), the final evaluation, the merged export; then the run is finished."""
     args, step = run.args, run.total
     adapter = os.path.join(run.out, "adapter")
     save_adapter(run.net, adapter, args.model)
     runs.dump(run.rs.state_dict(), os.path.join(run.out, "resure_state.json"))
     recs = sorted(run.last_seen.values(), key=lambda r: r["weight"])
-    report = {"steps": step, "most_down_weighted": [
-        dict(r, id=run.examples[r["sample"]].get("meta", {}).get("id", r["sample"]),
-             snippet=snippet(run.examples[r["sample"]], run.template, r["turn"])) for r in recs[:args.report_top]]}
-    pr = flag_quality(recs, run.examples)
-    if pr:
-        report["flagging"] = pr
-        fmt = (lambda x: "-" if x is None else f"{x:.2f}")
-        run.log(f"flagging vs noise labels: precision {fmt(pr['precision'])} recall {fmt(pr['recall'])} "
-                f"({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last sighting of each)")
+    top = [dict(r, id=run.examples[r["sample"]].get("meta", {}).get("id", r["sample"]), snippet=run.template.decode(
+        [t for t, lab, k in zip(*(run.examples[r["sample"]][c] for c in ("input_ids", "labels", "turn_ids")))
+         if lab != -100 and r["turn"] in (0, k)])[:80]) for r in recs[:args.report_top]]
+    report = {"steps": step, "most_down_weighted": top}
+    for view in (None, "loss", "gain") if args.detector == "loss+gain" else (None,):
+        pr = flag_quality(recs, run.examples, view)
+        if pr:
+            report["flagging" if view is None else f"flagging_{view}"] = pr
+            fmt = (lambda x: "-" if x is None else f"{x:.2f}")
+            run.log(f"flagging{' by ' + view if view else ''} vs noise labels: precision {fmt(pr['precision'])} "
+                    f"recall {fmt(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} "
+                    "units, last sighting of each)")
     runs.dump(report, os.path.join(run.out, "report.json"))
     if run.eval_examples:
         log_eval(run, metrics, step)
@@ -456,19 +479,16 @@ def unit_noisy(ex, turn):
     return flags[turn - 1] if turn > 0 else any(flags)
 
 
-def flag_quality(recs, examples):
-    pairs = [(r["flagged"], unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
+def flag_quality(recs, examples, view=None):
+    """Precision and recall of the flags (of one view: "loss" or "gain") against the data's noise labels."""
+    pairs = [(r["flagged"] if view is None else view in (r.get("view") or "").split("+"),
+              unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
     pairs = [(f, n) for f, n in pairs if n is not None]
     if not pairs:
         return None
     tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
     return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
                 recall=tp / nn_ if nn_ else None)
-
-
-def snippet(ex, template, turn, n=80):
-    ids = [t for t, lab, k in zip(ex["input_ids"], ex["labels"], ex["turn_ids"]) if lab != -100 and turn in (0, k)]
-    return template.tokenizer.decode(ids)[:n]
 
 
 if __name__ == "__main__":

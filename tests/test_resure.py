@@ -289,7 +289,7 @@ def test_records():
     rec = r.pop_records()
     assert len(rec) == 10 and r.records == []
     assert rec[6] == {"call": 1, "sample": 106, "turn": 6, "group": 2, "loss": 30.0, "tau": pytest.approx(6.0),
-                      "weight": pytest.approx(EPS1), "flagged": True, "warmup": False}
+                      "weight": pytest.approx(EPS1), "flagged": True, "warmup": False, "view": "loss"}
     json.dumps(rec)
     w = ReSURE(warmup_samples=12, record=True)  # warm-up: units seen before a batch < 12
     w.weigh(B1_L, B1_G)
@@ -586,3 +586,78 @@ def test_stationary_stream(stats, upd):
     else:
         assert max(clean) <= 0.2 and rates(out, 0)[0] >= 0.99, clean
         assert warnings == []
+
+
+# --- the ramp counts optimizer steps, not micro-batches --------------------------------------------------------
+def test_ramp_moves_once_per_optimizer_step():
+    """With grad accumulation 3, three weigh() calls make one optimizer step: r = s / ramp_steps for the s-th step
+    after the warm-up, whichever micro-batch the warm-up ended in."""
+    batches = stream(5, n_batches=30)
+    r = ReSURE(warmup_samples=25, ramp_steps=4)
+    seen_r, step = [], 0
+    for i, (l, g) in enumerate(batches):
+        r.weigh(l, g, new_step=i % 3 == 0)
+        if not r.summary()["warmup"]:
+            seen_r.append((i // 3, r.summary()["ramp"]))
+    first = seen_r[0][0]  # the optimizer step in which the warm-up ended counts as step 1
+    for step, ramp in seen_r:
+        assert ramp == min(1.0, (step - first + 1) / 4), (step, ramp)
+    assert seen_r[-1][1] == 1.0 and len({s for s, _ in seen_r}) >= 5
+
+
+# --- the context-gain view against a numpy oracle ---------------------------------------------------------------
+def gain_oracle(batches, alpha=1.0, gain_alpha=2.0, p=5.0, warmup=30, upd="reliable"):
+    """Loss view as in oracle(); gain view: per group mean -+ gain_alpha * std (ddof 1) of the gains that view
+    judged reliable; a flagged gain weighs exp(-d / h) (d: distance outside the band, h: its half-width); a unit
+    weighs the lower of the two; the floor applies to every flagged unit."""
+    hl, hg, seen, out = defaultdict(list), defaultdict(list), 0, []
+    for l, g, x in batches:
+        fin = np.isfinite(l)
+        ms = lambda h: (np.mean(h), np.std(h, ddof=1)) if len(h) >= 2 else None  # noqa: E731
+        tau = np.array([ms(hl[b])[0] + alpha * ms(hl[b])[1] if ms(hl[b]) else np.inf for b in g.tolist()])
+        lo = np.array([ms(hg[b])[0] - gain_alpha * ms(hg[b])[1] if ms(hg[b]) else -np.inf for b in g.tolist()])
+        hi = np.array([ms(hg[b])[0] + gain_alpha * ms(hg[b])[1] if ms(hg[b]) else np.inf for b in g.tolist()])
+        on = seen >= warmup
+        fl, fg = fin & (l > tau) & on, fin & ((x < lo) | (x > hi)) & on
+        w = np.where(fin, 1.0, 0.0)
+        w[fl] = np.exp(-(l[fl] - tau[fl]) / tau[fl])
+        d, h = np.maximum(lo - x, x - hi), (hi - lo) / 2
+        w[fg] = np.minimum(w[fg], np.exp(-d[fg] / h[fg]))
+        f = fl | fg
+        if f.any():
+            w[f] = np.maximum(w[f], np.percentile(w[fin], p))
+        for i in np.flatnonzero(fin):
+            for hist, flag, v, clip in ((hl, fl, l, tau), (hg, fg, x, np.clip(x, lo, hi))):
+                if not flag[i] or upd == "all":
+                    hist[g[i]].append(v[i])
+                elif upd == "winsorized":
+                    hist[g[i]].append(clip[i])
+        seen += int(fin.sum())
+        out.append((w, f, fl, fg))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("upd", ["reliable", "winsorized", "all"])
+def test_gain_view_matches_numpy_oracle(seed, upd):
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(25):
+        n = int(rng.integers(2, 20))
+        l = rng.lognormal(0.0, 0.3, n) + 1.5 * (rng.random(n) < 0.1)
+        x = rng.normal(0.6, 0.2, n) + rng.choice([0.0, 2.0, -1.5], n, p=[0.8, 0.1, 0.1])  # echoes / off-topic
+        batches.append((l, rng.integers(1, 4, n), x))
+    r = ReSURE(warmup_samples=30, ramp_steps=0, gain_alpha=2.0, stats_update=upd, record=True)
+    for (l, g, x), (w_ref, f_ref, fl, fg) in zip(batches, gain_oracle(batches, upd=upd)):
+        w, f = r.weigh(l, g, gains=x)
+        assert f.tolist() == f_ref.tolist()
+        np.testing.assert_allclose(w, w_ref, rtol=1e-12, atol=1e-13)
+        views = [rec["view"] for rec in r.pop_records()]
+        assert views == [("loss+gain" if a and b else "loss" if a else "gain" if b else None) for a, b in zip(fl, fg)]
+    assert r.flagged_total > 0 and r.summary()["flagged_by_gain"] >= 0
+    b = _round_trip(r, warmup_samples=30, ramp_steps=0, gain_alpha=2.0, stats_update=upd)
+    assert json.dumps(b.state_dict()) == json.dumps(r.state_dict())  # the gain statistics are checkpointed too
+    l, g, x = batches[3]
+    assert r.weigh(l, g, gains=x)[0].tobytes() == b.weigh(l, g, gains=x)[0].tobytes()
+    with pytest.raises(ReSUREError, match="3 losses but 2 gains"):
+        r.weigh([1.0, 1.0, 1.0], [1, 1, 1], gains=[0.1, 0.2])
