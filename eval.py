@@ -1,18 +1,13 @@
-"""Evaluation: per-turn loss, multi-turn generation in FastChat's format, exact-match accuracy, Spearman, and
-LLM judging (the judges themselves live in tools/judge.py).
+"""Evaluation: per-turn loss, multi-turn generation in FastChat's answer format, exact-match accuracy, Spearman.
 
     python eval.py loss     --model M [--adapter A] --data convs.jsonl [--out loss.json]
     python eval.py generate --model M [--adapter A] --questions question.jsonl --out answers.jsonl
     python eval.py accuracy --model M [--adapter A] --data test.jsonl
-    python eval.py judge    --questions question.jsonl --answers a.jsonl [--answers-b b.jsonl]
-                            (--judge-model DIR | --judge-url URL --judge-name gpt-4o) [--cache judge_cache.jsonl]
     python eval.py spearman --x 1,2,3,1,2,3 --y 6.1,5.8,5.2,6.0,5.9,5.0
+    python eval.py judge    ...   (LLM judges: tools/judge.py, see its --help)
 
-Answer files are FastChat's model-answer JSONL, one line per question:
-    {"question_id": 81, "answer_id": "...", "model_id": "m", "choices": [{"index": 0, "turns": ["..", ".."]}],
-     "tstamp": 1700000000.0}
-The HTTP judge reads $RESURE_JUDGE_URL and $RESURE_JUDGE_KEY when the flags are left out ($OPENAI_API_KEY only for
-OpenAI's own endpoint). Errors are one line on stderr: exit code 2 for bad input, 1 when the judge backend fails.
+An answer file line: {"question_id": 81, "answer_id": "..", "model_id": "m", "choices": [{"index": 0, "turns":
+[".."]}], "tstamp": 1700000000.0}. Errors are one line on stderr: exit code 2 for bad input, 1 when a judge fails.
 """
 import argparse
 import hashlib
@@ -58,12 +53,7 @@ def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=N
     return model.eval(), ChatTemplate.from_pretrained(model_dir, name=chat_template)
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# per-turn loss
+# --- per-turn loss ---
 
 @torch.no_grad()
 def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None):
@@ -72,7 +62,7 @@ def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None)
     Token losses come from model.token_losses; a supervised token (label != -100) belongs to depth turn_ids[t],
     capped at max_turn_groups when given (deeper turns share the last depth, as ReSURE's turn groups do).
     Means are over tokens, not samples."""
-    sums, counts, dev, was_training = {}, {}, _device(model), model.training
+    sums, counts, dev, was_training = {}, {}, next(model.parameters()).device, model.training
     model.eval()  # no LoRA dropout
     for i in range(0, len(examples), batch_size):
         b = collate(examples[i:i + batch_size], pad_id)
@@ -92,8 +82,7 @@ def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None)
             "overall": row(sum(sums.values()), sum(counts.values()))}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# generation
+# --- generation ---
 
 @torch.no_grad()
 def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0, top_p=1.0,
@@ -146,22 +135,6 @@ def answer_record(question_id, model_id, turns):
             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
 
 
-def read_answers(path):
-    """{question_id: [answer per turn]} from a FastChat model-answer file (first choice, as FastChat reads it)."""
-    out = {}
-    for where, r in read_jsonl(path):
-        try:
-            qid, turns = r["question_id"], r["choices"][0]["turns"]
-            assert isinstance(turns, list) and all(isinstance(t, str) for t in turns)
-        except (KeyError, IndexError, TypeError, AssertionError):
-            raise EvalError(f"{where}: not a model answer (needs question_id and choices[0].turns, a list of "
-                            "strings)") from None
-        if qid in out:
-            raise EvalError(f"{where}: a second answer to question_id {qid!r}")
-        out[qid] = turns
-    return out
-
-
 def generate_answers(model, template, questions, model_id, batch_size=8, max_new_tokens=256, temperature=0.0,
                      top_p=1.0, seed=None):
     """Multi-turn answers: turn k of every question is asked with the model's OWN answers to turns < k in context.
@@ -185,8 +158,7 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
     return records, {"new_tokens": n_new, "seconds": dt, "tokens_per_s": n_new / dt if dt > 0 else float("nan")}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# exact-match accuracy on the synthetic benchmark
+# --- exact-match accuracy on the synthetic benchmark ---
 
 def normalize_answer(text):
     """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", " separators."""
@@ -228,8 +200,48 @@ def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, ma
             "per_turn": {d: {"accuracy": c[0] / c[1], "correct": c[0], "total": c[1]} for d, c in sorted(per.items())}}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Spearman (Table 4 analogue), numpy only
+# --- flags against noise labels
+def unit_noisy(ex, turn):
+    """Noise label of a unit: its own turn (unit=turn) or any supervised turn of the dialogue (unit=dialogue)."""
+    flags = ex.get("meta", {}).get("noisy")
+    if flags is None:
+        return None
+    flags = [bool(x) for x in flags[:ex.get("n_turns", len(flags))]]
+    return flags[turn - 1] if turn > 0 else any(flags)
+
+
+def flag_quality(recs, examples, view=None):
+    """Precision and recall of the flags (of one detector view: "loss" or "gain") against the noise labels."""
+    pairs = [(r["flagged"] if view is None else view in (r.get("view") or "").split("+"),
+              unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
+    pairs = [(f, n) for f, n in pairs if n is not None]
+    if not pairs:
+        return None
+    tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
+    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
+                recall=tp / nn_ if nn_ else None)
+
+
+def flag_report(records, examples, template, top=20, views=(), log=print):
+    """train.py's report.json: the `top` most down-weighted units (last sighting of each) with a snippet of their
+    reply, and the flags' precision / recall against the data's noise labels, overall and per detector view."""
+    recs = sorted(records, key=lambda r: r["weight"])
+    out = {"most_down_weighted": [dict(r, id=examples[r["sample"]].get("meta", {}).get("id", r["sample"]),
+                                       snippet=template.decode([t for t, lab, k in zip(*(examples[r["sample"]][c] for c in
+                                       ("input_ids", "labels", "turn_ids"))) if lab != -100 and r["turn"] in (0, k)])[:80])
+                                  for r in recs[:top]]}
+    for view in (None, *views):
+        pr = flag_quality(recs, examples, view)
+        if pr:
+            out["flagging" if view is None else f"flagging_{view}"] = pr
+            fmt = (lambda x: "-" if x is None else f"{x:.2f}")
+            log(f"flagging{' by ' + view if view else ''} vs noise labels: precision {fmt(pr['precision'])} recall "
+                f"{fmt(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last "
+                "sighting of each)")
+    return out
+
+
+# --- Spearman (Table 4 analogue), numpy only ---
 
 def rankdata(a):
     """Ranks 1..n, ties get the mean of the ranks they span (scipy's 'average')."""
@@ -256,8 +268,7 @@ def spearman(x, y):
     return float(rx @ ry / den) if den > 0 else float("nan")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# command line
+# --- command line ---
 
 def _numbers(s, flag):
     try:
@@ -274,20 +285,20 @@ def _emit(res, out):
 
 
 RANGES = dict(batch_size=(1, False), max_new_tokens=(1, False), temperature=(0, False), top_p=(0, True),
-              max_len=(2, False), max_turn_groups=(1, False), timeout=(0, True), retries=(0, False), seed=(0, False))
+              max_len=(2, False), max_turn_groups=(1, False), seed=(0, False))  # (low, low excluded)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    cmd = {c: sub.add_parser(c).add_argument for c in ("loss", "generate", "accuracy", "judge", "spearman")}
-    for c in ("loss", "generate", "accuracy", "judge"):
+    cmd = {c: sub.add_parser(c).add_argument for c in ("loss", "generate", "accuracy", "spearman")}
+    sub.add_parser("judge", help="LLM judging (tools/judge.py)")
+    for c in ("loss", "generate", "accuracy"):
         add = cmd[c]
-        if c != "judge":
-            add("--model", required=True, help="Hugging Face folder")
-            add("--adapter", help="LoRA adapter folder (PEFT format)")
-            add("--chat-template", help="force a template name (see data.py)")
-            add("--batch-size", type=int, default=8)
+        add("--model", required=True, help="Hugging Face folder")
+        add("--adapter", help="LoRA adapter folder (PEFT format)")
+        add("--chat-template", help="force a template name (see data.py)")
+        add("--batch-size", type=int, default=8)
         add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         add("--out", help="output file (generate: answers .jsonl; others: results .json)")
@@ -304,18 +315,6 @@ def parse_args(argv=None):
     add("--temperature", type=float, default=0.0)
     add("--top-p", type=float, default=1.0)
     add("--seed", type=int, default=None)
-    add = cmd["judge"]
-    add("--questions", required=True, help="the questions the answer files answer")
-    add("--answers", required=True, help="FastChat answer file to grade (model A in pairwise mode)")
-    add("--answers-b", help="second answer file: pairwise A vs B instead of single grading")
-    add("--judge-model", help="local judge: a Hugging Face folder run through model.py")
-    add("--judge-name", help="HTTP judge: model name sent to the endpoint, e.g. gpt-4o")
-    add("--judge-url", help="OpenAI-compatible base URL (default: $RESURE_JUDGE_URL, else api.openai.com/v1)")
-    add("--judge-key", help="API key (default: $RESURE_JUDGE_KEY; $OPENAI_API_KEY only for api.openai.com)")
-    add("--timeout", type=float, default=60.0)
-    add("--retries", type=int, default=4)
-    add("--cache", default=None, help="judgment cache, to resume without paying twice (default: judge_cache.jsonl "
-        "beside --out, else in the working directory; '' for none)")
     cmd["spearman"]("--x", required=True, help="settings as ordinal numbers, e.g. 1,2,3 for H, H+N, H+N+L")
     cmd["spearman"]("--y", required=True, help="scores, same length")
     args = p.parse_args(argv)
@@ -338,33 +337,14 @@ def parse_args(argv=None):
     return args
 
 
-def judge(args):
-    """The judge subcommand: single grading, or A vs B in both orders, through tools/judge.py."""
-    from tools import judge as J
-    questions, answers = read_questions(args.questions), read_answers(args.answers)
-    answers_b = read_answers(args.answers_b) if args.answers_b else None
-    if args.judge_model:
-        model, template = load(args.judge_model, None, args.dtype, args.device)
-        jd = J.LocalJudge(model, template, os.path.abspath(args.judge_model))
-    elif args.judge_name:
-        jd = J.HTTPJudge(args.judge_name, args.judge_url, args.judge_key, args.timeout, args.retries)
-    else:
-        raise EvalError("judge: give --judge-model DIR (local judge) or --judge-name NAME (HTTP endpoint)")
-    cache = args.cache
-    if cache is None:  # beside --out when given: nothing is written into the working directory then
-        cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl") if args.out else \
-            "judge_cache.jsonl"
-    cache = J.JudgeCache(cache or None)
-    return _emit(J.judge_pairwise(jd, questions, answers, answers_b, cache) if answers_b
-                 else J.judge_single(jd, questions, answers, cache), args.out)
-
-
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["judge"]:  # the judges live in tools/judge.py, with their own flags
+        from tools.judge import main as judge_main
+        return judge_main(argv[1:])
     args = parse_args(argv)
     if args.cmd == "spearman":
         return print(json.dumps({"spearman": spearman(_numbers(args.x, "--x"), _numbers(args.y, "--y"))}))
-    if args.cmd == "judge":
-        return judge(args)
     data = read_questions(args.questions) if args.cmd == "generate" else \
         load_conversations(args.data, on_bad_sample=args.on_bad_sample)
     if not data:

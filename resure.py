@@ -302,6 +302,19 @@ def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
     return losses, turns[k], tokens, sample, turns[k]
 
 
+def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, unit="dialogue", batch=None):
+    """Context gain of each unit: the mean loss of its reply tokens scored alone, after an empty user turn
+    (free_token_losses [R, T] of the R rows free_unit = (batch row, turn)), minus its loss in the dialogue, in nats
+    per token: how much the dialogue helps predict the reply (a dialogue unit pools the tokens of its replies)."""
+    sup = (free_labels != -100) & (torch.arange(free_labels.shape[1], device=free_labels.device) > 0)
+    row, k = free_unit.unbind(1)
+    size = (batch or int(torch.cat([row, sample]).max()) + 1, int(torch.cat([k, turn]).max()) + 1)
+    s = losses.new_zeros(size).index_put_((row, k), (free_token_losses * sup).sum(1).to(losses.dtype), accumulate=True)
+    n = losses.new_zeros(size).index_put_((row, k), sup.sum(1).to(losses.dtype), accumulate=True)
+    free = s.sum(1)[sample] / n.sum(1)[sample] if unit == "dialogue" else s[sample, turn] / n[sample, turn]
+    return free - losses
+
+
 def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None, total_tokens=None,
                     world_size=1):
     """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units; token: sum w*l*n_tokens / total_tokens.

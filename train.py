@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as M
 from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice, read_scores
 from lora import apply_lora, save_adapter
-from resure import ReSURE, all_reduce_sum, count_units, gather, prefilter, reweighted_loss, unit_losses
+from eval import flag_report, flag_quality, unit_noisy  # noqa: F401  (train.flag_quality: for bench/)
+from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter, reweighted_loss, unit_losses
 from tools import runs
 
 # The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
@@ -190,19 +191,12 @@ def score_units(run, examples, unit, batch_size=8):
 
 @torch.no_grad()
 def context_gain(run, b, losses, sidx, turn):
-    """Each unit's context gain: the mean loss of its reply tokens after an empty user turn (data.py's free rows)
-    minus its loss in the dialogue, in nats per token: how much the dialogue helps predict the reply."""
+    """Each unit's context gain (resure.context_gain) from its replies scored alone (data.py's free rows)."""
     if "free_ids" not in b:
         return torch.full_like(losses, math.nan)
     with run.amp():
         tok = run.net.token_losses(b["free_ids"], b["free_labels"], b["free_mask"]).float()
-    sup = (b["free_labels"] != -100) & (torch.arange(tok.shape[1], device=tok.device) > 0)
-    row, k = b["free_unit"].unbind(1)
-    size = (len(b["input_ids"]), int(max(k.max(), turn.max())) + 1)
-    s = tok.new_zeros(size).index_put_((row, k), (tok * sup).sum(1), accumulate=True)
-    n = tok.new_zeros(size).index_put_((row, k), sup.sum(1).float(), accumulate=True)
-    free = s.sum(1)[sidx] / n.sum(1)[sidx] if run.args.unit == "dialogue" else s[sidx, turn] / n[sidx, turn]
-    return free - losses
+    return gain_of(tok, b["free_labels"], b["free_unit"], losses, sidx, turn, run.args.unit, len(b["input_ids"]))
 
 
 class ReSURELoss:
@@ -444,19 +438,8 @@ def finish(run, metrics):
     adapter = os.path.join(run.out, "adapter")
     save_adapter(run.net, adapter, args.model)
     runs.dump(run.rs.state_dict(), os.path.join(run.out, "resure_state.json"))
-    recs = sorted(run.last_seen.values(), key=lambda r: r["weight"])
-    top = [dict(r, id=run.examples[r["sample"]].get("meta", {}).get("id", r["sample"]), snippet=run.template.decode(
-        [t for t, lab, k in zip(*(run.examples[r["sample"]][c] for c in ("input_ids", "labels", "turn_ids")))
-         if lab != -100 and r["turn"] in (0, k)])[:80]) for r in recs[:args.report_top]]
-    report = {"steps": step, "most_down_weighted": top}
-    for view in (None, "loss", "gain") if args.detector == "loss+gain" else (None,):
-        pr = flag_quality(recs, run.examples, view)
-        if pr:
-            report["flagging" if view is None else f"flagging_{view}"] = pr
-            fmt = (lambda x: "-" if x is None else f"{x:.2f}")
-            run.log(f"flagging{' by ' + view if view else ''} vs noise labels: precision {fmt(pr['precision'])} "
-                    f"recall {fmt(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} "
-                    "units, last sighting of each)")
+    report = {"steps": step, **flag_report(run.last_seen.values(), run.examples, run.template, args.report_top,
+                                           ("loss", "gain") if args.detector == "loss+gain" else (), run.log)}
     runs.dump(report, os.path.join(run.out, "report.json"))
     if run.eval_examples:
         log_eval(run, metrics, step)
@@ -468,27 +451,6 @@ def finish(run, metrics):
     if run.demo_test:
         from tools.demo import report as demo_report
         demo_report(args, run.net, run.template, run.demo_test, run.log)
-
-
-def unit_noisy(ex, turn):
-    """Noise label of a unit: its own turn (unit=turn) or any supervised turn of the dialogue (unit=dialogue)."""
-    flags = ex.get("meta", {}).get("noisy")
-    if flags is None:
-        return None
-    flags = [bool(x) for x in flags[:ex.get("n_turns", len(flags))]]
-    return flags[turn - 1] if turn > 0 else any(flags)
-
-
-def flag_quality(recs, examples, view=None):
-    """Precision and recall of the flags (of one view: "loss" or "gain") against the data's noise labels."""
-    pairs = [(r["flagged"] if view is None else view in (r.get("view") or "").split("+"),
-              unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
-    pairs = [(f, n) for f, n in pairs if n is not None]
-    if not pairs:
-        return None
-    tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
-    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
-                recall=tp / nn_ if nn_ else None)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 import data
 from data import BadSample, ChatTemplate
+from tools.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIRS = {"qwen2.5": "qwen2.5-instruct", "llama3": "llama-3.2-instruct", "qwen3": "qwen3"}
@@ -141,7 +142,7 @@ def test_hh_rlhf_conversion_reports_malformed_rows(fixtures_dir):
     path = fixtures_dir / "dialogues" / "hh-rlhf-helpful-base" / "test.jsonl.gz"
     raw = [json.loads(l) for l in gzip.open(path, "rt", encoding="utf-8")]
     rep = {}
-    convs = data.convert(path, "hh", report=rep)
+    convs = convert(path, "hh", report=rep)
     assert rep["records"] == 2354 and rep["kept"] == 2344 == len(convs)
     assert rep["reasons"] == {"roles not alternating": 9, "empty content": 1}
     bad_rows = sorted(int(b.split(": ")[0].rsplit(":", 1)[1]) - 1 for b in rep["bad"])
@@ -155,14 +156,14 @@ def test_hh_rlhf_conversion_reports_malformed_rows(fixtures_dir):
     assert sum(m["role"] == "assistant" for c in convs for m in c["messages"]) == \
         sum(r["chosen"].count("\n\nAssistant:") for i, r in enumerate(raw) if i not in bad_rows)
     with pytest.raises(BadSample, match=re.escape(f"{path}:121: empty content")):
-        data.convert(path, "hh", on_bad_sample="error")
+        convert(path, "hh", on_bad_sample="error")
 
 
 def test_mtbench101_conversion(fixtures_dir):
     path = fixtures_dir / "mt_bench_101" / "mtbench101.jsonl"
     raw = [json.loads(l) for l in open(path, encoding="utf-8")]
     rep = {}
-    convs = data.convert(path, "mtbench101", report=rep)
+    convs = convert(path, "mtbench101", report=rep)
     assert len(convs) == 1388 == len(raw) and rep["skipped"] == 0
     for r, c in zip(raw, convs):
         assert c["id"] == r["id"] and c["task"] == r["task"] and c["source"] == "mt-bench-101"

@@ -88,21 +88,21 @@ def test_answer_file_roundtrip_in_fastchat_format(tmp_path, fixtures_dir):
         assert set(row) == set(ref[0]) and set(row["choices"][0]) == set(ref[0]["choices"][0])
         assert [type(row[k]) for k in sorted(row)] == [type(ref[0][k]) for k in sorted(ref[0])]
         assert row["choices"][0]["index"] == 0
-    back = E.read_answers(path)
+    back = J.read_answers(path)
     assert back == {r["question_id"]: r["choices"][0]["turns"] for r in recs}
     # FastChat's own file reads the same way
-    assert E.read_answers(fixtures_dir / "mt_bench/reference_answer/gpt-4.jsonl")[101] == ref[0]["choices"][0]["turns"]
+    assert J.read_answers(fixtures_dir / "mt_bench/reference_answer/gpt-4.jsonl")[101] == ref[0]["choices"][0]["turns"]
     assert E.answer_record(1, "m", ["a"])["answer_id"] == E.answer_record(1, "m", ["a"])["answer_id"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"question_id": 3, "choices": [{"turns": "x"}]}) + "\n")
-    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: not a model answer"):
-        E.read_answers(bad)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a model answer"):
+        J.read_answers(bad)
     bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[0]) + "\n")
-    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: a second answer to question_id 101"):
-        E.read_answers(bad)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: a second answer to question_id 101"):
+        J.read_answers(bad)
     bad.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"choices": [{"turns": ["x"]}]}) + "\n")
-    with pytest.raises(E.EvalError, match=r"bad.jsonl:2: not a model answer"):  # no question_id: no KeyError
-        E.read_answers(bad)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a model answer"):  # no question_id: no KeyError
+        J.read_answers(bad)
 
 
 def test_read_mt_bench_questions(fixtures_dir, tmp_path):
@@ -479,7 +479,7 @@ def test_generate_answers_equal_model_generate_and_roundtrip(tiny, tmp_path, fix
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [{k: v for k, v in row.items() if k != "tstamp"} for row in rows] == \
         [{k: v for k, v in rec.items() if k != "tstamp"} for rec in recs[:3]]
-    assert E.read_answers(out) == {rec["question_id"]: rec["choices"][0]["turns"] for rec in recs[:3]}
+    assert J.read_answers(out) == {rec["question_id"]: rec["choices"][0]["turns"] for rec in recs[:3]}
 
 
 SYNTH = [  # as data.py synth writes them; the second dialogue's first reply is noisy, its reference is the truth

@@ -18,7 +18,8 @@ from lora import load_adapter
 from resure import ReSURE
 
 ROOT = Path(__file__).resolve().parents[1]
-ESTIMATORS = [("welford", "reliable"), ("ema", "winsorized"), ("window", "reliable"), ("mad", "all")]
+ESTIMATORS = [("welford", "reliable", "loss"), ("ema", "winsorized", "loss"), ("window", "reliable", "loss"),
+              ("mad", "all", "loss"), ("welford", "reliable", "loss+gain")]
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,51 @@ def test_skipped_step_leaves_no_trace(setup, monkeypatch):
     assert json.loads((out / "report.json").read_text())["flagging"]["units"] == 4 * 8
 
 
-@pytest.mark.parametrize("stats,update", ESTIMATORS)
-def test_torchrun_two_ranks_equal_one_process(setup, stats, update):
+def test_context_gain_of_hand_made_replies_equals_transformers(setup):
+    """gain = NLL(reply | an empty user turn) - NLL(reply | the dialogue so far), per turn and pooled per dialogue,
+    from data.py's free rows and resure.gain_of, against transformers' own logits on the same token ids."""
+    import transformers
+    from data import ChatTemplate, build_examples, collate
+    from resure import gain_of, unit_losses
+    tpl = ChatTemplate.from_pretrained(setup / "tiny")
+    conv = {"messages": [{"role": "user", "content": "Keep a counter. Start at 3."}, {"role": "assistant", "content": "3"},
+                         {"role": "user", "content": "Add 4."}, {"role": "assistant", "content": "Add 4."},
+                         {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "x", "train": False}]}
+    ex, _ = build_examples([conv], tpl, 256, free=True)
+    assert [k for k, _, _ in ex[0]["free"]] == [1, 2]  # a reply marked "train": false is not scored
+    hf = transformers.AutoModelForCausalLM.from_pretrained(setup / "tiny", dtype=torch.float64).eval()
+
+    def nll(ids, labels):  # mean CE of the supervised tokens, in float64, by transformers
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, :-1]
+        y = torch.tensor(labels[1:])
+        ce = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none")
+        return ce[y != -100], [t for t in labels[1:] if t != -100]
+    full, free = {}, {}
+    for k in (1, 2):
+        lab = [t if tid == k else -100 for t, tid in zip(ex[0]["labels"], ex[0]["turn_ids"])]
+        full[k] = nll(ex[0]["input_ids"], lab)
+        _, ids, flab = ex[0]["free"][k - 1]
+        free[k] = nll(ids, flab)
+        assert full[k][1] == free[k][1]  # the same reply tokens in both encodings
+    net = M.Transformer.from_pretrained(setup / "tiny", dtype=torch.float64)
+    b = collate(ex, tpl.pad_id)
+    with torch.no_grad():
+        tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
+        ftok = net.token_losses(b["free_ids"], b["free_labels"], b["free_mask"])
+    for unit in ("turn", "dialogue"):
+        losses, _, _, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
+        gains = gain_of(ftok, b["free_labels"], b["free_unit"], losses, sidx, turn, unit, 1)
+        want = [float(free[k][0].mean() - full[k][0].mean()) for k in (1, 2)] if unit == "turn" else \
+            [float(torch.cat([free[1][0], free[2][0]]).mean() - torch.cat([full[1][0], full[2][0]]).mean())]
+        assert gains.tolist() == pytest.approx(want, rel=1e-5), unit  # token_losses is fp32
+
+
+@pytest.mark.parametrize("stats,update,detector", ESTIMATORS)
+def test_torchrun_two_ranks_equal_one_process(setup, stats, update, detector):
     common = ("--max-steps", "4", "--grad-accum", "2", "--lora-dropout", "0", "--lr", "1e-4", "--stats", stats,
-              "--stats-update", update, "--unit", "turn")
-    one, two = setup / f"one-{stats}", setup / f"two-{stats}"
+              "--stats-update", update, "--unit", "turn", "--detector", detector)
+    one, two = setup / f"one-{stats}-{detector}", setup / f"two-{stats}-{detector}"
     run(setup, one, "--batch-size", "6", *common)
     run(setup, two, "--batch-size", "3", *common, nproc=2)
     m1, m2 = metrics(one), metrics(two)
@@ -156,20 +197,24 @@ def test_torchrun_two_ranks_equal_one_process(setup, stats, update):
     s2 = json.loads((two / "resure_state.json").read_text())
     assert s1["seen"] == s2["seen"] and s1["flagged_total"] == s2["flagged_total"]
     assert_close_tree(s1["stats"], s2["stats"], 1e-6)
+    if detector == "loss+gain":  # the context gains, gathered from both ranks, make the same statistics
+        assert_close_tree(s1["gain_stats"], s2["gain_stats"], 1e-5)
+        assert s1["gain_stats"]["groups"] and s1["config"]["gain_alpha"] == 2.0
     a1 = load_file(one / "adapter" / "adapter_model.safetensors")
     a2 = load_file(two / "adapter" / "adapter_model.safetensors")
-    for k in a1:  # the gradient all-reduce sums in another order: fp32 rounding, relative to each tensor's norm
-        assert float((a1[k] - a2[k]).norm() / a1[k].norm()) <= 1e-6, k
+    for k in a1:  # the gradient all-reduce sums in another order, and each rank pads its free rows otherwise:
+        tol = 1e-6 if detector == "loss" else 1e-5  # fp32 rounding, relative to each tensor's norm
+        assert float((a1[k] - a2[k]).norm() / a1[k].norm()) <= tol, k
 
 
-@pytest.mark.parametrize("stats,update", ESTIMATORS)
-def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update):
+@pytest.mark.parametrize("stats,update,detector", ESTIMATORS)
+def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update, detector):
     common = ("--max-steps", "8", "--batch-size", "4", "--grad-accum", "1", "--lora-dropout", "0.1", "--save-every", "2",
-              "--stats", stats, "--stats-update", update)
-    ref, cut = setup / f"ref-{stats}", setup / f"cut-{stats}"
+              "--stats", stats, "--stats-update", update, "--detector", detector)
+    ref, cut = setup / f"ref-{stats}-{detector}", setup / f"cut-{stats}-{detector}"
     run(setup, ref, *common)
     p = run(setup, cut, *common, wait=False)
-    kill_after = {"welford": 2, "ema": 4, "window": 6, "mad": 4}[stats]  # different steps for different runs
+    kill_after = {"welford": 2, "ema": 4, "window": 6, "mad": 4}[stats] + 2 * (detector != "loss")  # other steps
     deadline = time.time() + 300
     while time.time() < deadline and not (cut / f"step-{kill_after:07d}").exists():
         time.sleep(0.05)

@@ -3,9 +3,12 @@
 Each converter maps one parsed record to a conversation, or to a string saying what is wrong with it; data.py's
 `convert` reads the file, validates what comes out and counts (or refuses) the rest:
 
-    python data.py convert --format hh|mtbench101 IN OUT.jsonl [--on-bad-sample error|skip]
+    python data.py convert --format hh|mtbench101 IN OUT.jsonl [--on-bad-sample error|skip]   (or tools/convert.py)
 """
+import argparse
+import os
 import re
+import sys
 
 HH_SPLIT = re.compile(r"\n\n(Human|Assistant): ?")
 
@@ -37,3 +40,37 @@ def from_hh_rlhf(obj, row, field="chosen"):
 
 
 CONVERTERS = {"hh": from_hh_rlhf, "mtbench101": from_mtbench101}
+
+
+def convert(path, fmt, on_bad_sample="skip", report=None):
+    """A public dialogue file -> validated conversations (data.validate: bad rows counted and reported)."""
+    from data import BadSample, iter_json_records, validate
+
+    def rows():
+        for row, (where, obj) in enumerate(iter_json_records(path)):
+            rec = obj if isinstance(obj, BadSample) else CONVERTERS[fmt](obj, row)
+            yield where, BadSample(where, "unknown format", rec) if isinstance(rec, str) else rec
+    return validate(path, rows(), on_bad_sample, report)
+
+
+def main(argv=None):
+    from data import DataError, save_jsonl
+    p = argparse.ArgumentParser(prog="data.py convert", description="convert public dialogues to OpenAI-form JSONL")
+    p.add_argument("--format", required=True, choices=sorted(CONVERTERS))
+    p.add_argument("--on-bad-sample", default="skip", choices=("error", "skip"))
+    p.add_argument("inp")
+    p.add_argument("out")
+    a = p.parse_args(argv)
+    try:
+        convs = convert(a.inp, a.format, on_bad_sample=a.on_bad_sample)
+        save_jsonl(convs, a.out)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {len(convs)} conversations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())

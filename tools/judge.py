@@ -281,3 +281,74 @@ def judge_pairwise(judge, questions, answers_a, answers_b, cache=None):
     out["win_rate_ties_half"] = (out["win"] + 0.5 * out["tie"]) / n if n else float("nan")
     out["cache_hits"] = cache.hits
     return out
+
+
+def read_answers(path):
+    """{question_id: [answer per turn]} from a FastChat model-answer file (first choice, as FastChat reads it)."""
+    from eval import read_jsonl
+    out = {}
+    for where, r in read_jsonl(path):
+        try:
+            qid, turns = r["question_id"], r["choices"][0]["turns"]
+            assert isinstance(turns, list) and all(isinstance(t, str) for t in turns)
+        except (KeyError, IndexError, TypeError, AssertionError):
+            raise JudgeSetupError(f"{where}: not a model answer (needs question_id and choices[0].turns, a list of "
+                                  "strings)") from None
+        if qid in out:
+            raise JudgeSetupError(f"{where}: a second answer to question_id {qid!r}")
+        out[qid] = turns
+    return out
+
+
+def main(argv=None):
+    """`python eval.py judge ...` (or tools/judge.py): single grading, or A vs B judged in both orders."""
+    import argparse
+    from eval import load, read_questions
+    p = argparse.ArgumentParser(prog="eval.py judge", description="grade answer files with an LLM judge")
+    add = p.add_argument
+    add("--questions", required=True, help="the questions the answer files answer")
+    add("--answers", required=True, help="FastChat answer file to grade (model A in pairwise mode)")
+    add("--answers-b", help="second answer file: pairwise A vs B instead of single grading")
+    add("--judge-model", help="local judge: a Hugging Face folder run through model.py")
+    add("--judge-name", help="HTTP judge: model name sent to the endpoint, e.g. gpt-4o")
+    add("--judge-url", help="OpenAI-compatible base URL (default: $RESURE_JUDGE_URL, else api.openai.com/v1)")
+    add("--judge-key", help="API key (default: $RESURE_JUDGE_KEY; $OPENAI_API_KEY only for api.openai.com)")
+    add("--timeout", type=float, default=60.0)
+    add("--retries", type=int, default=4)
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--out", help="results .json")
+    add("--cache", default=None, help="judgment cache, to resume without paying twice (default: judge_cache.jsonl "
+        "beside --out, else in the working directory; '' for none)")
+    args = p.parse_args(argv)
+    if args.out:  # checked before the work, not after it
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    questions, answers = read_questions(args.questions), read_answers(args.answers)
+    answers_b = read_answers(args.answers_b) if args.answers_b else None
+    if args.judge_model:
+        model, template = load(args.judge_model, None, args.dtype, args.device)
+        judge = LocalJudge(model, template, os.path.abspath(args.judge_model))
+    elif args.judge_name:
+        judge = HTTPJudge(args.judge_name, args.judge_url, args.judge_key, args.timeout, args.retries)
+    else:
+        raise JudgeSetupError("judge: give --judge-model DIR (local judge) or --judge-name NAME (HTTP endpoint)")
+    cache = args.cache
+    if cache is None:  # beside --out when given: nothing is written into the working directory then
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.out)), "judge_cache.jsonl") if args.out else \
+            "judge_cache.jsonl"
+    cache = JudgeCache(cache or None)
+    res = judge_pairwise(judge, questions, answers, answers_b, cache) if answers_b else \
+        judge_single(judge, questions, answers, cache)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        print(f"judge: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
