@@ -112,38 +112,44 @@ def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
     out = tmp_path / "noise"
     res = noise.main(["--tiny", "--model", tiny, "--out", str(out), "--threads", "1"])
     printed = capsys.readouterr().out
-    assert printed.startswith("noise.py tiny:") and "plan: 24 training runs" in printed
-    md = (out / "results.md").read_text()
     methods = list(noise.PRESETS["tiny"]["methods"])
+    assert printed.startswith("noise.py tiny:") and f"plan: {2 * 4 * len(methods)} training runs" in printed
+    md = (out / "results.md").read_text()
     rows = table_rows(md.split("## Clean-test exact-match accuracy")[1].split("##")[0])
     assert [r[0] for r in rows[1:]] == ["base model (no training)"] + methods
-    for r in rows[1:]:
-        for cell in r[1:4]:
-            assert NUM.match(cell), r
-    for section in ("## Data", "## Clean-test loss", "## Difference to SFT", "## Flagging", "Per noise type",
-                    "Per turn depth", "## What this run shows"):
+    assert all(NUM.match(cell) for r in rows[1:] for cell in r[1:5])
+    for section in ("## Data", "## Change from H", "## Clean-test loss", "## Difference to SFT", "## Compute",
+                    "## Flagging", "Per noise kind", "Per turn depth", "Per detector view", "## What this run shows"):
         assert section in md
     saved = json.loads((out / "results.json").read_text())
     runs = saved["results"]
+    assert not [r for r in runs if "error" in r]
     assert sorted((r["variant"], r["mixture"], r["seed"]) for r in runs) == sorted(
         (v, m, s) for v in methods for m in noise.MIXTURES for s in (1, 2))
-    for r in runs:
-        assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0
-        if r["variant"] != "sft":
-            a = r["flagging"]["all"]
-            assert a["tp"] <= min(a["flagged"], a["noisy"]) and a["flagged"] <= a["units"]
-            if r["mixture"] == "H":
-                assert a["noisy"] == 0  # tier H carries no injected noise
-    # mixtures: n, 2n, 3n dialogues; H clean, noise grows with every added tier
     n = noise.PRESETS["tiny"]["n"]
     for s in ("1", "2"):
         st = saved["data"][s]
-        assert [st[m]["dialogues"] for m in noise.MIXTURES] == [n, 2 * n, 3 * n]
-        frac = [st[m]["noisy"] / st[m]["turns"] for m in noise.MIXTURES]
-        assert frac[0] == 0 and frac[0] < frac[1] < frac[2]
-        kept = [json.loads(x) for x in (out / f"data-seed{s}" / "mix_H+N+L_prefilter.jsonl").read_text().splitlines()]
-        assert len(kept) == math.floor(0.75 * 3 * n + 0.5)
-    # Spearman per method against scipy (the oracle), over all (mixture, seed) pairs
+        assert [st[m]["dialogues"] for m in noise.MIXTURES] == [n, 2 * n, 2 * n, 3 * n]
+        frac = {m: st[m]["noisy"] / st[m]["turns"] for m in noise.MIXTURES}
+        assert frac["H"] == 0 < frac["H+N"] < frac["H+L"] and frac["H+N"] < frac["H+N+L"]
+        kept = (out / f"data-seed{s}" / "mix_H+N+L.scores").read_text().split()
+        assert len(kept) == 3 * n and saved["prefilter"][s]["H+N+L"]["kept"] == math.floor(0.75 * 3 * n + 0.5)
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+        # same final training compute: every method trains its mixture's steps
+        assert r["compute"]["optimizer_steps"] == saved["data"][str(r["seed"])][r["mixture"]]["steps"]
+        if r["variant"] != "sft":
+            a = r["flagging"]["all"]
+            assert a["tp"] <= min(a["flagged"], a["noisy"]) and a["flagged"] <= a["units"]
+            assert r["trajectory"] and r["trajectory"][-1]["step"] == r["compute"]["optimizer_steps"]
+            if r["mixture"] == "H":
+                assert a["noisy"] == 0  # tier H carries no injected noise
+        if r["variant"] == "resure[loss+gain]":  # a unit is flagged when either view flags it
+            v = r["flagging"]["by_view"]
+            assert max(v["loss"]["all"]["flagged"], v["gain"]["all"]["flagged"]) <= r["flagging"]["all"]["flagged"] \
+                <= v["loss"]["all"]["flagged"] + v["gain"]["all"]["flagged"]
+            assert r["compute"]["forward_tokens"] > 0  # the context-free rows and the warm-up set
+    # Spearman per method against scipy (the oracle), over all (mixture, seed) pairs, mixtures ranked 1-4
     from scipy.stats import spearmanr
     for v in methods:
         xs = [noise.MIXTURES.index(r["mixture"]) for r in runs if r["variant"] == v]
@@ -151,29 +157,74 @@ def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
         want = spearmanr(xs, ys).statistic
         got = saved["summary"][v]["spearman"]["loss"]
         assert (got is None and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
-    png = out / "noise.png"
     try:
         import matplotlib  # noqa: F401
-        assert png.is_file() and png.stat().st_size > 1000
+        assert (out / "noise.png").stat().st_size > 1000 and (out / "resure_dynamics.png").stat().st_size > 1000
     except ImportError:
-        assert "matplotlib is not installed" in printed and not png.exists()
+        assert "matplotlib is not installed" in printed and not (out / "noise.png").exists()
     assert res["out"] == str(out)
+    # resumable: the same command finds every run finished; --report rebuilds results.md from results.json alone
+    (out / "results.md").unlink()
+    noise.main(["--tiny", "--model", tiny, "--out", str(out), "--threads", "1"])
+    assert f"resuming: {len(runs)} of {len(runs)} runs already finished" in capsys.readouterr().out
+    again = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    noise.main(["--report", str(out)])
+    strip = (lambda t: re.sub(r"^Machine:.*$", "", t, flags=re.M))  # noqa: E731
+    assert strip((out / "results.md").read_text()) == strip(again) and strip(again) == strip(md)
 
 
 def test_noise_paired_differences_and_spread():
     import noise
-    rs = [dict(variant=v, mixture=m, seed=s, accuracy=a, loss=1.0)
-          for v, m, s, a in [("sft", "H", 1, 0.50), ("sft", "H", 2, 0.60), ("x", "H", 1, 0.70), ("x", "H", 2, 0.72),
-                             ("sft", "H+N", 1, 0.4), ("sft", "H+N", 2, 0.5), ("x", "H+N", 1, 0.41),
-                             ("x", "H+N", 2, 0.49)]]
-    rs += [dict(r, mixture="H+N+L") for r in rs if r["mixture"] == "H+N"]
-    summ = noise.summarize(rs, ["sft", "x"], [1, 2])
+    acc = {("sft", "H"): (0.50, 0.60, 0.55), ("x", "H"): (0.70, 0.72, 0.80),
+           ("sft", "H+N"): (0.40, 0.50, 0.45), ("x", "H+N"): (0.41, 0.49, 0.45)}
+    rs = [dict(variant=v, mixture=m, seed=s, accuracy=a[s - 1], loss=1.0) for (v, m), a in acc.items()
+          for s in (1, 2, 3)]
+    summ = noise.summarize(rs, ["sft", "x"], [1, 2, 3], ("H", "H+N"))
+    # x - sft on H per seed: 0.20, 0.12, 0.25 -> mean 0.19, sample std by hand
+    d = [0.20, 0.12, 0.25]
     m, s = summ["x"]["mixtures"]["H"]["d_accuracy"]
-    assert m == pytest.approx(0.16) and s == pytest.approx(math.sqrt(((0.20 - 0.16) ** 2 + (0.12 - 0.16) ** 2) / 1))
-    assert noise.verdict(m, s) == ""                                    # 0.16 > sd 0.057: resolved
-    m, s = summ["x"]["mixtures"]["H+N"]["d_accuracy"]
-    assert m == pytest.approx(0.0) and noise.verdict(m, s) == " (within spread)"
-    assert noise.verdict(0.1, math.nan) == " (one seed: no spread)"
+    assert m == pytest.approx(0.19) and s == pytest.approx(math.sqrt(sum((x - 0.19) ** 2 for x in d) / 2))
+    assert noise.verdict(m, s) == ""                                    # 0.19 > sd 0.066: a difference
+    m, s = summ["x"]["mixtures"]["H+N"]["d_accuracy"]                    # 0.01, -0.01, 0.00
+    assert m == pytest.approx(0.0) and s == pytest.approx(0.01) and noise.verdict(m, s) == " (no difference)"
+    # the regime check: sft from H to H+N is -0.10 on every seed, a drop with no spread at all
+    m, s = summ["sft"]["mixtures"]["H+N"]["h_accuracy"]
+    assert m == pytest.approx(-0.10) and s == pytest.approx(0.0, abs=1e-12) and noise.verdict(m, s) == ""
+    assert noise.verdict(0.1, math.nan) == " (one seed: no spread)" and noise.verdict(0.05, 0.05) == " (no difference)"
+    # a seed missing on one side is left out of the pairing, not paired with another seed
+    m, s = noise.paired({1: 0.5, 2: 0.7}, {2: 0.6, 3: 0.1})
+    assert m == pytest.approx(0.1) and math.isnan(s)
+    # Spearman: mixtures H, H+N ranked 1, 2 against accuracy, over the six (mixture, seed) pairs of a method
+    from scipy.stats import spearmanr
+    assert summ["x"]["spearman"]["accuracy"] == pytest.approx(
+        spearmanr([1, 1, 1, 2, 2, 2], list(acc["x", "H"]) + list(acc["x", "H+N"])).statistic)
+
+
+def test_noise_flagging_per_kind_depth_and_view(tmp_path):
+    import noise
+    ex = [{"meta": {"noisy": [False, True, True], "noise_type": [None, "echo", "wrong"]}, "n_turns": 3},
+          {"meta": {"noisy": [False, False], "noise_type": [None, None]}, "n_turns": 2}]
+    recs = [  # (sample, turn, flagged, view, warmup, skipped)
+        (0, 1, False, None, True, False),     # warm-up: no decision
+        (0, 2, True, "gain", False, False), (0, 3, True, "loss+gain", False, False),
+        (1, 1, True, "loss", False, False), (1, 2, False, None, False, False),
+        (0, 3, False, None, False, True),     # a skipped step: left out
+        (0, 1, False, None, False, False)]
+    with open(tmp_path / "units.jsonl", "w") as f:
+        for s, t, fl, view, w, sk in recs:
+            f.write(json.dumps({"sample": s, "turn": t, "group": t, "flagged": fl, "view": view, "warmup": w,
+                                "skipped": sk, "weight": 0.5 if fl else 1.0}) + "\n")
+    fl = noise.flagging(tmp_path / "units.jsonl", ex, views=True)
+    a = fl["all"]
+    assert (a["units"], a["noisy"], a["flagged"], a["tp"]) == (5, 2, 3, 2)
+    assert a["precision"] == pytest.approx(2 / 3) and a["recall"] == 1.0 and a["weight_noisy"] == 0.5
+    assert fl["by_kind"]["echo"]["recall"] == 1.0 and fl["by_kind"]["clean"]["flag_rate"] == pytest.approx(1 / 3)
+    assert fl["by_depth"][1]["flagged"] == 1 and fl["by_depth"][3]["tp"] == 1
+    loss, gain = fl["by_view"]["loss"]["all"], fl["by_view"]["gain"]["all"]
+    assert (loss["flagged"], loss["tp"], gain["flagged"], gain["tp"]) == (2, 1, 2, 2)
+    assert fl["by_view"]["gain"]["by_kind"]["echo"]["recall"] == 1.0 and \
+        fl["by_view"]["loss"]["by_kind"]["echo"]["recall"] == 0.0
 
 
 def test_bad_input_is_one_line_error(tmp_path):

@@ -122,6 +122,43 @@ def test_synth_noise_labels_match_the_corruptions(synth_dir):
     assert st["N"]["noisy_turns"] == noisy
 
 
+def test_synth_default_mix_is_unchanged(tmp_path):
+    """The opt-in echo kind leaves the default files byte for byte as they were (sha256 pinned before it existed)."""
+    import hashlib
+    names = ["train_H.jsonl", "train_N.jsonl", "train_L.jsonl", "test.jsonl", "synth_meta.json"]
+    for kw, want in ((dict(seed=5, n_train=400, n_test=80),
+                      "bf4415314aca70e96618344201e27a475836e936876783a40b53545330e320af"),
+                     (dict(seed=1, n_train=60, n_test=10, profile="flat", min_turns=1, max_turns=6),
+                      "f562116b50f1c19ce46e788f5b7ef3faacbc061f41213b2d301421a8df0948b9")):
+        S.synth(tmp_path, **kw)
+        assert hashlib.sha256(b"".join((tmp_path / f).read_bytes() for f in names)).hexdigest() == want
+
+
+def test_synth_echo(tmp_path):
+    kinds = dict(S.SYNTH_KINDS, echo=0.5)
+    meta = S.synth(tmp_path / "a", seed=3, n_train=200, n_test=10, kinds=kinds)
+    S.synth(tmp_path / "b", seed=3, n_train=200, n_test=10, kinds=kinds)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in ("train_N.jsonl", "train_L.jsonl", "synth_meta.json"))
+    n_echo = 0
+    for tier in "HNL":
+        for r in data.load_conversations(tmp_path / "a" / f"train_{tier}.jsonl"):
+            users = [m["content"] for m in r["messages"] if m["role"] == "user"]
+            replies = [m for m in r["messages"] if m["role"] == "assistant"]
+            assert [m["reference"] for m in replies] == _interpret(users)  # echo leaves the truth alone
+            for u, m in zip(users, replies):
+                if m["noise_type"] == "echo":
+                    n_echo += 1
+                    assert m["noisy"] and m["content"] in (u, u.lower(), u.rstrip("."))
+                    assert m["content"] != m["reference"]
+    assert n_echo == meta["tiers"]["N"]["by_kind"]["echo"] + meta["tiers"]["L"]["by_kind"]["echo"] > 20
+    assert S.main(["--out", str(tmp_path / "c"), "--n-train", "20", "--n-test", "2", "--kinds", "echo=1"]) == 0
+    assert set(json.loads((tmp_path / "c" / "synth_meta.json").read_text())["tiers"]["L"]["by_kind"]) <= \
+        {"echo", "propagated"}
+    assert S.main(["--out", str(tmp_path / "d"), "--kinds", "echo"]) == 2    # NAME=WEIGHT, one line, exit 2
+    assert S.main(["--out", str(tmp_path / "d"), "--kinds", "parrot=1"]) == 2
+
+
 def test_synth_turn_profiles(tmp_path):
     late = S.synth(tmp_path / "late", seed=1, n_train=600, n_test=10, rates={"N": 0.3}, profile="late",
                       kinds={"wrong": 1.0}, min_turns=4, max_turns=4)["tiers"]["N"]["noisy_fraction_by_turn"]

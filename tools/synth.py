@@ -6,7 +6,9 @@ current state (a number, or a comma-separated list):
   list:    "Keep a shopping list and reply with the whole list only. Start with milk." -> "milk"; "Add tea." ...
 Noise per assistant turn (noise_type): "wrong" (a plausible wrong state), "off_topic" (a reply taken from a
 dialogue of the other task), "truncated" (the reply cut inside a word), "state_error" (a wrong state that the
-following turns build on: they are consistent with it, labelled "propagated" while they differ from the truth).
+following turns build on: they are consistent with it, labelled "propagated" while they differ from the truth),
+and, only when asked for in kinds (it is not in the default mix), "echo" (the reply repeats the user's message,
+exactly or as a near copy: lower case, or without its final period).
 Every assistant message carries noisy, noise_type and reference (the true answer), in data.py's conversation
 format. The train tiers H/N/L share the same dialogues and differ only in injected noise; test.jsonl is clean
 and disjoint from train.
@@ -33,6 +35,7 @@ def save_jsonl(records, path):
 
 SYNTH_RATES = {"H": 0.0, "N": 0.2, "L": 0.5}  # per-turn injection rates; realized noisy turns ~24% / ~54%
 SYNTH_KINDS = {"wrong": 0.3, "off_topic": 0.2, "truncated": 0.2, "state_error": 0.3}
+KINDS = (*SYNTH_KINDS, "echo")  # echo is opt-in, so the default mix (and its files) stays what it was
 ITEMS = ("milk", "eggs", "bread", "rice", "tea", "jam", "fish", "soap", "salt", "corn", "beans", "apples")
 PHRASES = {
     ("counter", "start"): ("Keep a counter and reply with its value only. Start at {}.",
@@ -115,6 +118,13 @@ def _turn_rate(rate, profile, k, n):
     return min(1.0, rate * w)
 
 
+def _echo(user, rng, avoid):
+    """The user's message as the reply: exactly, in lower case, or without its final period."""
+    forms = [user, user.lower(), user.rstrip(".")]
+    cand = [f for i, f in enumerate(forms) if f and f not in avoid and f not in forms[:i]]
+    return rng.choice(cand) if cand else None
+
+
 def _noisy_turns(dlg, rate, profile, kinds, rng, pool):
     """Assistant messages of one dialogue with noise injected (pool: task -> clean replies of all dialogues)."""
     task, ops, n = dlg["task"], dlg["ops"], len(dlg["ops"])
@@ -129,6 +139,8 @@ def _noisy_turns(dlg, rate, profile, kinds, rng, pool):
             avoid, new = {ref, reply}, None
             if kind == "truncated":
                 new = _truncate(reply, rng, avoid)
+            elif kind == "echo":
+                new = _echo(dlg["users"][k - 1], rng, avoid)
             elif kind == "off_topic":
                 cand = [r for r in sum((v for t, v in pool.items() if t != task), []) if r not in avoid] \
                     or [r for r in pool[task] if r not in avoid]
@@ -170,9 +182,9 @@ def synth(out_dir, seed=42, n_train=2000, n_test=200, min_turns=2, max_turns=5, 
     if profile not in ("flat", "late", "early"):
         raise SynthError(f"profile must be flat, late or early, got {profile!r}")
     if not 1 <= min_turns <= max_turns or not tasks or set(tasks) - {"counter", "list"} \
-            or set(kinds) - set(SYNTH_KINDS):
+            or set(kinds) - set(KINDS):
         raise SynthError("synth: need 1 <= min_turns <= max_turns, tasks from counter/list, kinds from "
-                        + ", ".join(SYNTH_KINDS))
+                        + ", ".join(KINDS))
     out_dir = Path(out_dir)
     rng = random.Random(f"synth-{seed}-dialogues")
     train = [_make_dialogue(rng, rng.choice(tasks), rng.randint(min_turns, max_turns)) for _ in range(n_train)]
@@ -225,6 +237,20 @@ def _noise_stats(recs):
             "noisy_fraction_by_turn": {k: round(x / n, 4) for k, (n, x) in sorted(by_turn.items())}}
 
 
+def parse_kinds(text):
+    """"wrong=0.3,echo=0.2" -> {"wrong": 0.3, "echo": 0.2}; None -> None (the default mix)."""
+    if text is None:
+        return None
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise SynthError(f"--kinds: {part!r} is not NAME=WEIGHT") from None
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -237,10 +263,13 @@ def main(argv=None):
         p.add_argument(f"--rate-{tier}", type=float, default=r, help=f"per-turn noise rate of tier {tier}")
     p.add_argument("--profile", default="late", choices=("flat", "late", "early"))
     p.add_argument("--tasks", default="counter,list")
+    p.add_argument("--kinds", help="noise kinds and weights, e.g. wrong=0.3,off_topic=0.2,echo=0.2 (default: "
+                   + ",".join(f"{k}={w}" for k, w in SYNTH_KINDS.items()) + "; echo is only used when named)")
     a = p.parse_args(argv)
     try:
         meta = synth(a.out, a.seed, a.n_train, a.n_test, a.min_turns, a.max_turns,
-                     {t: getattr(a, f"rate_{t}") for t in SYNTH_RATES}, a.profile, None, tuple(a.tasks.split(",")))
+                     {t: getattr(a, f"rate_{t}") for t in SYNTH_RATES}, a.profile, parse_kinds(a.kinds),
+                     tuple(a.tasks.split(",")))
     except (SynthError, OSError) as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 2
