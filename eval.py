@@ -54,14 +54,10 @@ def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=N
 
 
 # --- per-turn loss ---
-
 @torch.no_grad()
 def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None):
-    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall.
-
-    Token losses come from model.token_losses; a supervised token (label != -100) belongs to depth turn_ids[t],
-    capped at max_turn_groups when given (deeper turns share the last depth, as ReSURE's turn groups do).
-    Means are over tokens, not samples."""
+    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall, over tokens:
+    a supervised token belongs to depth turn_ids[t], capped at max_turn_groups when given (as turn groups are)."""
     sums, counts, dev, was_training = {}, {}, next(model.parameters()).device, model.training
     model.eval()  # no LoRA dropout
     for i in range(0, len(examples), batch_size):
@@ -83,10 +79,9 @@ def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None)
 
 
 # --- generation ---
-
 @torch.no_grad()
 def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                    seed=None):
+                   seed=None):
     """Decoded completions of token-id prompts, batched by similar length (model.generate pads on the left and
     stops each row at its first stop id). Returns (texts, number of new tokens)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -159,7 +154,6 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
 
 
 # --- exact-match accuracy on the synthetic benchmark ---
-
 def normalize_answer(text):
     """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", " separators."""
     t = " ".join(str(text).strip().lower().split()).rstrip(".").strip()
@@ -200,49 +194,7 @@ def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, ma
             "per_turn": {d: {"accuracy": c[0] / c[1], "correct": c[0], "total": c[1]} for d, c in sorted(per.items())}}
 
 
-# --- flags against noise labels
-def unit_noisy(ex, turn):
-    """Noise label of a unit: its own turn (unit=turn) or any supervised turn of the dialogue (unit=dialogue)."""
-    flags = ex.get("meta", {}).get("noisy")
-    if flags is None:
-        return None
-    flags = [bool(x) for x in flags[:ex.get("n_turns", len(flags))]]
-    return flags[turn - 1] if turn > 0 else any(flags)
-
-
-def flag_quality(recs, examples, view=None):
-    """Precision and recall of the flags (of one detector view: "loss" or "gain") against the noise labels."""
-    pairs = [(r["flagged"] if view is None else view in (r.get("view") or "").split("+"),
-              unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
-    pairs = [(f, n) for f, n in pairs if n is not None]
-    if not pairs:
-        return None
-    tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
-    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
-                recall=tp / nn_ if nn_ else None)
-
-
-def flag_report(records, examples, template, top=20, views=(), log=print):
-    """train.py's report.json: the `top` most down-weighted units (last sighting of each) with a snippet of their
-    reply, and the flags' precision / recall against the data's noise labels, overall and per detector view."""
-    recs = sorted(records, key=lambda r: r["weight"])
-    out = {"most_down_weighted": [dict(r, id=examples[r["sample"]].get("meta", {}).get("id", r["sample"]),
-                                       snippet=template.decode([t for t, lab, k in zip(*(examples[r["sample"]][c] for c in
-                                       ("input_ids", "labels", "turn_ids"))) if lab != -100 and r["turn"] in (0, k)])[:80])
-                                  for r in recs[:top]]}
-    for view in (None, *views):
-        pr = flag_quality(recs, examples, view)
-        if pr:
-            out["flagging" if view is None else f"flagging_{view}"] = pr
-            fmt = (lambda x: "-" if x is None else f"{x:.2f}")
-            log(f"flagging{' by ' + view if view else ''} vs noise labels: precision {fmt(pr['precision'])} recall "
-                f"{fmt(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last "
-                "sighting of each)")
-    return out
-
-
 # --- Spearman (Table 4 analogue), numpy only ---
-
 def rankdata(a):
     """Ranks 1..n, ties get the mean of the ranks they span (scipy's 'average')."""
     a = np.asarray(a, dtype=np.float64)
@@ -269,7 +221,6 @@ def spearman(x, y):
 
 
 # --- command line ---
-
 def _numbers(s, flag):
     try:
         return [float(v) for v in s.split(",") if v.strip()]
@@ -329,11 +280,13 @@ def parse_args(argv=None):
         except (RuntimeError, AssertionError) as e:
             raise EvalError(f"--device {args.device}: not usable here ({str(e).splitlines()[0][:100]})") from None
     if getattr(args, "out", None):  # checked before the work, not after it
-        if os.path.isdir(args.out):
-            raise EvalError(f"--out {args.out}: is a folder, expected a file name")
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
-            raise EvalError(f"--out {args.out}: its folder is not writable")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise EvalError(f"--out {args.out}: its folder cannot be made ({e.strerror})") from None
+        if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
+            raise EvalError(f"--out {args.out}: is a folder, or its folder is not writable")
     return args
 
 

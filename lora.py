@@ -32,11 +32,10 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         nn.Module.__init__(self)  # take over base's tensors instead of allocating new ones
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.weight, self.bias = base.weight, base.bias
+        for t in (self.weight, self.bias):
+            if t is not None:
+                t.requires_grad_(False)
         self.r, self.lora_alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = base.weight.device if base.weight.device.type != "meta" else "cpu"
@@ -82,19 +81,6 @@ class LoRALinear(nn.Linear):
         return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.lora_alpha}"
 
 
-def _targets(model: nn.Module, targets) -> list[str]:
-    """Names of the nn.Linear modules inside the blocks whose last name component is in targets (PEFT's rule)."""
-    targets = set(targets)
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-            and ".layers." in f".{name}" and name.rsplit(".", 1)[-1] in targets]
-
-
-def _set(model: nn.Module, name: str, module: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def apply_lora(model: nn.Module, r: int = 128, alpha: float = 16, dropout: float = 0.3, targets=DEFAULT_TARGETS,
                use_rslora: bool = False, verbose: bool = True) -> nn.Module:
     """Freeze everything, then wrap each targeted linear layer in a LoRALinear (paper: r=128, alpha=16, p=0.3)."""
@@ -102,11 +88,14 @@ def apply_lora(model: nn.Module, r: int = 128, alpha: float = 16, dropout: float
         raise AdapterError(f"LoRA rank must be positive, got r={r}")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = _targets(model, targets)
+    names = [name for name, m in model.named_modules()  # PEFT's rule: the last name component, inside the blocks
+             if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and ".layers." in f".{name}"
+             and name.rsplit(".", 1)[-1] in set(targets)]
     if not names:
         raise AdapterError(f"no linear layer in the model matches LoRA targets {sorted(set(targets))}")
     for name in names:
-        _set(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
     model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                              target_modules=sorted({n.rsplit(".", 1)[-1] for n in names}))
     if verbose:
@@ -123,11 +112,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors under our module names (`...q_proj.lora_A.weight`)."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight
-        out[f"{name}.lora_B.weight"] = m.lora_B.weight
-    return out
+    return {f"{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight for name, m in lora_modules(model).items()
+            for ab in "AB"}
 
 
 def merge_lora(model: nn.Module):
@@ -180,7 +166,8 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
     tmp = os.path.join(out_dir, ".adapter_model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
-    base_info = {"base_model": os.path.basename(os.path.normpath(base)), "fingerprint": getattr(model, "fingerprint", None)}
+    base_info = {"base_model": os.path.basename(os.path.normpath(base)), "fingerprint": getattr(model, "fingerprint",
+                                                                                                None)}
     for name, obj in (("adapter_config.json", config), ("base.json", base_info)):
         with open(os.path.join(out_dir, f".{name}.tmp"), "w") as f:
             json.dump(obj, f, indent=2)
@@ -195,27 +182,10 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
         if not os.path.isfile(p):
             raise AdapterError(f"{p}: not found (an adapter folder holds adapter_config.json and "
                                "adapter_model.safetensors)")
-    cfg = read_json(cfg_path, AdapterError)
-    if type(cfg.get("r")) is not int or cfg["r"] <= 0 or not isinstance(cfg.get("lora_alpha"), (int, float)):
-        raise AdapterError(f"{cfg_path}: needs a positive integer r and a number lora_alpha, got "
-                           f"r={cfg.get('r')!r}, lora_alpha={cfg.get('lora_alpha')!r}")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if cfg.get(key):
-            raise AdapterError(f"{cfg_path}: {key}=true is not supported")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise AdapterError(f"{cfg_path}: per-layer {key} is not supported")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise AdapterError(f"{cfg_path}: bias={cfg.get('bias')!r} / modules_to_save="
-                           f"{cfg.get('modules_to_save')!r} are not supported (only adapter matrices)")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str) or not targets:
-        raise AdapterError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    cfg = _adapter_config(cfg_path)
     if not lora_modules(model):
         apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-                   targets=targets, use_rslora=cfg.get("use_rslora", False), verbose=verbose)
+                   targets=cfg["target_modules"], use_rslora=cfg.get("use_rslora", False), verbose=verbose)
     tensors = _read_adapter(w_path)
     base = os.path.join(adapter_dir, "base.json")
     base = read_json(base, AdapterError) if os.path.isfile(base) else {}
@@ -249,6 +219,22 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
     for m in lora_modules(model).values():
         m.scaling = scaling
     return model
+
+
+def _adapter_config(path):
+    """adapter_config.json if it describes adapters we load: plain LoRA matrices (one AdapterError line if not)."""
+    cfg = read_json(path, AdapterError)
+    t = cfg.get("target_modules")
+    why = ("needs a positive integer r and a number lora_alpha" if type(cfg.get("r")) is not int or cfg["r"] <= 0 or
+           not isinstance(cfg.get("lora_alpha"), (int, float)) else
+           f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)" if cfg.get("peft_type", "LORA") != "LORA"
+           else "target_modules must be a list of module names" if isinstance(t, str) or not t else
+           next((f"{k} is not supported (only plain adapter matrices)" for k in ("use_dora", "fan_in_fan_out",
+                 "rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)), None) or
+           (f"bias={cfg['bias']!r} is not supported" if cfg.get("bias", "none") != "none" else None))
+    if why:
+        raise AdapterError(f"{path}: {why}")
+    return cfg
 
 
 def _read_adapter(path):

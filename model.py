@@ -1,8 +1,9 @@
 """A LLaMA / Mistral / Qwen2 / Qwen3 decoder in plain PyTorch, exact to Hugging Face transformers.
 
 In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss at supervised
-positions, loading a checkpoint folder, the KV cache, generation. Module names equal Hugging Face's
-(`model.layers.0.self_attn.q_proj`), so lora.py wraps layers by name and adapters stay interchangeable with PEFT's.
+positions, loading a checkpoint folder (its files are read by tools/checkpoint.py), the KV cache, generation.
+Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so lora.py wraps layers by name and adapters
+stay interchangeable with PEFT's.
 """
 import dataclasses
 import hashlib
@@ -14,14 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
+from tools.checkpoint import CheckpointError, names as _names, read_json, safetensors_index  # noqa: F401
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class CheckpointError(ValueError):
-    """A config.json or weight file we refuse; the message is one line naming the file and what is wrong."""
 
 
 @dataclass
@@ -98,7 +97,8 @@ def _rope_config(c, where) -> dict:
     if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
     out = dict(rope_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0), rope_type=kind)
-    for key in {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[kind]:
+    for key in {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")
+                }[kind]:
         if key not in rope:
             raise CheckpointError(f"{where}: rope type {kind!r} needs {key!r}")
         out["rope_" + key] = float(rope[key])
@@ -108,22 +108,10 @@ def _rope_config(c, where) -> dict:
     return out
 
 
-def read_json(path, error=CheckpointError) -> dict:
-    """A JSON file's object, or `error` with one line naming the file."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
-    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
-        raise error(f"{path}: not a valid JSON file ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] (fp32) of the rotary embeddings, scaled as cfg.rope_type says."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu") / cfg.head_dim))
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device="cpu") / d))
     if cfg.rope_type == "linear":  # positions / factor == frequencies / factor
         inv_freq = inv_freq / cfg.rope_factor
     elif cfg.rope_type == "llama3":  # Llama 3.1: slow frequencies / factor, fast ones kept, smooth in between
@@ -155,7 +143,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.hd, self.n_head, self.n_kv = layer, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layer, self.hd = layer, cfg.head_dim
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         D, q, kv, b = cfg.hidden_size, self.n_head * self.hd, self.n_kv * self.hd, cfg.qkv_bias
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, q, b), nn.Linear(D, kv, b), nn.Linear(D, kv, b)
         self.o_proj = nn.Linear(q, D, bias=cfg.o_bias)
@@ -165,8 +154,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, masks, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k = self.q_proj(x).view(B, T, self.n_head, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -215,8 +203,7 @@ class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layer
 
 def gemm_dtype(x) -> torch.dtype:
     """The dtype a matmul on x runs in: autocast's where autocast is on for x's device, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class Transformer(nn.Module):
@@ -291,8 +278,7 @@ class Transformer(nn.Module):
             return F.pad(h.new_zeros(sel.shape, dtype=torch.float32) + 0 * h.sum(), (1, 0))
         w, dt, grad = self.lm_head.weight, gemm_dtype(h), torch.is_grad_enabled()
         if grad and w.requires_grad:  # a trainable head: each chunk's logits are recomputed in backward
-            def ce(hc, yc):
-                return row_cross_entropy(F.linear(hc.to(dt), w.to(dt)).float(), yc)
+            ce = lambda hc, yc: row_cross_entropy(F.linear(hc.to(dt), w.to(dt)).float(), yc)  # noqa: E731
             vals = torch.cat([checkpoint(ce, hc, yc, use_reentrant=False)
                               for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))])
         else:  # a frozen head (LoRA, eval): the gradient wrt h is formed in forward, nothing is recomputed
@@ -301,14 +287,12 @@ class Transformer(nn.Module):
         return F.pad(losses, (1, 0))
 
     def new_cache(self, batch, max_len) -> "KVCache":
-        w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, w.dtype, w.device)
+        return KVCache(self.config, batch, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load a Hugging Face folder (config.json + model.safetensors or a sharded index) into `dtype` on
-        `device`. Built on the meta device, each tensor is read and assigned in turn, so peak memory is about the
-        model's size in `dtype`. Refuses missing, unexpected, mis-shaped and non-finite tensors."""
+        """A Hugging Face folder in `dtype` on `device`: built on the meta device, each tensor read and assigned in
+        turn (peak memory about the model's size); missing, unexpected, mis-shaped and non-finite tensors refused."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
@@ -351,9 +335,8 @@ class Transformer(nn.Module):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of logits = h @ W^T (fp32 softmax), chunk rows at a time, for a frozen W. Forward
-    also forms d loss_n / d h_n = (softmax_n - onehot_n) W, so backward only scales it by the incoming gradient:
-    no [N, V] logits are kept and none are recomputed (a third less vocabulary-projection work)."""
+    """Per-row cross-entropy of logits = h @ W^T (fp32 softmax) for a frozen W, chunk rows at a time. Forward also
+    forms d loss_n / d h_n = (softmax_n - onehot_n) W, so no [N, V] logits are kept or recomputed for backward."""
 
     @staticmethod
     def forward(ctx, h, weight, y, chunk, dt, need_grad):
@@ -380,42 +363,6 @@ def row_cross_entropy(logits, y, lse=None):
     """-log softmax(logits)[y] per row: logsumexp - the target's logit (fp32 logits [n, V], targets [n])."""
     lse = logits.logsumexp(-1) if lse is None else lse
     return lse - logits.gather(1, y[:, None]).squeeze(1)
-
-
-def _names(names):
-    return ", ".join(names[:5]) + (f", ... (+{len(names) - 5} more)" if len(names) > 5 else "")
-
-
-def safetensors_index(path) -> dict:
-    """{tensor name: (file, safe_open handle)} over model.safetensors or the shards of model.safetensors.index.json.
-    Only safetensors are read: a .bin/.pt checkpoint would be unpickled, which can run code."""
-    path, index = Path(path), Path(path) / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' object)")
-        files = [path / f for f in sorted(set(weight_map.values()))]
-    elif (path / "model.safetensors").is_file():
-        weight_map, files = None, [path / "model.safetensors"]
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                              "(.bin/.pt checkpoints are refused: loading them would unpickle)")
-    found = {}
-    for f in files:
-        try:
-            st = safe_open(str(f), framework="pt")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file, missing, truncated or corrupt "
-                                  f"({str(e).splitlines()[0][:120]})") from None
-        for name in st.keys():
-            if name in found or (weight_map is not None and weight_map.get(name) != f.name):
-                raise CheckpointError(f"{f}: holds tensor {name}, which the index maps to {weight_map.get(name)}"
-                                      if name not in found else f"{f}: tensor {name} is also in {found[name][0].name}")
-            found[name] = (f, st)
-    absent = [k for k in weight_map or {} if k not in found]
-    if absent:
-        raise CheckpointError(f"{path}: index lists tensor(s) {_names(absent)} that no shard holds")
-    return found
 
 
 class KVCache:
@@ -455,11 +402,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each row stops at its
     first token in stop_ids, which is NOT returned, or after max_new_tokens. static (default: on CUDA) replays the
     decode step as a captured CUDA graph, one launch per token (tools/cuda_graphs.py; off the reading path)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: need at least one prompt and no empty prompt")
-    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
-                         f"{max_new_tokens}, {temperature}, {top_p}")
+    if not prompts or not all(prompts) or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need prompts, none empty, max_new_tokens >= 1, temperature >= 0 and "
+                         f"0 < top_p <= 1, got {len(prompts)} prompts, {max_new_tokens}, {temperature}, {top_p}")
     dev = model.model.embed_tokens.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
@@ -484,6 +429,5 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
             break
         logits = step(tok)
     model.train(was_training)
-    stop_set = set(stop_ids)
-    return [row[:next((i for i, t in enumerate(row) if t in stop_set), len(row))]
+    return [row[:next((i for i, t in enumerate(row) if t in set(stop_ids)), len(row))]
             for row in torch.stack(out, 1).tolist()]

@@ -33,7 +33,7 @@ class ReSUREError(ValueError):
 
 
 def weight_rule(l, tau):
-    """Eq. 6 before the floor: weight of units whose loss l exceeds their threshold tau (numpy arrays; tau = 0 gives w = 0)."""
+    """Eq. 6 before the floor: the weight of units whose loss l exceeds their threshold tau (tau = 0 gives w = 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(tau > 0, np.exp(-(l - tau) / np.where(tau > 0, tau, 1.0)), 0.0)
 
@@ -106,7 +106,8 @@ class ReSURE:
     def gain_band(self, b):
         """(lo, hi) = mu_g -+ gain_alpha * sigma_g of group b's context gains ((-inf, inf) while too few)."""
         est, a = self.gain_stats[b], self.gain_alpha or 0.0
-        return (est.mean - a * est.std, est.mean + a * est.std) if est.count >= self.min_count else (-math.inf, math.inf)
+        ok = est.count >= self.min_count
+        return (est.mean - a * est.std, est.mean + a * est.std) if ok else (-math.inf, math.inf)
 
     def weigh(self, losses, groups, ids=None, turns=None, new_step=True, gains=None):
         """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
@@ -142,7 +143,8 @@ class ReSURE:
         self.nonfinite_total += int(n - finite.sum())
         self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active, by_gain)
         if self.record:
-            view = [("loss+gain" if a and b else "loss" if a else "gain" if b else None) for a, b in zip(by_loss, by_gain)]
+            view = [("loss+gain" if a and b else "loss" if a else "gain" if b else None)
+                    for a, b in zip(by_loss, by_gain)]
             self.records += [{"call": self.calls, "sample": None if ids is None else int(ids[i]),
                               "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
                               "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
@@ -317,7 +319,8 @@ def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, uni
 
 def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None, total_tokens=None,
                     world_size=1):
-    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units; token: sum w*l*n_tokens / total_tokens.
+    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units; token:
+    sum w*l*n_tokens / total_tokens.
     total_* are GLOBAL counts over every rank and micro-batch of the optimizer step (default: this call's), so the
     local shares add up, over ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks:
     pass world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process gradient.

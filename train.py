@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import model as M
 from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice, read_scores
 from lora import apply_lora, save_adapter
-from eval import flag_report, flag_quality, unit_noisy  # noqa: F401  (train.flag_quality: for bench/)
 from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter, reweighted_loss, unit_losses
 from tools import runs
+from tools.report import flag_quality, flag_report, log_line, unit_noisy  # noqa: F401  (train.unit_noisy)
 
 # The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
 PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
@@ -40,21 +40,9 @@ PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=
 DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
             epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
             stats="ema", stats_update="winsorized", unit="turn", max_steps=45, grad_checkpointing=False)
-# Every numeric flag's range: (low, high, low allowed, high allowed); floats must also be finite.
-RANGES = dict(epochs=(0, None, 0, 0), max_steps=(1, None, 1, 0), batch_size=(1, None, 1, 0), grad_accum=(1, None, 1, 0),
-              lr=(0, None, 0, 0), warmup_ratio=(0, 1, 1, 0), weight_decay=(0, None, 1, 0), beta2=(0, 1, 0, 0),
-              grad_clip=(0, None, 1, 0), max_len=(2, None, 1, 0), seed=(0, 2**32 - 1, 1, 1), lora_r=(1, None, 1, 0),
-              lora_alpha=(0, None, 0, 0), lora_dropout=(0, 1, 1, 0), alpha=(0, None, 1, 0), gain_alpha=(0, None, 0, 0),
-              floor_percentile=(0, 100, 1, 1), warmup_samples=(0, None, 1, 0), ramp_steps=(0, None, 1, 0),
-              max_turn_groups=(0, None, 1, 0), ema_decay=(0, 1, 0, 0), window=(2, None, 1, 0),
-              prefilter_keep=(0, 1, 0, 1), log_every=(1, None, 1, 0), eval_every=(0, None, 1, 0),
-              save_every=(0, None, 1, 0), report_top=(0, None, 1, 0), demo_eval=(0, None, 1, 0))
-# What defines a run: resuming with one of these changed is refused (--allow-changed-config overrides).
-RUN_KEYS = ("model", "warmup_data", "chat_template", "on_bad_sample", "epochs", "max_steps", "batch_size",
-            "grad_accum", "lr", "warmup_ratio", "weight_decay", "beta2", "grad_clip", "max_len", "seed", "dtype",
-            "lora_r", "lora_alpha", "lora_dropout", "method", "unit", "loss_norm", "alpha", "floor_percentile",
-            "warmup_samples", "ramp_steps", "max_turn_groups", "stats", "stats_update", "ema_decay", "window",
-            "detector", "gain_alpha", "prefilter_keep", "prefilter_scores", "group_by_length")
+# Flags that do not change what a run computes; resuming with any other flag changed is refused.
+NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_every", "save_every", "resume",
+                "no_resume", "allow_changed_config", "merge", "report_top", "demo_eval", "demo")
 
 
 class UsageError(ValueError):
@@ -67,6 +55,21 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def num(kind, lo, hi=None, lo_ok=True, hi_ok=False):
+    """An argparse type: a finite number of `kind` in its range, else one line naming the range."""
+    def parse(text):
+        v = kind(text)
+        if not (math.isfinite(v) and (v >= lo if lo_ok else v > lo) and (hi is None or (v <= hi if hi_ok else v < hi))):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if lo_ok else '>'} {lo}" + (
+                f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None else "") + f", got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+POS, POS_INT, NONNEG, NONNEG_INT = num(float, 0, lo_ok=False), num(int, 1), num(float, 0), num(int, 0)
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
@@ -75,56 +78,57 @@ def parse_args(argv=None):
     add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
     add("--warmup-data", help="high-quality conversations to initialize the statistics from (paper: 640)")
     add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, report.json")
-    add("--chat-template", default=None, help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
+    add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
     add("--on-bad-sample", choices=["error", "skip"], default="error")
-    add("--epochs", type=float, default=None, help="paper: 3")
-    add("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    add("--batch-size", type=int, default=None, help="per device; paper: 4")
-    add("--grad-accum", type=int, default=None, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
-    add("--lr", type=float, default=None, help="paper: 1e-5, cosine")
-    add("--warmup-ratio", type=float, default=None, help="linear lr warm-up fraction; paper: 0.01")
-    add("--weight-decay", type=float, default=0.0)
-    add("--beta2", type=float, default=0.95)
-    add("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: no clipping")
-    add("--max-len", type=int, default=None, help="tokens; longer dialogues lose trailing turns")
-    add("--seed", type=int, default=42)
-    add("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="base weights + autocast; adapter stays fp32")
-    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="paper: on")
+    add("--epochs", type=POS, help="paper: 3")
+    add("--max-steps", type=POS_INT, help="optimizer steps (overrides --epochs)")
+    add("--batch-size", type=POS_INT, help="per device; paper: 4")
+    add("--grad-accum", type=POS_INT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
+    add("--lr", type=POS, help="paper: 1e-5, cosine")
+    add("--warmup-ratio", type=num(float, 0, 1), help="linear lr warm-up fraction; paper: 0.01")
+    add("--weight-decay", type=NONNEG, default=0.0)
+    add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
+    add("--grad-clip", type=NONNEG, default=1.0, help="max gradient norm; 0: no clipping")
+    add("--max-len", type=num(int, 2), help="tokens; longer dialogues lose trailing turns")
+    add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
+    add("--dtype", choices=["fp32", "bf16", "fp16"], help="base weights + autocast; adapter stays fp32")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
     add("--group-by-length", action="store_true", help="batch similar lengths together to cut padding")
-    add("--lora-r", type=int, default=None, help="paper: 128")
-    add("--lora-alpha", type=float, default=None, help="paper: 16")
-    add("--lora-dropout", type=float, default=None, help="paper: 0.3")
+    add("--lora-r", type=POS_INT, help="paper: 128")
+    add("--lora-alpha", type=POS, help="paper: 16")
+    add("--lora-dropout", type=num(float, 0, 1), help="paper: 0.3")
     add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
         help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
-    add("--unit", choices=["dialogue", "turn"], default=None, help="what one loss l_s is (paper: dialogue)")
+    add("--unit", choices=["dialogue", "turn"], help="what one loss l_s is (paper: dialogue)")
     add("--loss-norm", choices=["sample", "token"], default="sample", help="mean over units (paper) or tokens")
-    add("--alpha", type=float, default=None, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
-    add("--floor-percentile", type=float, default=None, help="eps = this percentile of the weights of one "
-        "gathered micro-batch (Eq. 6); paper: 5")
-    add("--warmup-samples", type=int, default=None, help="units seen before detection starts; paper: 640")
-    add("--ramp-steps", type=int, default=None, help="optimizer steps over which down-weighting is blended in")
-    add("--max-turn-groups", type=int, default=0, help="deeper turns share the last group; 0: one group per depth")
-    add("--stats", choices=["welford", "ema", "window", "mad"], default=None, help="running estimator; paper: welford")
-    add("--stats-update", choices=["reliable", "winsorized", "all"], default=None,
+    add("--alpha", type=NONNEG, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
+    add("--floor-percentile", type=num(float, 0, 100, hi_ok=True),
+        help="eps = this percentile of the weights of one gathered micro-batch (Eq. 6); paper: 5")
+    add("--warmup-samples", type=NONNEG_INT, help="units seen before detection starts; paper: 640")
+    add("--ramp-steps", type=NONNEG_INT, help="optimizer steps over which down-weighting is blended in")
+    add("--max-turn-groups", type=NONNEG_INT, default=0, help="deeper turns share the last one; 0: one group per depth")
+    add("--stats", choices=["welford", "ema", "window", "mad"], help="running estimator; paper: welford")
+    add("--stats-update", choices=["reliable", "winsorized", "all"],
         help="which units update the statistics; paper: reliable")
-    add("--ema-decay", type=float, default=0.05)
-    add("--window", type=int, default=256)
+    add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
+    add("--window", type=num(int, 2), default=256)
     add("--detector", choices=["loss", "loss+gain"], default="loss",
         help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha sigma_g (ours)")
-    add("--gain-alpha", type=float, default=2.0, help="the context-gain band's half-width in sigmas")
-    add("--prefilter-keep", type=float, default=1.0, help="static baseline: train on this fraction only")
+    add("--gain-alpha", type=POS, default=2.0, help="the context-gain band's half-width in sigmas")
+    add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
+        help="static baseline: train on this fraction only")
     add("--prefilter-scores", help="quality scores, one per conversation (higher is better), instead of the "
         "base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
     add("--record-units", action="store_true", help="write every unit's loss/tau/weight to units.jsonl")
-    add("--log-every", type=int, default=10)
-    add("--eval-every", type=int, default=0, help="0: only at the end")
-    add("--save-every", type=int, default=0, help="0: only at the end")
+    add("--log-every", type=POS_INT, default=10)
+    add("--eval-every", type=NONNEG_INT, default=0, help="0: only at the end")
+    add("--save-every", type=NONNEG_INT, default=0, help="0: only at the end")
     add("--resume", action="store_true", help="require a checkpoint to continue from (automatic if present)")
     add("--no-resume", action="store_true", help="start over: an earlier run in --out is moved aside first")
     add("--allow-changed-config", action="store_true", help="resume although a setting of the run changed")
     add("--merge", action="store_true", help="also export a merged Hugging Face folder to OUT/merged")
-    add("--report-top", type=int, default=20, help="most down-weighted samples listed in report.json")
-    add("--demo-eval", type=int, default=32, help="demo only: clean test dialogues scored before and after")
+    add("--report-top", type=NONNEG_INT, default=20, help="most down-weighted samples listed in report.json")
+    add("--demo-eval", type=NONNEG_INT, default=32, help="demo only: clean test dialogues scored before and after")
     args = p.parse_args(argv)
     args.demo = args.model is None and args.data is None
     if (args.model is None) != (args.data is None):
@@ -132,25 +136,9 @@ def parse_args(argv=None):
     for k, v in (DEMO if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, (lo, hi, lo_in, hi_in) in RANGES.items():
-        v = getattr(args, k)
-        if v is not None and not (math.isfinite(v) and (v >= lo if lo_in else v > lo) and
-                                  (hi is None or (v <= hi if hi_in else v < hi))):
-            raise UsageError(f"--{k.replace('_', '-')} must be {'>=' if lo_in else '>'} {lo}"
-                             + (f" and {'<=' if hi_in else '<'} {hi}" if hi is not None else "") + f", got {v}")
     if args.resume and args.no_resume:
         raise UsageError("--resume and --no-resume contradict each other")
     return args
-
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class TokenLoss(torch.nn.Module):
@@ -182,7 +170,7 @@ def score_units(run, examples, unit, batch_size=8):
         with run.amp():
             tok = run.net.token_losses(b["input_ids"], b["labels"], b["attention_mask"]).float()
         losses, groups, _, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
-        gains = context_gain(run, b, losses, sidx, turn) if "free_ids" in b else torch.full_like(losses, math.nan)
+        gains = context_gain(run, b, losses, sidx, turn)
         out.append(torch.stack([losses.double(), groups.double(), gains.double()]).cpu())
     run.net.train(was_training)
     losses, groups, gains = torch.cat(out, 1).numpy()
@@ -191,7 +179,7 @@ def score_units(run, examples, unit, batch_size=8):
 
 @torch.no_grad()
 def context_gain(run, b, losses, sidx, turn):
-    """Each unit's context gain (resure.context_gain) from its replies scored alone (data.py's free rows)."""
+    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows)."""
     if "free_ids" not in b:
         return torch.full_like(losses, math.nan)
     with run.amp():
@@ -229,8 +217,7 @@ class ReSURELoss:
         return reweighted_loss(losses, ntok, mine, args.loss_norm, *totals, run.world), vals[0], weights  # Eq. 7
 
 
-class Run(argparse.Namespace):
-    """Everything one training run holds: args, rank/world/device, net, opt, scaler, rs, examples, objective."""
+Run = argparse.Namespace  # everything one training run holds: args, rank/world/device, net, opt, rs, examples, ...
 
 
 def load_examples(run, path, label, convert=None):
@@ -273,7 +260,7 @@ def build(run):
         raise UsageError(f"--model {args.model}: not a folder")
     if not os.path.isfile(args.data):
         raise UsageError(f"--data {args.data}: no such file")
-    run.identity = runs.identity(args, RUN_KEYS, run.world)
+    run.identity = runs.identity(args, [k for k in vars(args) if k not in NOT_RUN_KEYS], run.world)
     if not runs.claim(run):
         return False
     random.seed(args.seed)
@@ -349,40 +336,41 @@ def train_step(run, step):
 
 def train(run, step):
     """Steps from `step` to run.total: logs, evaluation, checkpoints; SIGINT / SIGTERM stop after a step."""
-    args, master, stop = run.args, run.rank == 0, runs.Stop(run)
+    args, master = run.args, run.rank == 0
     metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if master else None
     units = open(os.path.join(run.out, "units.jsonl"), "a") if master and args.record_units else None
     t0, tokens, skipped, blind = time.time(), 0, 0, 0
-    while step < run.total:
-        r = train_step(run, step)
-        step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
-        blind = blind + 1 if r["finite_units"] == 0 else 0
-        if blind >= min(5, run.total):
-            raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
-                             "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
-        if units:
-            units.writelines(json.dumps(x) + "\n" for x in r["records"])
-            units.flush()
-        if master and (step % args.log_every == 0 or step == run.total):
-            dt = time.time() - t0
-            rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
-                       grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
-                       eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
-            t0, tokens = time.time(), 0
-            metrics.write(json.dumps(rec, default=float) + "\n")
-            metrics.flush()
-            run.log(format_log(rec))
-        for w in run.rs.warnings():
-            run.log(w)
-        if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
-            log_eval(run, metrics, step)
-        if stop.requested():
-            runs.save(run, step)
-            run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
-                    "written: the same command continues the run")
-            raise SystemExit(stop.exit_code)
-        if args.save_every and step % args.save_every == 0 and step < run.total:
-            runs.save(run, step)
+    with runs.Stop(run) as stop:
+        while step < run.total:
+            r = train_step(run, step)
+            step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
+            blind = blind + 1 if r["finite_units"] == 0 else 0
+            if blind >= min(5, run.total):
+                raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
+                                 "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
+            if units:
+                units.writelines(json.dumps(x) + "\n" for x in r["records"])
+                units.flush()
+            if master and (step % args.log_every == 0 or step == run.total):
+                dt = time.time() - t0
+                rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
+                           grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
+                           eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
+                t0, tokens = time.time(), 0
+                metrics.write(json.dumps(rec, default=float) + "\n")
+                metrics.flush()
+                run.log(log_line(rec))
+            for w in run.rs.warnings():
+                run.log(w)
+            if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
+                log_eval(run, metrics, step)
+            if stop.requested():
+                runs.save(run, step)
+                run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
+                        "written: the same command continues the run")
+                raise SystemExit(stop.exit_code)
+            if args.save_every and step % args.save_every == 0 and step < run.total:
+                runs.save(run, step)
     runs.save(run, step)
     return metrics
 
@@ -391,7 +379,7 @@ def main(argv=None, objective=None):
     """Train; returns the model (None when --out already held this finished run). objective: ReSURELoss() unless
     a baseline brings its own."""
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = runs.setup_distributed()
     run = Run(args=args, rank=rank, world=world, device=device, out=args.out, last_seen={}, demo_test=None,
               objective=objective or ReSURELoss(), log=print if rank == 0 else (lambda *a, **k: None))
     try:
@@ -412,15 +400,6 @@ def main(argv=None, objective=None):
     finally:
         if dist.is_initialized():  # torchrun, also with one rank
             dist.destroy_process_group()
-
-
-def format_log(r):
-    f = (lambda x, fmt=".3f": "-" if x is None else format(x, fmt))
-    groups = " ".join(f"b{g}:loss={f(s['batch_loss'])},mu={f(s['mu'])},tau={f(s['tau'])},flag={f(s['flagged'], '.2f')}"
-                      for g, s in sorted(r.get("groups", {}).items()))
-    return (f"step {r['step']:5d} ep {r['epoch']:.2f} loss {r['loss']:.4f} wloss {r['weighted_loss']:.4f} "
-            f"lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} tok/s {r['tokens_per_s']:.0f} "
-            f"eta {r['eta_s'] / 60:.1f}m | {groups}")
 
 
 def log_eval(run, metrics, step):
@@ -459,3 +438,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:  # bad input of every kind: one line, exit 2
         print(f"train.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started (then a signal finishes the step and checkpoints)
+        print("train.py: interrupted before training started; nothing to lose", file=sys.stderr)
+        sys.exit(130)

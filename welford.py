@@ -2,7 +2,7 @@
 tracking estimators that go beyond the paper (cumulative statistics lag a falling loss and, fed only the units
 judged reliable, collapse; see the README).
 
-One interface: update(x), update_many(xs), .count, .mean, .std, state_dict(), load_state_dict(s).
+One interface: update(x), .count, .mean, .std, state_dict(), load_state_dict(s).
   Welford      cumulative mean and sample (n-1) variance in float64 (the paper, Eqs. 2-4), mergeable (Chan et al.)
   EMA(decay)   equal weights while fewer than 1/decay values were seen, then exponential weights (Finch 2009)
   Window(k)    exact mean and sample std of the last k values
@@ -20,10 +20,6 @@ class StateError(ValueError):
 
 class Estimator:
     kind, params = None, ()
-
-    def update_many(self, xs):                      # sequential: the same as repeated update()
-        for x in xs:
-            self.update(x)
 
     @property
     def std(self):

@@ -32,6 +32,8 @@ def _write(tmp_path, lines, name="d.jsonl"):
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 U, A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
 ALT = "(user/assistant alternate after an optional leading system message)"
+REASONS = ("invalid json", "not utf-8", "unknown format", "empty conversation", "unknown role", "non-string content",
+           "empty content", "roles not alternating", "no assistant turn")  # as tools/conversations.py documents
 
 BAD_CASES = [
     ('{"messages": [', "invalid json", "Expecting value (column 15)"),
@@ -69,7 +71,7 @@ def test_every_validation_reason_has_a_one_line_message(tmp_path, line, reason, 
     with pytest.raises(BadSample) as e:
         data.load_conversations(p)
     assert str(e.value) == f"{p}:2: {reason}: {detail}"
-    assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and e.value.reason in data.REASONS
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value) and e.value.reason in REASONS
     # skip mode keeps the good record and counts the reason
     rep = {}
     assert len(data.load_conversations(p, on_bad_sample="skip", report=rep)) == 1

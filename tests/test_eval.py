@@ -539,6 +539,7 @@ def test_accuracy_exact_on_hand_made_file(tiny, monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the local judge on the real SmolLM2-135M-Instruct
 
+@pytest.mark.slow
 def test_local_judge_on_smollm2(smollm2_dir, tmp_path):
     import transformers
     model, template = E.load(str(smollm2_dir))

@@ -249,6 +249,7 @@ def test_load_refuses_adapters_that_do_not_fit(tmp_path):
         load_adapter(net_c, tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_real_smollm2_adapter_roundtrip_with_peft(smollm2_dir, tmp_path):
     net = M.Transformer.from_pretrained(smollm2_dir).eval()
     apply_lora(net, r=8, alpha=16, dropout=0.0)

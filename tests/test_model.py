@@ -428,6 +428,7 @@ def test_loading_refuses_bad_checkpoints(tiny, tmp_path):
     assert "truncated" in _refusal(trunc)
 
 
+@pytest.mark.slow
 def test_loads_into_bfloat16_without_a_float32_copy(tmp_path):
     """bf16 checkpoint -> bf16 model: values intact, and peak memory grows by ~ the model's size, not more."""
     cfg = dict(model_type="llama", vocab_size=16000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
@@ -509,6 +510,7 @@ def smol(smollm2_dir):
     return hf, htok, Transformer.from_pretrained(smollm2_dir), load_tokenizer(smollm2_dir)
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers(smol):
     hf, htok, m, tok = smol
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -525,6 +527,7 @@ def test_smollm2_logits_match_transformers(smol):
     assert (ours - ref)[mask.bool()].abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_answer_mentions_paris(smol, smollm2_dir):
     hf, htok, m, tok = smol
     chat = [{"role": "user", "content": "What is the capital of France?"}]

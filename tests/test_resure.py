@@ -484,6 +484,7 @@ def _worker(rank, world, tmp):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     threads = torch.get_num_threads()

@@ -3,6 +3,7 @@ transformers' own GGUF loader (weights, config, tokenizer ids), and its cache.""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,7 @@ from model import ModelConfig
 from tools import smollm2
 
 
+@pytest.mark.slow
 def test_smollm2_conversion_equals_transformers_gguf_loader(smollm2_dir):
     """Our GGUF -> HF conversion gives exactly the weights, config and token ids transformers' GGUF loader does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

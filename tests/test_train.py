@@ -1,7 +1,6 @@
 """train.py end to end on a tiny random model: learning, torchrun equivalence, exact resume after SIGKILL."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,45 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
-from tools.synth import synth
+from conftest import ROOT, run
 from lora import load_adapter
 from resure import ReSURE
 
-ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = [("welford", "reliable", "loss"), ("ema", "winsorized", "loss"), ("window", "reliable", "loss"),
               ("mad", "all", "loss"), ("welford", "reliable", "loss+gain")]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, smollm2_dir):
-    """A tiny random llama that speaks SmolLM2's tokenizer and chat template, and a small synthetic data set."""
-    import transformers  # oracle-side helper only: writes the random checkpoint
-    d = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   initializer_range=0.5)  # large enough that logits can move
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "tiny")
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(Path(smollm2_dir) / f, d / "tiny" / f)
-    synth(d / "data", seed=3, n_train=96, n_test=8)
-    return d
-
-
-def run(setup, out, *extra, nproc=1, check=True, wait=True):
-    args = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl"), "--out", str(out),
-            "--max-len", "128", "--lora-r", "4", "--lora-alpha", "8", "--lr", "3e-3", "--log-every", "1",
-            "--warmup-samples", "16", "--ramp-steps", "2", *extra]
-    cmd = [sys.executable, str(ROOT / "train.py"), *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
 
 
 def assert_close_tree(a, b, rtol, path="stats"):
@@ -76,6 +42,7 @@ def metrics(out):
     return [r for r in rows if "weighted_loss" in r]  # training steps (eval rows carry "eval" instead)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_outputs_reload(setup):
     out = setup / "learn"
     run(setup, out, "--max-steps", "30", "--batch-size", "8", "--grad-accum", "1", "--lora-dropout", "0", "--lr", "3e-2",
@@ -181,6 +148,7 @@ def test_context_gain_of_hand_made_replies_equals_transformers(setup):
         assert gains.tolist() == pytest.approx(want, rel=1e-5), unit  # token_losses is fp32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stats,update,detector", ESTIMATORS)
 def test_torchrun_two_ranks_equal_one_process(setup, stats, update, detector):
     common = ("--max-steps", "4", "--grad-accum", "2", "--lora-dropout", "0", "--lr", "1e-4", "--stats", stats,
@@ -207,6 +175,7 @@ def test_torchrun_two_ranks_equal_one_process(setup, stats, update, detector):
         assert float((a1[k] - a2[k]).norm() / a1[k].norm()) <= tol, k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stats,update,detector", ESTIMATORS)
 def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update, detector):
     common = ("--max-steps", "8", "--batch-size", "4", "--grad-accum", "1", "--lora-dropout", "0.1", "--save-every", "2",
@@ -256,6 +225,7 @@ def test_bad_input_one_line_errors(setup, tmp_path):
         assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, (extra, p.stderr)
 
 
+@pytest.mark.slow
 def test_demo_shortened_prints_numbers_from_the_run(smollm2_dir, tmp_path):
     """`python train.py` with no --model/--data, cut to 3 steps and 3 test dialogues: the printed after-training
     accuracy is recomputed here from the saved adapter with eval.accuracy."""

@@ -24,12 +24,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lora import load_adapter, save_adapter
-from model import read_json
+from tools.checkpoint import read_json
 
 
 class RunError(ValueError):
     """A run folder we cannot use; the message is one line."""
+
+
+def setup_distributed():
+    """(rank, world size, device): torchrun's environment, NCCL on GPUs and gloo on CPUs; one process without it."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def rng_state():  # plain types and tensors only, so that torch.load(weights_only=True) reads it back
@@ -114,6 +124,7 @@ def save(run, step):
     """Write checkpoint step-NNNNNNN whole or not at all; the newest two are kept."""
     tmp, final = os.path.join(run.out, f".tmp-step-{step:07d}"), os.path.join(run.out, f"step-{step:07d}")
     err = None
+    from lora import save_adapter
     try:
         if run.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +145,7 @@ def save(run, step):
                        + (f"the previous checkpoint {prev[-1]} is intact" if prev else "there is no earlier one"))
     if run.rank == 0:
         dump({"step": step, "world_size": run.world}, os.path.join(tmp, "COMPLETE"))
+        shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step that the resume skipped
         os.replace(tmp, final)
         for old in checkpoints(run.out)[:-2]:
             shutil.rmtree(os.path.join(run.out, old), ignore_errors=True)
@@ -142,6 +154,7 @@ def save(run, step):
 
 def load(run, path):
     """Restore checkpoint `path` into the run and return its step; everything is read and checked first."""
+    from lora import load_adapter
     done, info = read_json(os.path.join(path, "COMPLETE"), RunError), read_json(os.path.join(path, "trainer.json"),
                                                                                 RunError)
     state = read_json(os.path.join(path, "state.json"), RunError)
@@ -199,12 +212,19 @@ def truncate_logs(out, step):
 
 
 class Stop:
-    """SIGINT / SIGTERM set a flag; the loop asks requested() after each step (all ranks agree) and stops."""
+    """While training (a context), SIGINT / SIGTERM set a flag; the loop asks requested() after each step (all
+    ranks agree) and stops. The previous handlers come back afterwards."""
 
     def __init__(self, run):
-        self.run, self.signum = run, 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.run, self.signum, self.saved = run, 0, {}
+
+    def __enter__(self):
+        self.saved = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
