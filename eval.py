@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -23,10 +24,7 @@ import torch
 from data import BadSample, ChatTemplate, build_examples, collate, iter_json_records, load_conversations, save_jsonl
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
-
-
-class EvalError(ValueError):
-    """Bad input: a missing or malformed file, an impossible setting."""
+from tools.cli import UsageError as EvalError, check_paths
 
 
 def read_jsonl(path):
@@ -116,10 +114,12 @@ def read_questions(path):
             out.append({"question_id": c.get("id", i), "category": c.get("category", "dialogue"),
                         "turns": [msgs[end - 1]["content"]], "context": msgs[:end - 1]})
     for i, q in enumerate(out):
-        if repr(q["question_id"]) in seen:
-            raise EvalError(f"{rows[i][0] if len(rows) == len(out) else path}: question_id {q['question_id']!r} "
-                            "is repeated")
-        seen.add(repr(q["question_id"]))
+        qid, where = q["question_id"], rows[i][0] if len(rows) == len(out) else path
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise EvalError(f"{where}: question_id {qid!r} is not an integer or a string")
+        if qid in seen:
+            raise EvalError(f"{where}: question_id {qid!r} is repeated")
+        seen.add(qid)
     return out
 
 
@@ -235,8 +235,8 @@ def _emit(res, out):
     print(json.dumps(res))
 
 
-RANGES = dict(batch_size=(1, False), max_new_tokens=(1, False), temperature=(0, False), top_p=(0, True),
-              max_len=(2, False), max_turn_groups=(1, False), seed=(0, False))  # (low, low excluded)
+RANGES = dict(batch_size=(1, 0, 1e6), max_new_tokens=(1, 0, 1e6), temperature=(0, 0, 1e6), top_p=(0, 1, 1),
+              max_len=(2, 0, 1e9), max_turn_groups=(1, 0, 1e9), seed=(0, 0, 2**32 - 1))  # (low, low excluded, high)
 
 
 def parse_args(argv=None):
@@ -269,24 +269,12 @@ def parse_args(argv=None):
     cmd["spearman"]("--x", required=True, help="settings as ordinal numbers, e.g. 1,2,3 for H, H+N, H+N+L")
     cmd["spearman"]("--y", required=True, help="scores, same length")
     args = p.parse_args(argv)
-    for k, (lo, strict) in RANGES.items():
+    for k, (lo, strict, hi) in RANGES.items():
         v = getattr(args, k, None)
-        if v is not None and not (math.isfinite(v) and (v > lo if strict else v >= lo) and (k != "top_p" or v <= 1)):
-            raise EvalError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {lo}"
-                            f"{' and <= 1' if k == 'top_p' else ''}, got {v}")
-    if getattr(args, "device", None):
-        try:
-            torch.empty(0, device=args.device)
-        except (RuntimeError, AssertionError) as e:
-            raise EvalError(f"--device {args.device}: not usable here ({str(e).splitlines()[0][:100]})") from None
-    if getattr(args, "out", None):  # checked before the work, not after it
-        folder = os.path.dirname(os.path.abspath(args.out))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise EvalError(f"--out {args.out}: its folder cannot be made ({e.strerror})") from None
-        if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
-            raise EvalError(f"--out {args.out}: is a folder, or its folder is not writable")
+        if v is not None and not (math.isfinite(v) and (v > lo if strict else v >= lo) and v <= hi):
+            raise EvalError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {lo} and <= {hi:g}, got {v}")
+    if args.cmd != "spearman":
+        check_paths(args.device, args.out, (getattr(args, "data", None), getattr(args, "questions", None)))
     return args
 
 
@@ -306,7 +294,7 @@ def main(argv=None):
     if args.cmd == "generate":
         model_id = args.model_id or "-".join(os.path.basename(os.path.normpath(d)) for d in (args.model, args.adapter)
                                              if d)
-        out = args.out or f"{model_id}.jsonl"
+        out = args.out or re.sub(r"[^\w.-]", "_", model_id) + ".jsonl"  # a model id is a name, not a path
         records, st = generate_answers(model, template, data, model_id, args.batch_size, args.max_new_tokens,
                                        args.temperature, args.top_p, args.seed)
         save_jsonl(records, out)
@@ -319,6 +307,8 @@ def main(argv=None):
         return _emit(res, args.out)
     examples, report = build_examples(data, template, args.max_len, args.max_turn_groups)
     print(f"data: {report.summary()}")
+    if not examples:
+        raise EvalError(f"{args.data}: nothing to evaluate ({report.summary()})")
     res = per_turn_loss(model, examples, args.batch_size, template.pad_id, args.max_turn_groups)
     for d, r in list(res["per_turn"].items()) + [("all", res["overall"])]:
         print(f"turn {d:>3}  loss {r['loss']:.4f}  ppl {r['ppl']:10.3f}  tokens {r['tokens']}")
@@ -330,7 +320,7 @@ def cli(argv=None):
     try:
         main(argv)
         return 0
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
         print(f"eval.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 

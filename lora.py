@@ -226,7 +226,7 @@ def _adapter_config(path):
     cfg = read_json(path, AdapterError)
     t = cfg.get("target_modules")
     why = ("needs a positive integer r and a number lora_alpha" if type(cfg.get("r")) is not int or cfg["r"] <= 0 or
-           not isinstance(cfg.get("lora_alpha"), (int, float)) else
+           not isinstance(cfg.get("lora_alpha"), (int, float)) or not -1e30 < cfg["lora_alpha"] < 1e30 else
            f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)" if cfg.get("peft_type", "LORA") != "LORA"
            else "target_modules must be a list of module names" if isinstance(t, str) or not t else
            next((f"{k} is not supported (only plain adapter matrices)" for k in ("use_dora", "fan_in_fan_out",

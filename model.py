@@ -80,10 +80,17 @@ class ModelConfig:
             model_type=mt, vocab_size=c["vocab_size"], hidden_size=hidden, intermediate_size=c["intermediate_size"],
             num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads")
             or heads, head_dim=c.get("head_dim") or (128 if mt == "qwen3" else hidden // heads),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(c.get("tie_word_embeddings")),
+            rms_norm_eps=_positive(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings")),
             qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)) and mt == "llama",
             qk_norm=mt == "qwen3", max_position_embeddings=c.get("max_position_embeddings", 4096),
             sliding_window=window if sliding else None, sliding_layers=sliding, **_rope_config(c, where))
+
+
+def _positive(x, key, where):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1e300:
+        raise CheckpointError(f"{where}: {key!r} must be a positive number, got {x!r}")
+    return float(x)
 
 
 def _rope_config(c, where) -> dict:
@@ -96,7 +103,8 @@ def _rope_config(c, where) -> dict:
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
     if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
-    out = dict(rope_theta=float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0), rope_type=kind)
+    out = dict(rope_theta=_positive(rope.get("rope_theta") or c.get("rope_theta") or 10000.0, "rope_theta", where),
+               rope_type=kind)
     for key in {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")
                 }[kind]:
         if key not in rope:
@@ -311,15 +319,14 @@ class Transformer(nn.Module):
             if dt not in ("F64", "F32", "F16", "BF16") or shape != expected[k]:
                 raise CheckpointError(f"{file}: tensor {k} has " + (f"dtype {dt}, expected a float type" if shape ==
                                       expected[k] else f"shape {shape}, config.json implies {expected[k]}"))
-        for k, (file, st) in found.items():
+        fingerprint = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+        for k, (file, st) in sorted(found.items()):
             try:
                 t = st.get_tensor(k)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{file}: tensor {k} cannot be read, truncated or corrupt ({e})") from None
-            if k == "model.embed_tokens.weight":  # the base's identity, recorded with adapters (lora.py)
-                model.fingerprint = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode() +
-                                                   t[:64].to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
-                                                   ).hexdigest()[:16]
+            spots = torch.arange(64) * (t.numel() - 1) // 63  # the base's identity, kept with adapters (lora.py)
+            fingerprint.update(t.flatten()[spots].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
             t = t.to(device=device, dtype=dtype)
             if not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"{file}: tensor {k} holds NaN or infinite values (as {dtype})")
@@ -330,7 +337,7 @@ class Transformer(nn.Module):
                 raise CheckpointError(f"{found['lm_head.weight'][0]}: lm_head.weight differs from "
                                       "model.embed_tokens.weight but config.json says tie_word_embeddings")
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.path = str(path)
+        model.path, model.fingerprint = str(path), fingerprint.hexdigest()[:16]
         return model.eval()
 
 
@@ -387,7 +394,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     restricted to the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()  # shifted to max 0 and in float64: no inf / inf or x / 0 for a tiny temperature
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         p, idx = probs.sort(-1, descending=True)
         drop = p.cumsum(-1) - p >= top_p  # the mass before this token already reaches top_p

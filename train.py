@@ -29,6 +29,7 @@ from data import ChatTemplate, build_examples, collate, epoch_batches, load_conv
 from lora import apply_lora, save_adapter
 from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter, reweighted_loss, unit_losses
 from tools import runs
+from tools.cli import UsageError, num
 from tools.report import flag_quality, flag_report, log_line, unit_noisy  # noqa: F401  (train.unit_noisy)
 
 # The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
@@ -45,29 +46,14 @@ NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_e
                 "no_resume", "allow_changed_config", "merge", "report_top", "demo_eval", "demo")
 
 
-class UsageError(ValueError):
-    pass
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage block first)
         print(f"train.py: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def num(kind, lo, hi=None, lo_ok=True, hi_ok=False):
-    """An argparse type: a finite number of `kind` in its range, else one line naming the range."""
-    def parse(text):
-        v = kind(text)
-        if not (math.isfinite(v) and (v >= lo if lo_ok else v > lo) and (hi is None or (v <= hi if hi_ok else v < hi))):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if lo_ok else '>'} {lo}" + (
-                f" and {'<=' if hi_ok else '<'} {hi}" if hi is not None else "") + f", got {text}")
-        return v
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
-
-
-POS, POS_INT, NONNEG, NONNEG_INT = num(float, 0, lo_ok=False), num(int, 1), num(float, 0), num(int, 0)
+POS, POS_INT, NONNEG, NONNEG_INT = num(float, 0, lo_ok=False), num(int, 1, 10**9, hi_ok=True), num(float, 0), \
+    num(int, 0, 10**9, hi_ok=True)
 
 
 def parse_args(argv=None):
@@ -80,7 +66,7 @@ def parse_args(argv=None):
     add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, report.json")
     add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
     add("--on-bad-sample", choices=["error", "skip"], default="error")
-    add("--epochs", type=POS, help="paper: 3")
+    add("--epochs", type=num(float, 0, 1e6, lo_ok=False, hi_ok=True), help="paper: 3")
     add("--max-steps", type=POS_INT, help="optimizer steps (overrides --epochs)")
     add("--batch-size", type=POS_INT, help="per device; paper: 4")
     add("--grad-accum", type=POS_INT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
@@ -89,12 +75,12 @@ def parse_args(argv=None):
     add("--weight-decay", type=NONNEG, default=0.0)
     add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
     add("--grad-clip", type=NONNEG, default=1.0, help="max gradient norm; 0: no clipping")
-    add("--max-len", type=num(int, 2), help="tokens; longer dialogues lose trailing turns")
+    add("--max-len", type=num(int, 2, 10**9, hi_ok=True), help="tokens; longer dialogues lose trailing turns")
     add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
     add("--dtype", choices=["fp32", "bf16", "fp16"], help="base weights + autocast; adapter stays fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
     add("--group-by-length", action="store_true", help="batch similar lengths together to cut padding")
-    add("--lora-r", type=POS_INT, help="paper: 128")
+    add("--lora-r", type=num(int, 1, 65536, hi_ok=True), help="paper: 128")
     add("--lora-alpha", type=POS, help="paper: 16")
     add("--lora-dropout", type=num(float, 0, 1), help="paper: 0.3")
     add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
@@ -111,7 +97,7 @@ def parse_args(argv=None):
     add("--stats-update", choices=["reliable", "winsorized", "all"],
         help="which units update the statistics; paper: reliable")
     add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
-    add("--window", type=num(int, 2), default=256)
+    add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
     add("--detector", choices=["loss", "loss+gain"], default="loss",
         help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha sigma_g (ours)")
     add("--gain-alpha", type=POS, default=2.0, help="the context-gain band's half-width in sigmas")
@@ -334,43 +320,44 @@ def train_step(run, step):
                 finite_units=int(n), records=recs)
 
 
-def train(run, step):
+def train(run, step, stop):
     """Steps from `step` to run.total: logs, evaluation, checkpoints; SIGINT / SIGTERM stop after a step."""
     args, master = run.args, run.rank == 0
     metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if master else None
     units = open(os.path.join(run.out, "units.jsonl"), "a") if master and args.record_units else None
     t0, tokens, skipped, blind = time.time(), 0, 0, 0
-    with runs.Stop(run) as stop:
-        while step < run.total:
-            r = train_step(run, step)
-            step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
-            blind = blind + 1 if r["finite_units"] == 0 else 0
-            if blind >= min(5, run.total):
-                raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
-                                 "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
-            if units:
-                units.writelines(json.dumps(x) + "\n" for x in r["records"])
-                units.flush()
-            if master and (step % args.log_every == 0 or step == run.total):
-                dt = time.time() - t0
-                rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
-                           grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
-                           eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
-                t0, tokens = time.time(), 0
-                metrics.write(json.dumps(rec, default=float) + "\n")
-                metrics.flush()
-                run.log(log_line(rec))
-            for w in run.rs.warnings():
-                run.log(w)
-            if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
-                log_eval(run, metrics, step)
-            if stop.requested():
-                runs.save(run, step)
-                run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
-                        "written: the same command continues the run")
-                raise SystemExit(stop.exit_code)
-            if args.save_every and step % args.save_every == 0 and step < run.total:
-                runs.save(run, step)
+    while step < run.total:
+        r = train_step(run, step)
+        step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
+        blind = blind + 1 if r["finite_units"] == 0 else 0
+        if blind >= min(5, run.total):
+            raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
+                             "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
+        if units:
+            units.writelines(json.dumps(x) + "\n" for x in r["records"])
+            units.flush()
+        if master and (step % args.log_every == 0 or step == run.total):
+            dt = time.time() - t0
+            rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
+                       grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
+                       eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
+            t0, tokens = time.time(), 0
+            metrics.write(json.dumps(rec, default=float) + "\n")
+            metrics.flush()
+            run.log(log_line(rec))
+        for w in run.rs.warnings():
+            run.log(w)
+        if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
+            log_eval(run, metrics, step)
+        if stop.requested():
+            runs.save(run, step)
+            run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
+                    "written: the same command continues the run")
+            raise SystemExit(stop.exit_code)
+        if args.save_every and step % args.save_every == 0 and step < run.total:
+            runs.save(run, step)
+    if blind:  # the run ends on steps whose every loss was NaN: the adapter diverged, so nothing final is written
+        raise UsageError(f"the last {blind} steps had no finite unit loss: the adapter diverged (is --lr too high?)")
     runs.save(run, step)
     return metrics
 
@@ -389,15 +376,20 @@ def main(argv=None, objective=None):
         if not build(run):
             return None
         runs.start(run)
-        step = runs.resume(run)
-        run.log(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x {world} ranks; "
-                f"method={args.method} unit={args.unit} stats={args.stats}/{args.stats_update} dtype={args.dtype}")
-        run.net.train()
-        metrics = train(run, step)
-        if rank == 0:
-            finish(run, metrics)
+        with runs.Stop(run) as stop:  # from here on a signal is answered after a step, or once the run is done
+            step = runs.resume(run)
+            run.log(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x {world} "
+                    f"ranks; method={args.method} unit={args.unit} stats={args.stats}/{args.stats_update}")
+            run.net.train()
+            metrics = train(run, step, stop)
+            if rank == 0:
+                finish(run, metrics)
+            runs.barrier(run)  # the other ranks wait for rank 0's final writes before the group goes away
+        if stop.signum:
+            raise SystemExit(stop.exit_code)
         return run.net
     finally:
+        runs.release(run)
         if dist.is_initialized():  # torchrun, also with one rank
             dist.destroy_process_group()
 
@@ -415,7 +407,10 @@ def finish(run, metrics):
     where the data has them, per view), the final evaluation, the merged export; then the run is finished."""
     args, step = run.args, run.total
     adapter = os.path.join(run.out, "adapter")
-    save_adapter(run.net, adapter, args.model)
+    try:
+        save_adapter(run.net, adapter, args.model)
+    except runs.WRITE_ERRORS as e:  # a full disk: the final checkpoint is intact, the same command writes it again
+        raise UsageError(f"cannot write {adapter} ({runs.one_line(e)}); rerun the same command") from None
     runs.dump(run.rs.state_dict(), os.path.join(run.out, "resure_state.json"))
     report = {"steps": step, **flag_report(run.last_seen.values(), run.examples, run.template, args.report_top,
                                            ("loss", "gain") if args.detector == "loss+gain" else (), run.log)}
@@ -435,7 +430,7 @@ def finish(run, metrics):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:  # bad input of every kind: one line, exit 2
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad input of every kind: one line, exit 2
         print(f"train.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started (then a signal finishes the step and checkpoints)

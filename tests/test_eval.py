@@ -139,6 +139,12 @@ class Server:
                 if kind == "sleep":
                     threading.Event().wait(val)
                     kind, val = "ok", srv.default
+                if kind in ("redirect", "echo"):  # a redirect elsewhere; an error whose body echoes the request
+                    self.send_response(302 if kind == "redirect" else val)
+                    self.send_header("Location", val) if kind == "redirect" else None
+                    self.end_headers()
+                    self.wfile.write(f"bad request {self.path} {self.headers.get('Authorization')}".encode())
+                    return
                 if kind == "status":
                     self.send_response(val)
                     self.send_header("Retry-After", "0")
@@ -205,6 +211,34 @@ def test_http_judge_never_stores_or_prints_a_key_in_the_url(server, tmp_path):
     assert "SECRET123" not in str(e.value)
 
 
+def test_http_judge_redacts_echoed_keys_and_refuses_redirects(server):
+    """A server that echoes the request (path with its query key, Authorization) into an error body, and one that
+    redirects the request (with its key) to another address."""
+    j = J.HTTPJudge("j", url=server.url + "?api-key=SECRET123", key="sk-KEY456", timeout=5, retries=0)
+    server.script = [("echo", 400)]
+    with pytest.raises(J.JudgeError) as e:
+        j.chat(MSGS)
+    assert "HTTP 400" in str(e.value) and "SECRET123" not in str(e.value) and "KEY456" not in str(e.value)
+    other = Server()
+    try:
+        server.script = [("redirect", other.url + "/chat/completions")]
+        with pytest.raises(J.JudgeError, match="HTTP 302"):
+            j.chat(MSGS)
+        assert other.requests == []  # the key never reached the other address
+    finally:
+        other.httpd.shutdown()
+        other.httpd.server_close()
+
+
+def test_question_ids_that_judging_would_refuse_are_refused_up_front(tmp_path):
+    q = tmp_path / "q.jsonl"
+    for ids, msg in (([1, 1.0], "1.0 is not an integer or a string"), ([[1]], "not an integer"),
+                     ([1, 1], "question_id 1 is repeated")):
+        q.write_text("".join(json.dumps({"question_id": i, "turns": ["hi"]}) + "\n" for i in ids))
+        with pytest.raises(E.EvalError, match=msg):
+            E.read_questions(str(q))
+
+
 def test_cli_judge_writes_nothing_into_the_working_directory(server, tmp_path, monkeypatch):
     work, res = tmp_path / "work", tmp_path / "results"
     work.mkdir()
@@ -219,7 +253,7 @@ def test_cli_judge_writes_nothing_into_the_working_directory(server, tmp_path, m
 
 
 def test_negative_retries_is_bad_input():
-    with pytest.raises(ValueError, match="retries >= 0") as e:
+    with pytest.raises(ValueError, match="0 <= retries <= 100") as e:
         J.HTTPJudge("m", url="http://127.0.0.1:9", retries=-1)
     assert not isinstance(e.value, J.JudgeError)  # exit 2 (bad input), not 1 (the backend failed)
 

@@ -274,7 +274,7 @@ def test_errors_are_one_line(tiny):
     for args, needle in [(["--feedback", "oracle", "--naive"], "not both"),
                          (["--max-replace", "2", "--naive"], "--max-replace"),
                          (["--naive", "--rounds", "-1"], "--rounds"),
-                         (["--naive", "--lr", "-1"], "training flags: --lr must be > 0"),
+                         (["--naive", "--lr", "-1"], "training flags: argument --lr: must be > 0, got -1"),
                          (["--naive", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
                          (["--naive", "--data", str(tiny / "missing.jsonl")], "--data .*missing.jsonl: no such file"),
                          (["--feedback", "sim:0.8", "--data", str(no_ref)], "needs a 'reference'")]:

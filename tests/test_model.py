@@ -240,6 +240,7 @@ def test_sampling_follows_temperature_and_top_p(tiny):
         draws = generate(m, [prompt] * n, max_new_tokens=1, temperature=temp, top_p=top_p, seed=0)
         freq = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=p.numel()).double() / n
         assert ((freq - expect).abs() <= 4.5 * (expect * (1 - expect) / n).sqrt() + 1e-9).all(), top_p
+    assert generate(m, [prompt], max_new_tokens=8, temperature=1e-300, seed=1) == generate(m, [prompt], 8)  # no NaN
     a = generate(m, [prompt] * 3, max_new_tokens=8, temperature=1.0, seed=7)
     assert a == generate(m, [prompt] * 3, max_new_tokens=8, temperature=1.0, seed=7)
     assert generate(m, [prompt], max_new_tokens=8, temperature=1.0, top_p=1e-9) == generate(m, [prompt], 8)

@@ -47,10 +47,25 @@ def test_rerun_of_a_finished_run_changes_nothing_and_no_resume_starts_clean(setu
     before = snapshot(out)
     p = run(setup, out, "--max-steps", "2")
     assert "already holds this run, finished (2 steps): nothing to do" in p.stdout and snapshot(out) == before
+    (out / "notes.txt").write_text("the user's own file")
     p = run(setup, out, "--max-steps", "2", "--lr", "1e-2", "--no-resume")
-    aside = [d for d in tmp_path.iterdir() if d.name.startswith("run.old-")]
-    assert len(aside) == 1 and "was moved to" in p.stdout and snapshot(aside[0]) == before
+    aside = [d for d in out.iterdir() if d.name.startswith("previous-")]
+    assert len(aside) == 1 and "were moved to" in p.stdout and (out / "notes.txt").is_file()
+    assert {k: v for k, v in snapshot(aside[0]).items()} == {k: v for k, v in before.items() if k != ".lock"}
     assert json.loads((out / "run.json").read_text())["run"]["lr"] == 1e-2 and len(steps(out / "metrics.jsonl")) == 2
+    (out / "adapter" / "adapter_model.safetensors").unlink()  # a finished run missing an output writes it again
+    assert "nothing to do" not in run(setup, out, "--max-steps", "2", "--lr", "1e-2").stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_second_process_on_the_same_folder_is_refused(setup, tmp_path):
+    first = run(setup, tmp_path / "run", "--max-steps", "30", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "run" / "run.json").is_file():
+        time.sleep(0.05)
+    one_line_error(run(setup, tmp_path / "run", "--max-steps", "30", check=False), "another training process")
+    first.kill()
+    first.wait()
 
 
 def test_changed_settings_or_data_are_refused(setup, tmp_path):
@@ -89,15 +104,21 @@ def _same_run(ref, out):
 SIGNAL_RUN = ("--max-steps", "6", "--batch-size", "4", "--lora-dropout", "0.1", "--record-units", "--save-every", "100")
 
 
+def _signal_after(setup, out, n, sig):
+    """Start the SIGNAL_RUN training into out and send it sig once n steps are in its metrics.jsonl."""
+    p = run(setup, out, *SIGNAL_RUN, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(steps(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []) < n:
+        time.sleep(0.02)
+    p.send_signal(sig)
+    return p
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_finishes_the_step_checkpoints_and_the_same_command_continues(setup, tmp_path, sig):
     ref = _reference(setup, "signal-ref", *SIGNAL_RUN)
     out = tmp_path / "run"
-    p = run(setup, out, *SIGNAL_RUN, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(steps(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []) < 2:
-        time.sleep(0.02)
-    p.send_signal(sig)
+    p = _signal_after(setup, out, 2, sig)
     text = p.communicate(timeout=300)[0]
     assert p.returncode == 128 + sig and "stopped by signal" in text and "Traceback" not in text, text[-2000:]
     assert [d.name for d in out.iterdir() if d.name.startswith("step-")] and not (out / "adapter").exists()
@@ -107,6 +128,8 @@ def test_a_signal_finishes_the_step_checkpoints_and_the_same_command_continues(s
 
 DAMAGE = {
     "pickle payload in trainer.pt": lambda d, flag: torch.save(_Payload(flag), d / "trainer.pt"),
+    "empty rng-rank0.pt": lambda d, flag: (d / "rng-rank0.pt").write_bytes(b""),
+    "state.json of another shape": lambda d, flag: (d / "state.json").write_text("{}"),
     "truncated adapter": lambda d, flag: (d / "adapter_model.safetensors").write_bytes(
         (d / "adapter_model.safetensors").read_bytes()[:100]),
     "no COMPLETE marker": lambda d, flag: (d / "COMPLETE").unlink(),
@@ -122,6 +145,25 @@ class _Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.flag}",)
+
+
+def test_a_damaged_only_checkpoint_leaves_a_fresh_start_fresh(setup, tmp_path):
+    """The newest checkpoint fails to load half way (its state.json is of another shape, read after the adapter):
+    what it had restored is put back, so the run that starts over from step 0 equals an uninterrupted one."""
+    ref = _reference(setup, "signal-ref", *SIGNAL_RUN)
+    out = tmp_path / "run"
+    _signal_after(setup, out, 3, signal.SIGTERM).wait()
+    (ckpt,) = [d for d in out.iterdir() if d.name.startswith("step-")]
+    (ckpt / "state.json").write_text('{"resure": {"config": {}}, "last_seen": []}')
+    text = run(setup, out, *SIGNAL_RUN).stdout
+    assert f"checkpoint {ckpt.name} skipped" in text and "resumed from" not in text
+    _same_run(ref, out)
+
+
+def test_an_adapter_that_diverges_is_never_written(setup, tmp_path):
+    p = run(setup, tmp_path / "run", "--max-steps", "4", "--lr", "1e30", "--warmup-ratio", "0", check=False)
+    assert p.returncode == 2 and ("NaN or infinite" in p.stderr or "no finite unit loss" in p.stderr), p.stderr
+    assert not (tmp_path / "run" / "adapter").exists() and not list((tmp_path / "run").glob("step-*"))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

@@ -165,13 +165,18 @@ def read_scores(path, convs):
     rows = [r for r in _read_bytes(path).decode("utf-8", errors="replace").split("\n") if r.strip()]
     try:
         vals = [json.loads(r) for r in rows]
-    except ValueError as e:
-        raise DataError(f"{path}: not a number or a JSON object on every line ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not a number or a JSON object on every line ({type(e).__name__})") from None
     if vals and all(isinstance(v, dict) for v in vals):
-        vals = [{v.get("id"): v.get("score") for v in vals}.get(c.get("id")) for c in convs]
+        ids = [json.dumps(v.get("id"), sort_keys=True) for v in vals]
+        if len(set(ids)) < len(ids):
+            raise DataError(f"{path}: id {next(i for i in ids if ids.count(i) > 1)} has more than one score")
+        vals = [dict(zip(ids, (v.get("score") for v in vals))).get(json.dumps(c.get("id"), sort_keys=True))
+                for c in convs]
     elif len(vals) != len(convs):
         raise DataError(f"{path}: {len(vals)} scores for {len(convs)} conversations")
-    bad = next((i for i, v in enumerate(vals) if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+    bad = next((i for i, v in enumerate(vals) if isinstance(v, bool) or not isinstance(v, (int, float))
+                or not -1e300 < v < 1e300), None)  # NaN and infinities fail the comparison
     if bad is not None:
-        raise DataError(f"{path}: no numeric score for conversation {bad} (id {convs[bad].get('id')!r})")
+        raise DataError(f"{path}: no finite numeric score for conversation {bad} (id {convs[bad].get('id')!r})")
     return np.asarray(vals, dtype=np.float64)

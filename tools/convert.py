@@ -63,6 +63,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         convs = convert(a.inp, a.format, on_bad_sample=a.on_bad_sample)
+        if not convs:
+            raise DataError(f"{a.inp}: no conversation could be converted; {a.out} not written")
         save_jsonl(convs, a.out)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

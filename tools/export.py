@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -36,7 +37,10 @@ def export_merged(model, base_dir, out_dir, max_shard_bytes=5 * 2**30):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".merged-", dir=parent)
     try:
-        _write(state, base_dir, tmp, max_shard_bytes)
+        try:
+            _write(state, base_dir, tmp, max_shard_bytes)
+        except SafetensorError as e:  # a full disk, as safetensors reports it
+            raise OSError(f"cannot write the merged model: {e}") from None
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -30,10 +30,24 @@ class JudgeSetupError(ValueError):
 
 
 def public_url(url):
-    """url without user info, query string and fragment: what may be stored or printed."""
-    p = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else
-                                    p.netloc, p.path, "", ""))
+    """url without user info, path parameters, query string and fragment: what may be stored or printed."""
+    p = urllib.parse.urlparse(url)
+    return urllib.parse.urlunparse((p.scheme, p.hostname + (f":{p.port}" if p.port else "") if p.hostname else
+                                    p.netloc, p.path, "", "", ""))
+
+
+def secrets_in(url, key):
+    """The strings that must never be written: the key, and every value of the URL that is not its public part."""
+    p = urllib.parse.urlparse(url)
+    found = [key, p.username, p.password, p.params, *(v for _, v in urllib.parse.parse_qsl(p.query + "&" + p.params))]
+    return sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the Authorization header to another address: refuse it (HTTP error 3xx)."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 JUDGE_SYSTEM = "You are a careful, impartial judge of conversations between a user and an AI assistant."
@@ -143,8 +157,8 @@ class HTTPJudge:
         p = urllib.parse.urlsplit(url or os.environ.get("RESURE_JUDGE_URL") or "https://api.openai.com/v1")
         if p.scheme not in ("http", "https") or not p.hostname:
             raise JudgeSetupError(f"judge URL {public_url(p.geturl())!r} is not an http(s) URL")
-        if retries < 0 or not timeout > 0:
-            raise JudgeSetupError(f"need retries >= 0 and timeout > 0, got {retries} and {timeout}")
+        if not 0 <= retries <= 100 or not 0 < timeout <= 3600:
+            raise JudgeSetupError(f"need 0 <= retries <= 100 and 0 < timeout <= 3600, got {retries} and {timeout}")
         path = p.path.rstrip("/")
         self.url = p._replace(path=path if path.endswith("/chat/completions") else path + "/chat/completions").geturl()
         self.shown = public_url(self.url)  # what may be stored or printed; self.url may hold a key
@@ -152,7 +166,13 @@ class HTTPJudge:
         self.key = key or os.environ.get("RESURE_JUDGE_KEY") or (os.environ.get("OPENAI_API_KEY") if openai else None)
         self.name, self.timeout, self.retries, self.backoff = name, timeout, retries, backoff
         self.max_tokens = max_tokens
-        self.id = f"http:{self.shown}:{name}"
+        self.id, self.secrets = f"http:{self.shown}:{name}", secrets_in(self.url, self.key)
+        self.opener = urllib.request.build_opener(NoRedirect)
+
+    def redact(self, text):
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text.replace(self.url, self.shown)
 
     def chat(self, messages):
         body = json.dumps({"model": self.name, "messages": messages, "temperature": 0,
@@ -164,19 +184,19 @@ class HTTPJudge:
             wait = self.backoff * 2 ** attempt
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with self.opener.open(req, timeout=self.timeout) as r:
                     raw = r.read()
                 break
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
-                    detail = e.read()[:200].decode(errors="replace").replace("\n", " ").replace(self.url, self.shown)
+                    detail = self.redact(e.read()[:200].decode(errors="replace").replace("\n", " "))
                     raise JudgeError(f"{self.shown}: HTTP {e.code} {e.reason}: {detail}") from None
                 err = f"HTTP {e.code} {e.reason}"
                 ra = (e.headers or {}).get("Retry-After", "")
                 wait = max(wait, float(ra)) if ra.replace(".", "", 1).isdigit() else wait
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, truncated bodies
                 err = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            err = err.replace(self.url, self.shown)
+            err = self.redact(err)
             if attempt == self.retries:
                 raise JudgeError(f"{self.shown}: no reply after {attempt + 1} attempts (last: {err})")
             time.sleep(wait)
@@ -185,7 +205,7 @@ class HTTPJudge:
             assert isinstance(content, str)
         except (ValueError, KeyError, IndexError, TypeError, AssertionError):
             raise JudgeError(f"{self.shown}: malformed reply, expected JSON with choices[0].message.content: "
-                             f"{raw[:200]!r}") from None
+                             + self.redact(repr(raw[:200]))) from None
         return content
 
     def __call__(self, kind, messages):
@@ -202,6 +222,12 @@ class JudgeCache:
 
     def __init__(self, path):
         self.path, self.data = path, {}
+        if path:  # usable before the first judgment is paid for
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                open(path, "a").close()
+            except OSError as e:
+                raise JudgeSetupError(f"--cache {path}: cannot be written ({e.strerror})") from None
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 raw = f.read()
@@ -211,7 +237,7 @@ class JudgeCache:
                     if line.strip():
                         r = json.loads(line)
                         self.data[r["key"]] = r["result"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     if i < len(lines):  # only an unterminated last line (a killed run) is forgiven, and cut off
                         raise JudgeSetupError(f"{path}:{i}: not a judge-cache line") from None
                     print(f"{path}:{i}: dropping a half-written last line", file=sys.stderr)
@@ -304,6 +330,7 @@ def main(argv=None):
     """`python eval.py judge ...` (or tools/judge.py): single grading, or A vs B judged in both orders."""
     import argparse
     from eval import load, read_questions
+    from tools.cli import check_paths
     p = argparse.ArgumentParser(prog="eval.py judge", description="grade answer files with an LLM judge")
     add = p.add_argument
     add("--questions", required=True, help="the questions the answer files answer")
@@ -321,10 +348,11 @@ def main(argv=None):
     add("--cache", default=None, help="judgment cache, to resume without paying twice (default: judge_cache.jsonl "
         "beside --out, else in the working directory; '' for none)")
     args = p.parse_args(argv)
-    if args.out:  # checked before the work, not after it
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    check_paths(args.device if args.judge_model else None, args.out, (args.questions, args.answers, args.answers_b))
     questions, answers = read_questions(args.questions), read_answers(args.answers)
     answers_b = read_answers(args.answers_b) if args.answers_b else None
+    if not _pairs(questions, answers, *([answers_b] if answers_b else []))[0]:
+        raise JudgeSetupError(f"nothing to judge: no question of {args.questions} is answered in every answer file")
     if args.judge_model:
         model, template = load(args.judge_model, None, args.dtype, args.device)
         judge = LocalJudge(model, template, os.path.abspath(args.judge_model))

@@ -1,6 +1,7 @@
 """The run folder of train.py: nothing a user ran is lost, and nothing is done twice.
 
-    OUT/run.json               the run's settings (train.RUN_KEYS, the data's sha256, the world size), "finished"
+    OUT/run.json               the run's settings (the flags that change what it computes, the sha256 of its input
+                               files, the base model's fingerprint, the world size) and whether it finished
     OUT/step-NNNNNNN/          a checkpoint: adapter, trainer.pt (optimizer, scaler), state.json (ReSURE, the report's
                                table), trainer.json, rng-rank*.pt, COMPLETE; written as .tmp-step-NNNNNNN/ and renamed
                                when whole, the newest two kept
@@ -8,10 +9,13 @@
 
 A rerun of a finished run does nothing; a rerun of an interrupted one continues from the newest checkpoint that
 loads (a damaged one is skipped with one line), bitwise-exactly; a run with other settings is refused; --no-resume
-moves an earlier run aside. SIGINT / SIGTERM finish the current step, checkpoint and exit 130 / 143. A failed write
-(a full disk) removes the partial checkpoint and names the intact one. Everything is read as data: torch.load runs
-with weights_only, so a pickle payload planted in a checkpoint cannot execute.
+moves an earlier run's files into OUT/previous-<time>/; OUT/.lock keeps a second process out. SIGINT / SIGTERM
+finish the current step, checkpoint and exit 130 / 143. A failed write (a full disk) removes the partial checkpoint
+and names the intact one. Everything is read as data: torch.load runs with weights_only, so a pickle payload
+planted in a checkpoint cannot execute.
 """
+import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from tools.checkpoint import read_json
 
@@ -58,58 +63,99 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def identity(args, keys, world):
-    """The settings that define a run (keys of args), the data file's sha256, absolute paths, the world size."""
-    ident = {k: getattr(args, k, None) for k in keys}
+def _sha256(path):
     h = hashlib.sha256()
-    with open(args.data, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    ident["data_sha256"] = h.hexdigest()
+    return h.hexdigest()
+
+
+def identity(args, keys, world):
+    """The settings that define a run (keys of args), the sha256 of every input file, absolute paths, the world
+    size; the base model's fingerprint joins it once the model is loaded (start)."""
+    ident = {k: getattr(args, k, None) for k in keys}
+    for k in ("data", "warmup_data", "prefilter_scores"):
+        ident[k + "_sha256"] = getattr(args, k) and os.path.isfile(getattr(args, k)) and _sha256(getattr(args, k))
     ident.update(world_size=world, model=os.path.abspath(args.model),
                  warmup_data=args.warmup_data and os.path.abspath(args.warmup_data))
     return ident
 
 
+OURS = ("run.json", "metrics.jsonl", "units.jsonl", "report.json", "resure_state.json", "adapter", "merged")
+
+
 def claim(run):
-    """Check OUT before any work. False when it holds this very run, finished (nothing to do); a run of other
-    settings that has a checkpoint or finished is refused (unless --no-resume or --allow-changed-config)."""
+    """Check OUT before any work. False when it holds this very run, finished, its outputs all there (nothing to
+    do); a run of other settings that has a checkpoint or finished is refused (unless --no-resume or
+    --allow-changed-config); a second process on the same OUT is refused (a lock held for the whole run)."""
     out, args = run.out, run.args
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out}: exists and is not a folder")
     try:
         os.makedirs(out, exist_ok=True)
+        if run.rank == 0:
+            run.lock = open(os.path.join(out, ".lock"), "a")
+            fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        release(run)
+        raise RunError(f"--out {out}: another training process is using this folder") from None
     except OSError as e:
-        raise RunError(f"--out {out}: cannot be created ({e})") from None
-    if not os.access(out, os.W_OK):
-        raise RunError(f"--out {out}: not writable")
-    meta = os.path.join(out, "run.json")
-    run.previous = read_json(meta, RunError) if os.path.isfile(meta) else None
-    if run.previous is None or args.no_resume:
+        raise RunError(f"--out {out}: cannot be created or written ({e.strerror})") from None
+    meta, ckpts = os.path.join(out, "run.json"), checkpoints(out)
+    if args.no_resume:
+        run.previous = True
         return True
-    changed = [k for k in run.identity if run.previous.get("run", {}).get(k) != run.identity[k]]
-    if changed and not args.allow_changed_config and (run.previous.get("finished") or checkpoints(out)):
+    run.previous = read_json(meta, RunError) if os.path.isfile(meta) else None
+    if run.previous is not None and not isinstance(run.previous.get("run"), dict):
+        raise RunError(f"{meta}: not a run record; use --no-resume to start over")
+    if args.resume and not ckpts:
+        raise RunError(f"--resume: no checkpoint in {out}")
+    if run.previous is None:
+        return True
+    changed = [k for k in run.identity if run.previous["run"].get(k) != run.identity[k]]
+    if changed and not args.allow_changed_config and (run.previous.get("finished") or ckpts):
         raise RunError(f"{out} holds a run with other settings (" + ", ".join(
-            f"{k}: {run.previous.get('run', {}).get(k)!r} -> {run.identity[k]!r}" for k in changed[:4]) +
+            f"{k}: {run.previous['run'].get(k)!r} -> {run.identity[k]!r}" for k in changed[:4]) +
             "); use another --out, --no-resume to start over, or --allow-changed-config")
-    if run.previous.get("finished") and not changed:
+    outputs = os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors")) and \
+        (not args.merge or os.path.isdir(os.path.join(out, "merged")))
+    if run.previous.get("finished") and not changed and outputs:
         run.log(f"{out} already holds this run, finished ({run.previous.get('steps')} steps): nothing to do")
         return False
     return True
 
 
 def start(run):
-    """Just before training: with --no-resume an earlier run is moved aside; OUT/run.json records this run."""
-    out = run.out
-    if run.previous is not None and run.args.no_resume and run.rank == 0:
-        aside = f"{os.path.normpath(out)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(out, aside)
-        os.makedirs(out)
-        run.log(f"--no-resume: the earlier run in {out} was moved to {aside}")
+    """Just before training: with --no-resume an earlier run's files move to OUT/previous-<time>/ (the user's own
+    files stay); a changed base model (its fingerprint) is refused like a changed setting; run.json records
+    this run."""
+    out, fp = run.out, getattr(run.net, "fingerprint", None)
+    old = (run.previous or {}) if isinstance(run.previous, dict) else {}
+    if fp and old.get("run", {}).get("model_fingerprint") not in (None, fp) and checkpoints(out) and \
+            not run.args.allow_changed_config:
+        raise RunError(f"{out} holds a run on other base weights (fingerprint {old['run']['model_fingerprint']} "
+                       f"-> {fp}); use another --out, --no-resume or --allow-changed-config")
+    run.identity["model_fingerprint"] = fp
+    if run.args.no_resume and run.rank == 0:
+        names = [n for n in os.listdir(out) if n in OURS or n.startswith(("step-", ".tmp-step-"))]
+        if names:
+            aside = os.path.join(out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(aside)
+            for n in names:
+                os.replace(os.path.join(out, n), os.path.join(aside, n))
+            run.log(f"--no-resume: the earlier run's files in {out} were moved to {aside}")
     barrier(run)
     if run.rank == 0:
         dump({"run": run.identity, "finished": False}, os.path.join(out, "run.json"))
     barrier(run)
+
+
+def release(run):
+    """Give OUT/.lock back (the end of main, also on an error: a caller in the same process may train again)."""
+    if getattr(run, "lock", None):
+        run.lock.close()
+        run.lock = None
 
 
 def finished(run, steps):
@@ -120,11 +166,19 @@ def checkpoints(out):
     return sorted(d for d in os.listdir(out) if d.startswith("step-")) if os.path.isdir(out) else []
 
 
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # a full disk shows up as any of these
+
+
 def save(run, step):
-    """Write checkpoint step-NNNNNNN whole or not at all; the newest two are kept."""
-    tmp, final = os.path.join(run.out, f".tmp-step-{step:07d}"), os.path.join(run.out, f"step-{step:07d}")
-    err = None
+    """Write checkpoint step-NNNNNNN whole or not at all; the newest two are kept. An adapter that became
+    non-finite is refused before anything is written."""
     from lora import save_adapter
+    tmp, final = os.path.join(run.out, f".tmp-step-{step:07d}"), os.path.join(run.out, f"step-{step:07d}")
+    prev = checkpoints(run.out)
+    if not all(bool(torch.isfinite(p).all()) for p in run.params):
+        raise RunError(f"the adapter's weights are NaN or infinite after step {step} (is --lr too high?); "
+                       + (f"the last good checkpoint is {prev[-1]}" if prev else "nothing was saved"))
+    err = None
     try:
         if run.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -136,12 +190,11 @@ def save(run, step):
             dump({"step": step, "world_size": run.world}, os.path.join(tmp, "trainer.json"))
         barrier(run)
         torch.save(rng_state(), os.path.join(tmp, f"rng-rank{run.rank}.pt"))
-    except OSError as e:
+    except WRITE_ERRORS as e:
         err = e
     if any_rank(run, err is not None):
         shutil.rmtree(tmp, ignore_errors=True)
-        prev = checkpoints(run.out)
-        raise RunError(f"cannot write checkpoint {final} ({err or 'failed on another rank'}); "
+        raise RunError(f"cannot write checkpoint {final} ({one_line(err) if err else 'failed on another rank'}); "
                        + (f"the previous checkpoint {prev[-1]} is intact" if prev else "there is no earlier one"))
     if run.rank == 0:
         dump({"step": step, "world_size": run.world}, os.path.join(tmp, "COMPLETE"))
@@ -152,22 +205,39 @@ def save(run, step):
     barrier(run)
 
 
+def one_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def load(run, path):
-    """Restore checkpoint `path` into the run and return its step; everything is read and checked first."""
-    from lora import load_adapter
+    """Restore checkpoint `path` into the run and return its step. Every file is read and checked first, and a
+    failure while restoring puts back what was there, so a damaged checkpoint leaves a fresh run fresh."""
+    from lora import load_adapter, lora_state_dict
     done, info = read_json(os.path.join(path, "COMPLETE"), RunError), read_json(os.path.join(path, "trainer.json"),
                                                                                 RunError)
     state = read_json(os.path.join(path, "state.json"), RunError)
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
     rng = torch.load(os.path.join(path, f"rng-rank{run.rank}.pt"), weights_only=True)
-    if done != info or done.get("world_size") != run.world:
-        raise RunError(f"COMPLETE ({done}) does not match trainer.json ({info}) or this run's {run.world} ranks")
-    load_adapter(run.net, path)
-    run.opt.load_state_dict(trainer["optimizer"])
-    run.scaler.load_state_dict(trainer["scaler"])
-    run.rs.load_state_dict(state["resure"])
-    run.last_seen = {(r["sample"], r["turn"]): r for r in state["last_seen"]}
-    set_rng_state(rng)
+    if done != info or done.get("world_size") != run.world or not isinstance(state.get("last_seen"), list):
+        raise RunError(f"COMPLETE ({done}), trainer.json ({info}) and state.json do not agree with this run")
+    before = ({k: v.detach().clone() for k, v in lora_state_dict(run.net).items()}, copy.deepcopy(run.opt.state_dict()),
+              run.scaler.state_dict(), run.rs.state_dict())
+    try:
+        load_adapter(run.net, path)
+        run.opt.load_state_dict(trainer["optimizer"])
+        run.scaler.load_state_dict(trainer["scaler"])
+        run.rs.load_state_dict(state["resure"])
+        run.last_seen = {(r["sample"], r["turn"]): r for r in state["last_seen"]}
+        set_rng_state(rng)
+    except Exception:
+        with torch.no_grad():
+            for k, v in lora_state_dict(run.net).items():
+                v.copy_(before[0][k])
+        run.opt.load_state_dict(before[1])
+        run.scaler.load_state_dict(before[2])
+        run.rs.load_state_dict(before[3])
+        run.last_seen = {}
+        raise
     return int(info["step"])
 
 
@@ -184,10 +254,7 @@ def resume(run):
             if run.rank == 0:
                 truncate_logs(run.out, step)
             return step
-        why = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if err else "damaged on another rank"
-        run.log(f"checkpoint {name} skipped: incomplete or damaged ({why})")
-    if run.args.resume:
-        raise RunError(f"--resume: no usable checkpoint in {run.out}")
+        run.log(f"checkpoint {name} skipped: incomplete or damaged ({one_line(err) if err else 'on another rank'})")
     if run.rank == 0:
         truncate_logs(run.out, 0)
     return 0
