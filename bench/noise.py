@@ -769,9 +769,7 @@ def findings(summary, v_list, ok, plan, mixes):
     for v in v_list:
         sp = summary[v]["spearman"]["accuracy"]
         if math.isfinite(sp):
-            out.append(f"- {v}: Spearman(mixture, accuracy) = {_sp(sp)} ("
-                       + ("more, noisier data helped" if sp > 0 else "more, noisier data hurt" if sp < 0 else
-                          "no trend") + ")")
+            out.append(f"- {v}: Spearman(mixture, accuracy) = {_sp(sp)} over the (mixture, seed) pairs")
     for v in v_list:
         for m in mixes:
             if m == "H" or "h_accuracy" not in summary[v]["mixtures"][m]:
@@ -1038,7 +1036,9 @@ def main(argv=None):
                                                                    or mix in plan["baseline_mixtures"])]:
                     run_dir = out / "runs" / f"seed{seed}" / mix / name.replace("/", "_").replace(":", "_")
                     jobs.append(make_job(plan, name, seed, mix, paths, model_dir, run_dir))
-    jobs.sort(key=lambda j: j["name"] not in CORE)  # stable: every seed's core methods first, then the baselines
+    # stable: sft on every seed first (the regime check, and the reference of every paired difference), then each
+    # seed's other core methods, then the baselines
+    jobs.sort(key=lambda j: 0 if j["name"] == "sft" else 1 if j["name"] in CORE else 2)
     steps = {m: data_stats[plan["seeds"][0]][m]["steps"] for m in plan["mixtures"]}
     print(f"plan: {len(jobs)} training runs = {len(plan['seeds'])} seeds x {len(plan['mixtures'])} mixtures x "
           f"{len(methods)} methods ({', '.join(methods)}); steps per run {steps} (batch {plan['batch']}, "

@@ -60,10 +60,10 @@ from data import ChatTemplate, load_tokenizer, turn_group  # noqa: E402
 from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
 from tools.export import TOKENIZER_FILES  # noqa: E402
 from tools.smollm2 import prepare_smollm2  # noqa: E402
-from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses  # noqa: E402
+from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, reweighted_loss, unit_losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TARGETS = {"train_bf16": 1.3, "train_fp32": 1.15, "generate": 3.0, "resure_overhead": 0.03}
+TARGETS = {"train_bf16": 1.0, "train_fp32": 1.25, "generate": 3.0, "resure_overhead": 0.03, "gain_overhead": 0.25}
 DEV = torch.device("cpu")  # --device
 BUSY = 0.2  # other processes using more than this many cores on average during the run: timings unreliable
 
@@ -224,23 +224,49 @@ def ours_step(net, opt, b, n_sup, amp):
     return optimizer_step(opt, tok.sum() / n_sup)
 
 
-def resure_loss(tok, b, rs):
+def resure_loss(tok, b, rs, gains=None):
     """What ReSURE adds to a train.py step of one micro-batch: the statistics' copy kept for a rollback, the step's
     unit and token totals, unit losses per turn, gather (losses, groups, sample ids, turns), weigh with per-unit
     records (then popped, as train.py writes them out), Eq. 1."""
     rs.state_dict()  # train.py keeps this copy to undo a skipped step
     total_units, total_tokens = all_reduce_sum(*count_units(b["labels"], b["turn_ids"], "turn"))
     losses, groups, ntok, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], "turn")
-    g_losses, g_groups, g_ids, g_turns, _ = gather(losses.detach(), groups, sidx, turn)
-    weights, _ = rs.weigh(g_losses, g_groups, ids=g_ids, turns=g_turns)
+    vals = losses.detach()[None]
+    if gains:  # --detector loss+gain: each unit's context gain travels with its loss
+        vals = torch.cat([vals, gains(losses.detach(), sidx, turn, len(b["input_ids"]))[None]])
+    vals, g_groups, g_ids, g_turns, _ = gather(vals, groups, sidx, turn)
+    weights, _ = rs.weigh(vals[0], g_groups, ids=g_ids, turns=g_turns, gains=vals[1] if gains else None)
     rs.pop_records()
     return reweighted_loss(losses, ntok, weights, norm="sample", total_units=total_units, total_tokens=total_tokens)
 
 
-def resure_step(net, opt, b, rs, amp):
+def resure_step(net, opt, b, rs, amp, free=None):
     with amp():
         tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
-    return optimizer_step(opt, resure_loss(tok.float(), b, rs))
+    return optimizer_step(opt, resure_loss(tok.float(), b, rs, free and (lambda *u: context_gain(net, free, amp, *u))))
+
+
+def free_rows(b, header=6):
+    """--detector loss+gain's extra input: every assistant span of the batch alone after `header` context tokens
+    (the empty user turn of a chat template), as data.collate's free_* rows."""
+    rows = []
+    for i, (ids, turns) in enumerate(zip(b["input_ids"], b["turn_ids"])):
+        for k in turns.unique().tolist()[1:]:
+            span = ids[turns == k].tolist()
+            rows.append((i, k, ids[:header].tolist() + span, [-100] * header + span))
+    T = max(len(r[2]) for r in rows)
+    return dict(free_ids=torch.tensor([r[2] + [0] * (T - len(r[2])) for r in rows]),
+                free_labels=torch.tensor([r[3] + [-100] * (T - len(r[3])) for r in rows]),
+                free_mask=torch.tensor([[1] * len(r[2]) + [0] * (T - len(r[2])) for r in rows]),
+                free_unit=torch.tensor([r[:2] for r in rows]))
+
+
+@torch.no_grad()
+def context_gain(net, free, amp, losses, sidx, turn, batch):
+    """The extra forward of --detector loss+gain (train.context_gain): the replies scored alone, no gradient."""
+    with amp():
+        tok = net.token_losses(free["free_ids"], free["free_labels"], free["free_mask"]).float()
+    return gain_of(tok, free["free_labels"], free["free_unit"], losses, sidx, turn, "turn", batch)
 
 
 def hf_step(hf, opt, b, amp):
@@ -250,13 +276,14 @@ def hf_step(hf, opt, b, amp):
     return optimizer_step(opt, loss)
 
 
-def new_resure(seed=0):
+def new_resure(seed=0, gain_alpha=None):
     """Active ReSURE (no warm-up, no ramp, per-unit records as train.py keeps them), statistics primed so that some
     units are flagged."""
-    rs = ReSURE(warmup_samples=0, ramp_steps=0, record=True)
+    rs = ReSURE(warmup_samples=0, ramp_steps=0, record=True, gain_alpha=gain_alpha)
     g = np.random.default_rng(seed)
     groups = np.repeat(np.arange(1, 9), 32)
-    rs.warmup_from(g.gamma(4.0, 2.0, len(groups)), groups)
+    rs.warmup_from(g.gamma(4.0, 2.0, len(groups)), groups, gains=None if gain_alpha is None else
+                   g.normal(0.5, 0.5, len(groups)))
     return rs
 
 
@@ -435,6 +462,13 @@ def bench_resure(net, opt, b, n_sup, amp, cfg, dtype_name, log):
            "step_spread": (max(plain) - min(plain)) / med(plain), "overhead": med(book) / med(plain)}
     log(f"  resure {dtype_name}: {med(t2['resure']):.3f} vs plain {med(plain):.3f} s/step; bookkeeping alone "
         f"{1e3 * med(book):.2f} ms")
+    free, rg = on_device(free_rows(b)), new_resure(gain_alpha=2.0)  # --detector loss+gain against --detector loss
+    t3 = alternate({"gain": lambda: resure_step(net, opt, b, rg, amp, free),
+                    "loss": lambda: resure_step(net, opt, b, rs, amp)}, cfg["reps"], warmup=1)
+    out["gain"] = {"seconds": t3, "free_tokens": int(free["free_mask"].sum()),
+                   "overhead": med(t3["gain"]) / med(t3["loss"]) - 1}
+    log(f"  loss+gain {dtype_name}: {med(t3['gain']):.3f} vs loss {med(t3['loss']):.3f} s/step "
+        f"({int(free['free_mask'].sum())} extra forward tokens)")
     return out
 
 
@@ -542,6 +576,13 @@ def table(r):
                      f"of ReSURE work per step | {p:.3f} s plain step | {100 * rs['overhead']:+.2f}% (whole steps "
                      f"A/B: {o:.3f} vs {p:.3f} s, {100 * rs['step_overhead']:+.1f}%, step-to-step spread "
                      f"{100 * rs['step_spread']:.0f}%) | <= +{100 * TARGETS['resure_overhead']:g}% | {met} |")
+        if "gain" in rs:
+            gs, ov = rs["gain"], rs["gain"]["overhead"]
+            met = "yes" if ov <= TARGETS["gain_overhead"] else "**no**"
+            lines.append(f"| --detector loss+gain over --detector loss (ours), {d}: the replies scored alone, "
+                         f"{gs['free_tokens']} extra forward tokens, no gradient | {med(gs['seconds']['gain']):.3f} s "
+                         f"step | {med(gs['seconds']['loss']):.3f} s step | {100 * ov:+.1f}% | "
+                         f"<= +{100 * TARGETS['gain_overhead']:g}% | {met} |")
     for d, gen in r["generate"].items():
         for B, g in gen.items():
             if B == "ceiling":

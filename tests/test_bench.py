@@ -37,6 +37,7 @@ def table_rows(md):
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not set(line) <= set("|-")]
 
 
+@pytest.mark.slow
 def test_speed_tiny(tiny, tmp_path, keep_threads, capsys):
     import speed
     r = speed.main(["--tiny", "--model", tiny, "--threads", "1", "--out", str(tmp_path)])
@@ -107,6 +108,7 @@ def test_speed_chat_batch_is_half_supervised():
     assert b["group"].tolist() == [min(int(t[s].max()), 8) for t, s in zip(b["turn_ids"], sup)]  # last supervised turn
 
 
+@pytest.mark.slow
 def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
     import noise
     out = tmp_path / "noise"
@@ -172,6 +174,34 @@ def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
     noise.main(["--report", str(out)])
     strip = (lambda t: re.sub(r"^Machine:.*$", "", t, flags=re.M))  # noqa: E731
     assert strip((out / "results.md").read_text()) == strip(again) and strip(again) == strip(md)
+
+
+@pytest.mark.slow
+def test_noise_runs_the_baselines_beside_sft(tiny, tmp_path, keep_threads, capsys):
+    """bench/noise.py runs ILR, DPO and RobustFT (baselines/) on a mixture beside SFT and reports their compute and
+    label accuracy from their own report.json; a baseline that cannot run on this data is a one-line failure in
+    the table, never a crash (a random tiny model proposes empty answers, so DPO gets no pair)."""
+    import noise
+    out = tmp_path / "noise"
+    names = ["sft", "ilr[oracle]", "ilr[naive]", "dpo", "robustft"]
+    noise.main(["--tiny", "--model", tiny, "--out", str(out), "--threads", "1", "--seeds", "1", "--mixtures", "H+N+L",
+                "--methods", ",".join(names)])
+    saved = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]: r for r in saved["results"]}
+    assert sorted(runs) == sorted(names)
+    md = (out / "results.md").read_text()
+    for name in ("ilr[oracle]", "ilr[naive]"):
+        r, rep = runs[name], json.loads((out / "runs" / "seed1" / "H+N+L" / name / "report.json").read_text())
+        assert "error" not in r and r["compute"] == rep["compute"]
+        assert r["compute"]["trainings"] == 1 + 3 * rep["rounds"]  # round 0, then two halves + a retrain per round
+        assert r["label_accuracy"] == rep["label_accuracy"][-1]
+        assert f"| {name} | {100 * rep['label_accuracy'][0]:.1f} -> {100 * rep['label_accuracy'][-1]:.1f} |" in md
+    for name in ("dpo", "robustft"):
+        r = runs[name]
+        if "error" in r:
+            assert "\n" not in r["error"] and f"{name}: 1 run(s)" in md.split("Failed runs")[1].split("\n")[0]
+        else:
+            assert r["compute"]["trainings"] >= 1 and r["compute"]["generated_tokens"] > 0
 
 
 def test_noise_paired_differences_and_spread():
