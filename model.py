@@ -273,13 +273,14 @@ class Transformer(nn.Module):
         """Logits [B, T, V] in the model dtype."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
 
-    def token_losses(self, input_ids, labels, attention_mask=None, chunk_size=1024):
+    def token_losses(self, input_ids, labels, attention_mask=None, chunk_size=1024, cache=None):
         """Per-token cross-entropy [B, T] (fp32), 0 where labels == -100 and at t = 0. labels align with
         input_ids as in transformers: labels[b, t] is predicted from position t-1. The vocabulary projection
-        runs at supervised positions only, chunk_size rows at a time, so no [B, T, V] logits ever exist."""
+        runs at supervised positions only, chunk_size rows at a time, so no [B, T, V] logits ever exist.
+        cache: the K/V of a prompt these rows continue (no gradient)."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"token_losses: labels {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
-        h, target = self.hidden_states(input_ids, attention_mask)[:, :-1], labels[:, 1:]
+        h, target = self.hidden_states(input_ids, attention_mask, cache)[:, :-1], labels[:, 1:]
         sel = target != -100
         h, y = h[sel], target[sel]                                         # [N, D], [N]
         if y.numel() == 0:  # nothing supervised: zeros, still connected to the graph
@@ -382,6 +383,10 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length, self.padded = 0, False
+
+    def expand(self, batch):  # a one-row cache (a prompt that every row shares) copied to `batch` rows
+        self.k, self.v = ([t.expand(batch, -1, -1, -1).clone() for t in kv] for kv in (self.k, self.v))
+        self.valid, self.next_pos = self.valid.expand(batch, -1).clone(), self.next_pos.expand(batch).clone()
 
     def update(self, layer, k, v):
         s, e = self.length, self.length + k.shape[2]

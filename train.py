@@ -165,12 +165,19 @@ def score_units(run, examples, unit, batch_size=8):
 
 @torch.no_grad()
 def context_gain(run, b, losses, sidx, turn):
-    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows)."""
+    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows). The rows
+    start alike (the template's empty user turn): that start runs once and every row continues from its K/V."""
     if "free_ids" not in b:
         return torch.full_like(losses, math.nan)
+    ids, labels, mask = b["free_ids"], b["free_labels"], b["free_mask"]
+    P = int(((ids == ids[:1]) & (labels == -100)).all(0).long().cumprod(0).sum()) - 1  # the shared start, less one
+    cache = run.net.new_cache(1, ids.shape[1]) if P > 0 else None
     with run.amp():
-        tok = run.net.token_losses(b["free_ids"], b["free_labels"], b["free_mask"]).float()
-    return gain_of(tok, b["free_labels"], b["free_unit"], losses, sidx, turn, run.args.unit, len(b["input_ids"]))
+        if cache is not None:
+            run.net.hidden_states(ids[:1, :P], cache=cache)
+            cache.expand(len(ids))
+        tok = run.net.token_losses(ids[:, P:], labels[:, P:], mask[:, P:], cache=cache).float()
+    return gain_of(tok, labels[:, P:], b["free_unit"], losses, sidx, turn, run.args.unit, len(b["input_ids"]))
 
 
 class ReSURELoss:

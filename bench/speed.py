@@ -48,6 +48,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -60,7 +61,8 @@ from data import ChatTemplate, load_tokenizer, turn_group  # noqa: E402
 from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
 from tools.export import TOKENIZER_FILES  # noqa: E402
 from tools.smollm2 import prepare_smollm2  # noqa: E402
-from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, reweighted_loss, unit_losses  # noqa: E402
+import train  # noqa: E402
+from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"train_bf16": 1.0, "train_fp32": 1.25, "generate": 3.0, "resure_overhead": 0.03, "gain_overhead": 0.25}
@@ -249,11 +251,11 @@ def resure_step(net, opt, b, rs, amp, free=None):
 def free_rows(b, header=6):
     """--detector loss+gain's extra input: every assistant span of the batch alone after `header` context tokens
     (the empty user turn of a chat template), as data.collate's free_* rows."""
-    rows = []
+    rows, head = [], b["input_ids"][0, :header].tolist()  # the same start on every row, as a template renders it
     for i, (ids, turns) in enumerate(zip(b["input_ids"], b["turn_ids"])):
         for k in turns.unique().tolist()[1:]:
             span = ids[turns == k].tolist()
-            rows.append((i, k, ids[:header].tolist() + span, [-100] * header + span))
+            rows.append((i, k, head + span, [-100] * header + span))
     T = max(len(r[2]) for r in rows)
     return dict(free_ids=torch.tensor([r[2] + [0] * (T - len(r[2])) for r in rows]),
                 free_labels=torch.tensor([r[3] + [-100] * (T - len(r[3])) for r in rows]),
@@ -261,12 +263,10 @@ def free_rows(b, header=6):
                 free_unit=torch.tensor([r[:2] for r in rows]))
 
 
-@torch.no_grad()
 def context_gain(net, free, amp, losses, sidx, turn, batch):
-    """The extra forward of --detector loss+gain (train.context_gain): the replies scored alone, no gradient."""
-    with amp():
-        tok = net.token_losses(free["free_ids"], free["free_labels"], free["free_mask"]).float()
-    return gain_of(tok, free["free_labels"], free["free_unit"], losses, sidx, turn, "turn", batch)
+    """The extra forward of --detector loss+gain: train.context_gain itself, the replies scored alone."""
+    run = SimpleNamespace(net=net, amp=amp, args=SimpleNamespace(unit="turn"))
+    return train.context_gain(run, dict(free, input_ids=range(batch)), losses, sidx, turn)
 
 
 def hf_step(hf, opt, b, amp):

@@ -5,7 +5,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,12 +142,17 @@ def test_context_gain_of_hand_made_replies_equals_transformers(setup):
     with torch.no_grad():
         tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"])
         ftok = net.token_losses(b["free_ids"], b["free_labels"], b["free_mask"])
+    import train
     for unit in ("turn", "dialogue"):
         losses, _, _, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
         gains = gain_of(ftok, b["free_labels"], b["free_unit"], losses, sidx, turn, unit, 1)
         want = [float(free[k][0].mean() - full[k][0].mean()) for k in (1, 2)] if unit == "turn" else \
             [float(torch.cat([free[1][0], free[2][0]]).mean() - torch.cat([full[1][0], full[2][0]]).mean())]
         assert gains.tolist() == pytest.approx(want, rel=1e-5), unit  # token_losses is fp32
+        # what train.py runs: the rows' shared start once, then each reply (padded to the longest) from its K/V
+        assert (b["free_ids"][0, :4] == b["free_ids"][1, :4]).all() and b["free_mask"][0].sum() != b["free_mask"][1].sum()
+        run = SimpleNamespace(net=net, amp=nullcontext, args=SimpleNamespace(unit=unit))
+        assert train.context_gain(run, b, losses, sidx, turn).tolist() == pytest.approx(want, rel=1e-5), unit
 
 
 @pytest.mark.slow
