@@ -1,9 +1,8 @@
 """A LLaMA / Mistral / Qwen2 / Qwen3 decoder in plain PyTorch, exact to Hugging Face transformers.
 
 In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss at supervised
-positions, loading a checkpoint folder (its files are read by tools/checkpoint.py), the KV cache, generation.
-Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so lora.py wraps layers by name and adapters
-stay interchangeable with PEFT's.
+positions, loading a checkpoint folder (files read by tools/checkpoint.py), the KV cache, generation. Module names
+equal Hugging Face's (`model.layers.0.self_attn.q_proj`): lora.py wraps layers by name; adapters load in PEFT.
 """
 import dataclasses
 import hashlib
@@ -384,9 +383,11 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length, self.padded = 0, False
 
-    def expand(self, batch):  # a one-row cache (a prompt that every row shares) copied to `batch` rows
-        self.k, self.v = ([t.expand(batch, -1, -1, -1).clone() for t in kv] for kv in (self.k, self.v))
-        self.valid, self.next_pos = self.valid.expand(batch, -1).clone(), self.next_pos.expand(batch).clone()
+    def expand(self, batch):  # a copy of this one-row cache (a prompt that every row shares) for `batch` rows
+        c, rep = object.__new__(KVCache), (lambda t: t.expand(batch, *t.shape[1:]).clone())
+        c.__dict__.update(vars(self), k=[*map(rep, self.k)], v=[*map(rep, self.v)], valid=rep(self.valid),
+                          next_pos=rep(self.next_pos))
+        return c
 
     def update(self, layer, k, v):
         s, e = self.length, self.length + k.shape[2]

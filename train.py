@@ -4,11 +4,10 @@
     python train.py --model DIR --data train.jsonl --out runs/x
     torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --out runs/x
 
-One optimizer step = grad_accum micro-batches on every rank. A micro-batch: forward to per-token losses, per-unit
-losses (a dialogue, or one assistant turn), all-gather them so that every rank weighs the same global batch
-identically (resure.py), backward on this rank's share of Eq. 7 (ReSURELoss below). Only the LoRA adapter trains.
-The run folder (tools/runs.py) loses nothing: checkpoints are whole or absent, SIGINT / SIGTERM finish the step
-and save, the same command resumes bitwise-exactly, a finished run is not redone, changed settings are refused.
+One optimizer step = grad_accum micro-batches on every rank. Per micro-batch: per-token losses, per-unit losses (a
+dialogue or one assistant turn), all-gathered so that every rank weighs the same global batch (resure.py), backward on
+this rank's share of Eq. 7 (ReSURELoss below); only the LoRA adapter trains. The run folder (tools/runs.py) loses
+nothing: checkpoints are whole or absent, a signal finishes the step and saves, a rerun resumes exactly.
 """
 import argparse
 import json
@@ -119,9 +118,8 @@ def parse_args(argv=None):
     args.demo = args.model is None and args.data is None
     if (args.model is None) != (args.data is None):
         raise UsageError("give both --model and --data, or neither for the demo")
-    for k, v in (DEMO if args.demo else PAPER).items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    for k, v in (DEMO if args.demo else PAPER).items():  # a flag left out takes the paper's (the demo's) value
+        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     if args.resume and args.no_resume:
         raise UsageError("--resume and --no-resume contradict each other")
     return args
@@ -164,19 +162,20 @@ def score_units(run, examples, unit, batch_size=8):
 
 
 @torch.no_grad()
-def context_gain(run, b, losses, sidx, turn):
-    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows). The rows
-    start alike (the template's empty user turn): that start runs once and every row continues from its K/V."""
+def context_gain(run, b, losses, sidx, turn, rows=8):
+    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows): their common
+    start (the template's empty user turn) runs once, then rows of similar length continue from its K/V."""
     if "free_ids" not in b:
         return torch.full_like(losses, math.nan)
     ids, labels, mask = b["free_ids"], b["free_labels"], b["free_mask"]
-    P = int(((ids == ids[:1]) & (labels == -100)).all(0).long().cumprod(0).sum()) - 1  # the shared start, less one
-    cache = run.net.new_cache(1, ids.shape[1]) if P > 0 else None
+    P = max(0, int(((ids == ids[:1]) & (labels == -100)).all(0).long().cumprod(0).sum()) - 1)  # that start, less one
+    n, tok, cache = mask.sum(1), torch.zeros(labels[:, P:].shape, device=ids.device), run.net.new_cache(1, ids.shape[1])
     with run.amp():
-        if cache is not None:
+        if P:
             run.net.hidden_states(ids[:1, :P], cache=cache)
-            cache.expand(len(ids))
-        tok = run.net.token_losses(ids[:, P:], labels[:, P:], mask[:, P:], cache=cache).float()
+        for r in n.argsort(descending=True).split(rows):
+            T, c = int(n[r[0]]), cache.expand(len(r)) if P else None
+            tok[r, :T - P] = run.net.token_losses(ids[r, P:T], labels[r, P:T], mask[r, P:T], cache=c).float()
     return gain_of(tok, labels[:, P:], b["free_unit"], losses, sidx, turn, run.args.unit, len(b["input_ids"]))
 
 
