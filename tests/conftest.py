@@ -32,21 +32,27 @@ def smollm2_dir() -> Path:
     return Path(prepare_smollm2())
 
 
-@pytest.fixture(scope="session")
-def setup(tmp_path_factory, smollm2_dir):
-    """A tiny random llama that speaks SmolLM2's tokenizer and chat template, and a small synthetic data set."""
+def tiny_setup(d, smollm2_dir, **synth_args):
+    """d/tiny: a tiny random llama (transformers writes it) that speaks SmolLM2's tokenizer and chat template, its
+    weights large enough that logits move and greedy decoding emits tokens rather than an immediate end of turn;
+    d/data: a small synthetic benchmark (tools/synth.py with synth_args)."""
     import transformers  # oracle-side helper only: writes the random checkpoint
     from tools.synth import synth
-    d = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   initializer_range=0.5)  # large enough that logits can move
+                                   initializer_range=0.5)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d / "tiny")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(Path(smollm2_dir) / f, d / "tiny" / f)
-    synth(d / "data", seed=3, n_train=96, n_test=8)
+    synth(d / "data", **{"seed": 3, **synth_args})
     return d
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory, smollm2_dir):
+    """tiny_setup with 96 training dialogues per tier: what train.py's tests run on."""
+    return tiny_setup(tmp_path_factory.mktemp("train"), smollm2_dir, n_train=96, n_test=8)
 
 
 def train_args(setup, out, *extra):

@@ -20,7 +20,7 @@ from baselines.dpo import DPOLoss, sample_pairs
 from baselines.feedback import Feedback, Oracle
 from eval import load
 from lora import apply_lora, lora_modules, save_adapter
-from test_ilr import tiny_setup
+from conftest import tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    return tiny_setup(tmp_path_factory.mktemp("dpo"), smollm2_dir, n_train=12)
+    return tiny_setup(tmp_path_factory.mktemp("dpo"), smollm2_dir, n_train=12, n_test=2, max_turns=3)
 
 
 def test_cli_end_to_end(tiny):

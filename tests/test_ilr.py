@@ -5,20 +5,19 @@ import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from baselines import label_accuracy, label_positions
 from baselines.feedback import Feedback, Format, Oracle, Simulated, form_ok, make, realized_accuracy
 from baselines.ilr import halves, main as ilr_main, refine
 from data import load_conversations
 from eval import answer_matches, load
+from conftest import tiny_setup
 from tools.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,25 +184,9 @@ def test_halves_partition_by_dialogue():
     assert sorted(a + b) == list(range(9)) and len(a) == 5 and a != halves(9, 3, 2)[0]
 
 
-def tiny_setup(d, smollm2_dir, n_train):
-    """d/tiny: a tiny random llama (transformers writes it) that speaks SmolLM2's tokenizer and chat template, with
-    weights large enough that greedy decoding emits tokens rather than an immediate end of turn; d/data: a small
-    synthetic benchmark (train_L.jsonl: about half the assistant turns noisy)."""
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   initializer_range=0.5)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "tiny")
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(Path(smollm2_dir) / f, d / "tiny" / f)
-    synth(d / "data", seed=3, n_train=n_train, n_test=2, max_turns=3)
-    return d
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    return tiny_setup(tmp_path_factory.mktemp("ilr"), smollm2_dir, n_train=16)
+    return tiny_setup(tmp_path_factory.mktemp("ilr"), smollm2_dir, n_train=16, n_test=2, max_turns=3)
 
 
 TRAIN = ["--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--max-len", "128", "--lora-r", "4",

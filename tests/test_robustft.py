@@ -3,7 +3,6 @@ conversations; the whole CLI on a tiny random llama, both detectors; one-line er
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from baselines import robustft as R
 from data import ChatTemplate, build_examples, load_conversations
 from model import Transformer
-from tools.synth import synth
+from conftest import tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -25,18 +24,8 @@ SMALL = ["--reflect", "2", "--max-new-tokens", "4", "--reason-tokens", "6", "--m
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    """A tiny random llama with SmolLM2's tokenizer and chat template, and 8 tier-L synthetic dialogues."""
-    import transformers  # oracle-side helper only: writes the random checkpoint
-    d = tmp_path_factory.mktemp("robustft")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   initializer_range=0.5)  # large enough that greedy replies are not empty
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d / "tiny")
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(Path(smollm2_dir) / f, d / "tiny" / f)
-    synth(d / "data", seed=3, n_train=8, n_test=2)
-    return d
+    """conftest.tiny_setup with 8 synthetic dialogues per tier."""
+    return tiny_setup(tmp_path_factory.mktemp("robustft"), smollm2_dir, n_train=8, n_test=2)
 
 
 def test_checker_and_answer_extraction():
