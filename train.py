@@ -20,7 +20,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
@@ -395,9 +394,7 @@ def main(argv=None, objective=None):
             raise SystemExit(stop.exit_code)
         return run.net
     finally:
-        runs.release(run)
-        if dist.is_initialized():  # torchrun, also with one rank
-            dist.destroy_process_group()
+        runs.teardown(run)
 
 
 def log_eval(run, metrics, step):

@@ -16,6 +16,7 @@ planted in a checkpoint cannot execute.
 """
 import copy
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -152,10 +153,21 @@ def start(run):
 
 
 def release(run):
-    """Give OUT/.lock back (the end of main, also on an error: a caller in the same process may train again)."""
+    """Give OUT/.lock back (also on an error: a caller in the same process may train again)."""
     if getattr(run, "lock", None):
         run.lock.close()
         run.lock = None
+
+
+def teardown(run):
+    """The end of train.main, also on an error: the lock given back, then DDP, then the process group. DDP sits in
+    reference cycles, so it is collected here: a DDP reducer that outlives the gloo process group makes torch
+    2.13 abort at interpreter exit now and then ("terminate called without an active exception")."""
+    release(run)
+    run.ddp = None
+    gc.collect()
+    if dist.is_initialized():  # torchrun, also with one rank
+        dist.destroy_process_group()
 
 
 def finished(run, steps):
