@@ -2,7 +2,7 @@
 SFT gets worse (the paper's Table 4), and how does it compare with the other ways of handling noisy labels?
 
     python bench/noise.py --regime    # first: SFT alone on H and H+N+L; is there a drop for a method to fix?
-    python bench/noise.py --cpu       # the answer: <= 3 hours on 2 idle CPU cores, resumable run by run
+    python bench/noise.py --cpu       # the answer: <= 3 hours on 2 idle CPU cores (4 methods), resumable run by run
     python bench/noise.py --gpu       # one GPU, several runs at once (--jobs), about 8 minutes on one H200
     python bench/noise.py --quick     # a short check on SmolLM2 (fewer seeds and dialogues, 4 methods)
     python bench/noise.py --tiny      # a tiny random model, seconds (what CI runs; the numbers mean nothing)
@@ -11,14 +11,16 @@ SFT gets worse (the paper's Table 4), and how does it compare with the other way
              --lora-r R --test N --jobs J --threads T --no-real ...
 
 Data (tools/synth.py, one benchmark per seed, with the echo kind added to its default noise mix): tiers H (clean),
-N (~24 % noisy assistant turns), L (~55 %) hold the same dialogues with different injected noise. A mixture adds
+N (injection rate 0.5 per turn, ~53 % noisy assistant turns), L (0.9, ~78 %; --rate-n, --rate-l) hold the same
+dialogues with different injected noise; these rates are the regime check's (at synth's own 0.2 / 0.5, SFT on
+H+N+L was not measurably worse than on H). A mixture adds
 data of falling quality, as in the paper's Table 4 (ordinal 1-4 in this order for Spearman):
     H      = the H version of dialogue set A                        (n dialogues)
     H+N    = H of A + the N version of a disjoint set B            (2n)
     H+L    = H of A + the L version of a disjoint set C            (2n)
     H+N+L  = H of A + N of B + L of C                               (3n)
 plus a disjoint clean warm-up set W (the paper's high-quality warm-up samples) and a clean test set. Like the paper,
-a run trains `epochs` passes over its mixture (more data, more steps); every method trains the same number of
+a run trains `epochs` passes over its mixture's units (more data, more steps); every method trains the same number of
 optimizer steps on a given mixture (--max-steps), so pre-filtered data is passed over more often, and a relabeling
 baseline's final training has the same steps as SFT's (its extra work is reported as compute).
 
@@ -97,21 +99,24 @@ VARIANTS = {  # name -> train.py settings; warm: statistics from the clean warm-
 CORE = ("sft", "resure", "resure[ema/winsorized]", "resure[mad/all]", "resure[loss+gain]", "hard", "prefilter",
         "prefilter+resure")
 BASELINES = ("ilr[oracle]", "ilr[sim:0.8]", "ilr[naive]", "dpo", "robustft")
-COMMON = dict(warmup=64, ramp=5, max_len=192, max_turns=4, new_tokens=16, echo=0.2, lora_dropout=0.05,
+COMMON = dict(warmup=64, ramp=5, max_len=192, max_turns=4, new_tokens=16, echo=0.2, rate_n=0.5, rate_l=0.9,
+              lora_dropout=0.05,
               warmup_ratio=0.05, jobs=1, threads=None, eval_batch=32, real=True, mixtures=MIXTURES,
               baseline_mixtures=MIXTURES)
 PRESETS = {
     # n: dialogues per tier; warm: clean warm-up dialogues; test: clean test dialogues per seed; epochs over the
-    # mixture (steps = ceil(epochs * dialogues / batch), the same for every method on that mixture)
+    # mixture's units (steps = ceil(epochs * units / batch), the same for every method on that mixture)
     "tiny": dict(COMMON, seeds=[1, 2], n=6, warm=4, test=2, epochs=1, batch=4, lr=3e-3, lora_r=4, lora_alpha=8,
                  warmup=4, ramp=1, max_len=160, new_tokens=4, dtype="fp32", real=False,
                  methods=("sft", "resure[loss+gain]", "prefilter+resure")),
-    "quick": dict(COMMON, seeds=[1, 2], n=16, warm=16, test=24, epochs=3, batch=8, lr=1e-3, lora_r=16, lora_alpha=32,
+    "quick": dict(COMMON, seeds=[1, 2], n=16, warm=16, test=24, epochs=1, batch=8, lr=1e-3, lora_r=16, lora_alpha=32,
                   dtype="fp32", real=False, methods=("sft", "resure", "resure[ema/winsorized]", "resure[loss+gain]")),
-    # chosen from the regime check (bench/README.md): SFT loses far more than its seed spread from H to H+N+L
-    # the baselines train and generate several times a run: on 2 cores they run after the core table, on H+N+L
-    "cpu": dict(COMMON, seeds=[1, 2, 3], n=32, warm=32, test=48, epochs=3, batch=8, lr=1e-3, lora_r=16,
-                lora_alpha=32, dtype="fp32", threads=2, methods=CORE + BASELINES, baseline_mixtures=("H+N+L",)),
+    # chosen from the regime check (bench/README.md): SFT loses far more than its seed spread from H to H+N+L.
+    # 3 hours on 2 cores hold 4 methods x 4 mixtures x 3 seeds (12 minutes a method and seed); the other methods,
+    # the baselines (several trainings a run) and bench/real_noise.py run with --methods / --real, or on a GPU
+    "cpu": dict(COMMON, seeds=[1, 2, 3], n=16, warm=32, test=48, epochs=3, batch=8, lr=1e-3, lora_r=16,
+                lora_alpha=32, dtype="bf16", threads=2, real=False, baseline_mixtures=("H+N+L",),
+                methods=("sft", "resure", "resure[ema/winsorized]", "prefilter+resure")),
     "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=96, warm=64, test=96, epochs=3, batch=16, lr=1e-3, lora_r=16,
                 lora_alpha=32, dtype="bf16", jobs=12, threads=1, eval_batch=128, methods=CORE + BASELINES),
 }
@@ -166,7 +171,9 @@ def make_data(root, seed, plan):
     """The seed's synthetic benchmark, its mixtures, warm-up and test sets as JSONL files: (paths, stats)."""
     n, w = plan["n"], plan["warm"]
     d = Path(root) / f"data-seed{seed}"
-    synth(d, seed=seed, n_train=3 * n + w, n_test=plan["test"], max_turns=plan["max_turns"], kinds=kinds(plan))
+    rates = dict(H=0.0, N=plan["rate_n"], L=plan["rate_l"])
+    synth(d, seed=seed, n_train=3 * n + w, n_test=plan["test"], max_turns=plan["max_turns"], rates=rates,
+          kinds=kinds(plan))
     tiers = {t: load_conversations(d / f"train_{t}.jsonl") for t in "HNL"}
     parts = {"H": tiers["H"][:n], "N": tiers["N"][n:2 * n], "L": tiers["L"][2 * n:3 * n]}
     paths, stats = {"warm": d / "warmup.jsonl", "test": d / "test.jsonl"}, {}
@@ -181,12 +188,15 @@ def make_data(root, seed, plan):
             if m.get("noisy"):
                 kinds_[m["noise_type"]] = kinds_.get(m["noise_type"], 0) + 1
         stats[mix] = {"dialogues": len(convs), "turns": len(turns), "noisy": sum(bool(m.get("noisy")) for m in turns),
-                      "kinds": kinds_, "steps": steps_for(plan, len(convs))}
+                      "kinds": kinds_, "steps": steps_for(plan, convs)}
     return paths, stats
 
 
-def steps_for(plan, dialogues):
-    return max(1, math.ceil(plan["epochs"] * dialogues / plan["batch"]))
+def steps_for(plan, convs):
+    """Optimizer steps for `epochs` passes over a mixture's training units (its assistant turns with --unit turn)."""
+    units = sum(m["role"] == "assistant" for c in convs for m in c["messages"]) if plan["unit"] == "turn" \
+        else len(convs)
+    return max(1, math.ceil(plan["epochs"] * units / plan["batch"]))
 
 
 def scorer(net, tpl, plan):
@@ -264,7 +274,7 @@ def train_flags(plan, seed, steps):
 
 def make_job(plan, name, seed, mix, paths, model_dir, run_dir):
     v = VARIANTS[name]
-    steps = steps_for(plan, len(load_conversations(paths[mix])))
+    steps = steps_for(plan, load_conversations(paths[mix]))
     data = paths[mix]
     job = dict(name=name, seed=seed, mixture=mix, run_dir=str(run_dir), model=str(model_dir), data=str(data),
                test=str(paths["test"]), steps=steps, baseline=v.get("baseline"),
@@ -595,7 +605,8 @@ def write_results(out, saved):
          + (f" ({saved['cpu_share']:.2f} of the {os.cpu_count()} cores on average went to this experiment; load "
             f"average {saved['load']})" if saved.get("cpu_share") is not None else "") + ".", "",
          f"Plan: model {plan['model_name']}; seeds {seeds}; {plan['n']} dialogues per tier, warm-up set "
-         f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; noise kinds "
+         f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate N {plan.get('rate_n', 0.2):g}, "
+         f"L {plan.get('rate_l', 0.5):g}; noise kinds "
          f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture "
          f"at batch {plan['batch']} (the same optimizer steps for every method on a mixture); lr {plan['lr']} cosine, "
          f"LoRA r={plan['lora_r']} alpha={plan['lora_alpha']}, unit={plan['unit']}, {plan['dtype']}; ReSURE alpha 1, "
@@ -898,21 +909,21 @@ def parse_args(argv=None):
     p.add_argument("--methods", help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--mixtures", help="comma-separated, from: " + ", ".join(MIXTURES))
     for k, t in (("n", int), ("warm", int), ("test", int), ("epochs", float), ("batch", int), ("lr", float),
-                 ("lora_r", int), ("lora_alpha", float), ("echo", float), ("jobs", int), ("threads", int),
-                 ("eval_batch", int), ("new_tokens", int)):
+                 ("lora_r", int), ("lora_alpha", float), ("echo", float), ("rate_n", float), ("rate_l", float),
+                 ("jobs", int), ("threads", int), ("eval_batch", int), ("new_tokens", int)):
         p.add_argument("--" + k.replace("_", "-"), type=t, help="overrides the preset")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="overrides the preset")
     p.add_argument("--unit", choices=["turn", "dialogue"], default="turn")
     p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
-                   help="run bench/real_noise.py at the end (default: --cpu and --gpu)")
+                   help="run bench/real_noise.py at the end (default: --gpu)")
     return p.parse_args(argv)
 
 
 def make_plan(a):
     preset = next((k for k in ("tiny", "quick", "regime", "gpu") if getattr(a, k)), "gpu" if a.full else "cpu")
     plan = dict(PRESETS[preset], preset=preset, unit=a.unit)
-    for k in ("n", "warm", "test", "epochs", "batch", "lr", "lora_r", "lora_alpha", "echo", "jobs", "threads",
-              "eval_batch", "new_tokens", "dtype", "real"):
+    for k in ("n", "warm", "test", "epochs", "batch", "lr", "lora_r", "lora_alpha", "echo", "rate_n", "rate_l",
+              "jobs", "threads", "eval_batch", "new_tokens", "dtype", "real"):
         if getattr(a, k) is not None:
             plan[k] = getattr(a, k)
     if a.seeds:
