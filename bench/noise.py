@@ -3,7 +3,7 @@ SFT gets worse (the paper's Table 4), and how does it compare with the other way
 
     python bench/noise.py --regime    # first: SFT alone on H and H+N+L; is there a drop for a method to fix?
     python bench/noise.py --cpu       # the answer: <= 3 hours on 2 idle CPU cores (4 methods), resumable run by run
-    python bench/noise.py --gpu       # one GPU, several runs at once (--jobs), about 8 minutes on one H200
+    python bench/noise.py --gpu       # one GPU, several runs at once (--jobs), sized for 8 minutes on an H200
     python bench/noise.py --quick     # a short check on SmolLM2 (fewer seeds and dialogues, 4 methods)
     python bench/noise.py --tiny      # a tiny random model, seconds (what CI runs; the numbers mean nothing)
     python bench/noise.py --report DIR            # results.md and the figures again, from DIR/results.json
@@ -117,7 +117,8 @@ PRESETS = {
     "cpu": dict(COMMON, seeds=[1, 2, 3], n=16, warm=32, test=48, epochs=3, batch=8, lr=1e-3, lora_r=16,
                 lora_alpha=32, dtype="bf16", threads=2, real=False, baseline_mixtures=("H+N+L",),
                 methods=("sft", "resure", "resure[ema/winsorized]", "prefilter+resure")),
-    "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=96, warm=64, test=96, epochs=3, batch=16, lr=1e-3, lora_r=16,
+    # sized by step count, not measured: no GPU has run it at this code
+    "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=32, warm=64, test=96, epochs=3, batch=16, lr=1e-3, lora_r=16,
                 lora_alpha=32, dtype="bf16", jobs=12, threads=1, eval_batch=128, methods=CORE + BASELINES),
 }
 PRESETS["regime"] = dict(PRESETS["cpu"], methods=("sft",), mixtures=("H", "H+N+L"), real=False)
@@ -605,9 +606,10 @@ def write_results(out, saved):
          + (f" ({saved['cpu_share']:.2f} of the {os.cpu_count()} cores on average went to this experiment; load "
             f"average {saved['load']})" if saved.get("cpu_share") is not None else "") + ".", "",
          f"Plan: model {plan['model_name']}; seeds {seeds}; {plan['n']} dialogues per tier, warm-up set "
-         f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate N {plan.get('rate_n', 0.2):g}, "
-         f"L {plan.get('rate_l', 0.5):g}; noise kinds "
-         f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture "
+         f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate "
+         f"N {plan.get('rate_n', 0.2):g}, L {plan.get('rate_l', 0.5):g}; noise kinds "
+         f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture's "
+         f"{plan['unit']}s "
          f"at batch {plan['batch']} (the same optimizer steps for every method on a mixture); lr {plan['lr']} cosine, "
          f"LoRA r={plan['lora_r']} alpha={plan['lora_alpha']}, unit={plan['unit']}, {plan['dtype']}; ReSURE alpha 1, "
          f"floor 5th percentile, warm-up from the clean set (--warmup-samples {plan['warmup']}), ramp "
@@ -898,7 +900,7 @@ def parse_args(argv=None):
     for name, h in (("tiny", "a tiny random model, seconds (CI)"), ("quick", "a short check on SmolLM2"),
                     ("regime", "sft alone on H and H+N+L at the --cpu settings: is there a drop to fix?"),
                     ("cpu", "the answer on 2 CPU cores (<= 3 hours idle; the default)"),
-                    ("gpu", "one GPU, --jobs runs at once (about 8 minutes on one H200)")):
+                    ("gpu", "one GPU, --jobs runs at once (sized for 8 minutes on one H200)")):
         g.add_argument("--" + name, action="store_true", help=h)
     g.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the old name of --gpu
     g.add_argument("--report", metavar="DIR", help="regenerate DIR/results.md and the figures from DIR/results.json")

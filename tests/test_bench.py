@@ -136,7 +136,8 @@ def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
             lines = (out / f"data-seed{s}" / f"mix_{m}.jsonl").read_text().splitlines()
             turns = sum(x["role"] == "assistant" for line in lines for x in json.loads(line)["messages"])
             p = noise.PRESETS["tiny"]
-            assert st[m]["turns"] == turns > len(lines) and st[m]["steps"] == math.ceil(p["epochs"] * turns / p["batch"])
+            assert st[m]["turns"] == turns > len(lines)
+            assert st[m]["steps"] == math.ceil(p["epochs"] * turns / p["batch"])
         frac = {m: st[m]["noisy"] / st[m]["turns"] for m in noise.MIXTURES}
         assert frac["H"] == 0 < frac["H+N"] < frac["H+L"] and frac["H+N"] < frac["H+N+L"]
         kept = (out / f"data-seed{s}" / "mix_H+N+L.scores").read_text().split()
