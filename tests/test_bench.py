@@ -278,3 +278,20 @@ def test_bad_input_is_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "bench/noise.py", "--methods", "bogus", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "bogus" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_noise_rates_reach_the_data(tmp_path):
+    """--rate-n / --rate-l set the injection rates of tiers N and L: 0 leaves a tier clean; 1 makes every last turn
+    noisy (the late profile weights turn k of n by 2k / (n + 1), capped at 1). Counted from the files."""
+    import noise
+    plan = noise.make_plan(noise.parse_args(["--tiny", "--rate-n", "0", "--rate-l", "1"]))
+    paths, stats = noise.make_data(tmp_path, 7, plan)
+    turns = {t: [[m for m in json.loads(line)["messages"] if m["role"] == "assistant"]
+                 for line in (tmp_path / "data-seed7" / f"train_{t}.jsonl").read_text().splitlines()] for t in "NL"}
+    assert turns["N"] and not any(m["noisy"] for d in turns["N"] for m in d)
+    assert all(d[-1]["noisy"] for d in turns["L"])
+    assert sum(m["noisy"] for d in turns["L"] for m in d) > 0.6 * sum(map(len, turns["L"]))
+    assert json.loads((tmp_path / "data-seed7" / "synth_meta.json").read_text())["rates"] == {"H": 0, "N": 0, "L": 1}
+    assert stats["H+N"]["noisy"] == 0 < stats["H+L"]["noisy"]
+    with pytest.raises(SystemExit):  # argparse: a rate is a number
+        noise.parse_args(["--rate-l", "high"])
