@@ -42,7 +42,8 @@ differences, reported as "no difference" when it is not larger than their std. T
 injected noise kinds) is bench/real_noise.py's run(), called at the end when that file exists.
 
 Every run lives in OUT/runs/seed*/MIXTURE/METHOD/ and ends with result.json; a rerun of the same command skips
-finished runs, so an interruption loses one run, not the table. results.json / results.md are rewritten after
+finished runs, so an interruption loses one run, not the table. SIGINT / SIGTERM stop the experiment (and its
+workers) with one line; a method that fails is a row that says so, and the experiment goes on. results.json / results.md are rewritten after
 every run; noise.png and resure_dynamics.png (matplotlib, optional) at the end and by --report.
 """
 import argparse
@@ -54,6 +55,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +128,13 @@ PRESETS["regime"] = dict(PRESETS["cpu"], methods=("sft",), mixtures=("H", "H+N+L
 
 class BenchError(ValueError):
     pass
+
+
+SIGNAL_EXITS = (130, 143)  # how train.py (and a worker) exits after SIGINT / SIGTERM
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(143)
 
 
 def _device():
@@ -334,6 +343,8 @@ def run_job(job):
                 train.main(job["argv"])
     except (Exception, SystemExit) as e:  # a failing method is a row that says so, not a lost table
         (out / "train.log").write_text(log.getvalue())
+        if isinstance(e, SystemExit) and e.code in SIGNAL_EXITS:
+            raise  # train.py was stopped by a signal: so is the experiment, and this run (no result.json) is redone
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         res.update(error=msg, train_s=time.time() - t0)
         _dump(res, out / "result.json")
@@ -956,6 +967,16 @@ def available(name):
 def run_pool(todo, n_jobs, done_cb):
     """Each job in `python bench/noise.py --worker JOB.json`, n_jobs at a time (several runs share one GPU)."""
     queue, running = list(todo), []
+    try:
+        _pool_loop(queue, running, n_jobs, done_cb)
+    finally:  # stopped (a signal, a worker stopped by one): the workers stop after their step too
+        for _, proc, log in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
+def _pool_loop(queue, running, n_jobs, done_cb):
     while queue or running:
         while queue and len(running) < n_jobs:
             job = queue.pop(0)
@@ -973,6 +994,8 @@ def run_pool(todo, n_jobs, done_cb):
                 continue
             running.remove(item)
             log.close()
+            if proc.returncode in SIGNAL_EXITS or -proc.returncode in (signal.SIGINT, signal.SIGTERM):
+                raise SystemExit(proc.returncode if proc.returncode > 0 else 128 - proc.returncode)
             r = finished(job) or {"sig": job["sig"], "variant": job["name"], "mixture": job["mixture"],
                                   "seed": job["seed"], "error": f"worker exited with code {proc.returncode}"}
             done_cb(r)
@@ -1049,9 +1072,11 @@ def main(argv=None):
                                                                    or mix in plan["baseline_mixtures"])]:
                     run_dir = out / "runs" / f"seed{seed}" / mix / name.replace("/", "_").replace(":", "_")
                     jobs.append(make_job(plan, name, seed, mix, paths, model_dir, run_dir))
-    # stable: sft on every seed first (the regime check, and the reference of every paired difference), then each
-    # seed's other core methods, then the baselines
-    jobs.sort(key=lambda j: 0 if j["name"] == "sft" else 1 if j["name"] in CORE else 2)
+    # sft on every seed first (the regime check, and the reference of every paired difference), then the other core
+    # methods on the cleanest and the noisiest mixture of every seed, then on the mixtures between, then the
+    # baselines: an experiment stopped early still holds its widest paired comparison on every seed
+    ends = (plan["mixtures"][0], plan["mixtures"][-1])
+    jobs.sort(key=lambda j: (0 if j["name"] == "sft" else 1 if j["name"] in CORE else 2, j["mixture"] not in ends))
     steps = {m: data_stats[plan["seeds"][0]][m]["steps"] for m in plan["mixtures"]}
     print(f"plan: {len(jobs)} training runs = {len(plan['seeds'])} seeds x {len(plan['mixtures'])} mixtures x "
           f"{len(methods)} methods ({', '.join(methods)}); steps per run {steps} (batch {plan['batch']}, "
@@ -1089,12 +1114,19 @@ def main(argv=None):
               + f", ETA {el / state['done'] * (len(todo) - state['done']) / 60:.1f} min", flush=True)
         save()
 
-    if plan["jobs"] > 1:
-        run_pool(todo, plan["jobs"], done)
-    else:
-        for job in todo:
-            done(run_job(job))
-            gc.collect()
+    signal.signal(signal.SIGTERM, _sigterm)  # outside train.py's own handling too: stop, keep what finished
+    try:
+        if plan["jobs"] > 1:
+            run_pool(todo, plan["jobs"], done)
+        else:
+            for job in todo:
+                done(run_job(job))
+                gc.collect()
+    except (KeyboardInterrupt, SystemExit) as e:
+        code = e.code if isinstance(e, SystemExit) else 130
+        print(f"noise.py: stopped by a signal; {len(results)} of {len(jobs)} runs are finished in {out} and the same "
+              "command goes on from there", file=sys.stderr, flush=True)
+        sys.exit(code)
     if plan["real"]:
         saved["real"] = run_real(plan, model_dir, out)
     text, summary = save()

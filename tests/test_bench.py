@@ -295,3 +295,65 @@ def test_noise_rates_reach_the_data(tmp_path):
     assert stats["H+N"]["noisy"] == 0 < stats["H+L"]["noisy"]
     with pytest.raises(SystemExit):  # argparse: a rate is a number
         noise.parse_args(["--rate-l", "high"])
+
+
+@pytest.mark.slow
+def test_noise_stops_on_a_signal_and_resumes(tiny, tmp_path, keep_threads, capsys, monkeypatch):
+    """train.py exits 143 after SIGTERM (tests/test_reliability.py): the experiment stops there with one line,
+    keeps the finished run, records nothing for the stopped one, and the same command does only what is left."""
+    import noise
+    import train
+    argv = ["--tiny", "--model", tiny, "--out", str(tmp_path), "--methods", "sft", "--mixtures", "H",
+            "--threads", "1"]
+    real, calls = train.main, []
+
+    def stopped_second(a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise SystemExit(143)
+        return real(a)
+    monkeypatch.setattr(train, "main", stopped_second)
+    with pytest.raises(SystemExit) as e:
+        noise.main(argv)
+    assert e.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"noise.py: stopped by a signal; 1 of 2 runs are finished in {tmp_path} and the same command "
+                       "goes on from there")
+    done = sorted(tmp_path.glob("runs/*/H/sft/result.json"))
+    assert [p.parent.parent.parent.name for p in done] == ["seed1"] and "error" not in json.loads(done[0].read_text())
+    monkeypatch.setattr(train, "main", real)
+    noise.main(argv)
+    assert "resuming: 1 of 2 runs already finished" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["seed"] for r in saved["results"]) == [1, 2] and not [r for r in saved["results"] if "error" in r]
+
+
+def test_noise_pool_stops_when_a_worker_was_stopped(monkeypatch, tmp_path):
+    """With --jobs > 1, a worker that exits 143 (or dies of SIGTERM) stops the pool; the other workers are sent
+    SIGTERM and waited for, and no result is recorded for either."""
+    import noise
+
+    class Proc:  # code None: still running for a few polls, then done (exit 0)
+        def __init__(self, code):
+            self.returncode, self.terminated, self.polls = code, False, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.returncode is None and self.polls > 3:
+                self.returncode = 0
+            return self.returncode
+
+        def terminate(self):
+            self.terminated = True
+
+        def wait(self):
+            return self.returncode
+    for code, want in ((143, 143), (-15, 143), (130, 130)):
+        procs = iter([Proc(code), Proc(None)])
+        made = []
+        monkeypatch.setattr(noise.subprocess, "Popen", lambda *a, **k: made.append(next(procs)) or made[-1])
+        jobs = [dict(run_dir=str(tmp_path / f"r{i}"), sig=str(i), name="sft", mixture="H", seed=1) for i in (0, 1)]
+        got = []
+        with pytest.raises(SystemExit) as e:
+            noise.run_pool(jobs, 2, got.append)
+        assert e.value.code == want and got == [] and made[1].terminated and made[1].returncode is None
