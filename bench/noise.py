@@ -20,7 +20,7 @@ data of falling quality, as in the paper's Table 4 (ordinal 1-4 in this order fo
     H+L    = H of A + the L version of a disjoint set C            (2n)
     H+N+L  = H of A + N of B + L of C                               (3n)
 plus a disjoint clean warm-up set W (the paper's high-quality warm-up samples) and a clean test set. Like the paper,
-a run trains `epochs` passes over its mixture's units (more data, more steps); every method trains the same number of
+a run trains `epochs` passes over its mixture (more data, more steps); every method trains the same number of
 optimizer steps on a given mixture (--max-steps), so pre-filtered data is passed over more often, and a relabeling
 baseline's final training has the same steps as SFT's (its extra work is reported as compute).
 
@@ -107,20 +107,20 @@ COMMON = dict(warmup=64, ramp=5, max_len=192, max_turns=4, new_tokens=16, echo=0
               baseline_mixtures=MIXTURES)
 PRESETS = {
     # n: dialogues per tier; warm: clean warm-up dialogues; test: clean test dialogues per seed; epochs over the
-    # mixture's units (steps = ceil(epochs * units / batch), the same for every method on that mixture)
+    # mixture's dialogues (steps = ceil(epochs * dialogues / batch), the same for every method on that mixture)
     "tiny": dict(COMMON, seeds=[1, 2], n=6, warm=4, test=2, epochs=1, batch=4, lr=3e-3, lora_r=4, lora_alpha=8,
                  warmup=4, ramp=1, max_len=160, new_tokens=4, dtype="fp32", real=False,
                  methods=("sft", "resure[loss+gain]", "prefilter+resure")),
-    "quick": dict(COMMON, seeds=[1, 2], n=16, warm=16, test=24, epochs=1, batch=8, lr=1e-3, lora_r=16, lora_alpha=32,
+    "quick": dict(COMMON, seeds=[1, 2], n=16, warm=16, test=24, epochs=3, batch=8, lr=1e-3, lora_r=16, lora_alpha=32,
                   dtype="fp32", real=False, methods=("sft", "resure", "resure[ema/winsorized]", "resure[loss+gain]")),
     # chosen from the regime check (bench/README.md): SFT loses far more than its seed spread from H to H+N+L.
     # 3 hours on 2 cores hold 4 methods x 4 mixtures x 3 seeds (12 minutes a method and seed); the other methods,
     # the baselines (several trainings a run) and bench/real_noise.py run with --methods / --real, or on a GPU
-    "cpu": dict(COMMON, seeds=[1, 2, 3], n=16, warm=32, test=48, epochs=3, batch=8, lr=1e-3, lora_r=16,
+    "cpu": dict(COMMON, seeds=[1, 2, 3], n=16, warm=32, test=48, epochs=9, batch=8, lr=1e-3, lora_r=16,
                 lora_alpha=32, dtype="bf16", threads=2, real=False, baseline_mixtures=("H+N+L",),
                 methods=("sft", "resure", "resure[ema/winsorized]", "prefilter+resure")),
-    # sized by step count, not measured: no GPU has run it at this code
-    "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=32, warm=64, test=96, epochs=3, batch=16, lr=1e-3, lora_r=16,
+    # the same steps per run as an earlier 96 dialogues x 3 epochs sizing; not measured: no GPU has run it
+    "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=32, warm=64, test=96, epochs=9, batch=16, lr=1e-3, lora_r=16,
                 lora_alpha=32, dtype="bf16", jobs=12, threads=1, eval_batch=128, methods=CORE + BASELINES),
 }
 PRESETS["regime"] = dict(PRESETS["cpu"], methods=("sft",), mixtures=("H", "H+N+L"), real=False)
@@ -203,10 +203,9 @@ def make_data(root, seed, plan):
 
 
 def steps_for(plan, convs):
-    """Optimizer steps for `epochs` passes over a mixture's training units (its assistant turns with --unit turn)."""
-    units = sum(m["role"] == "assistant" for c in convs for m in c["messages"]) if plan["unit"] == "turn" \
-        else len(convs)
-    return max(1, math.ceil(plan["epochs"] * units / plan["batch"]))
+    """Optimizer steps for `epochs` passes over a mixture: a step trains `batch` dialogues (with --unit turn, each of
+    their assistant turns is a unit with its own loss and weight inside its dialogue)."""
+    return max(1, math.ceil(plan["epochs"] * len(convs) / plan["batch"]))
 
 
 def scorer(net, tpl, plan):
@@ -619,8 +618,7 @@ def write_results(out, saved):
          f"Plan: model {plan['model_name']}; seeds {seeds}; {plan['n']} dialogues per tier, warm-up set "
          f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate "
          f"N {plan.get('rate_n', 0.2):g}, L {plan.get('rate_l', 0.5):g}; noise kinds "
-         f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture's "
-         f"{plan['unit']}s "
+         f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture "
          f"at batch {plan['batch']} (the same optimizer steps for every method on a mixture); lr {plan['lr']} cosine, "
          f"LoRA r={plan['lora_r']} alpha={plan['lora_alpha']}, unit={plan['unit']}, {plan['dtype']}; ReSURE alpha 1, "
          f"floor 5th percentile, warm-up from the clean set (--warmup-samples {plan['warmup']}), ramp "
@@ -1072,11 +1070,11 @@ def main(argv=None):
                                                                    or mix in plan["baseline_mixtures"])]:
                     run_dir = out / "runs" / f"seed{seed}" / mix / name.replace("/", "_").replace(":", "_")
                     jobs.append(make_job(plan, name, seed, mix, paths, model_dir, run_dir))
-    # sft on every seed first (the regime check, and the reference of every paired difference), then the other core
-    # methods on the cleanest and the noisiest mixture of every seed, then on the mixtures between, then the
-    # baselines: an experiment stopped early still holds its widest paired comparison on every seed
+    # the cleanest and the noisiest mixture first, sft first on them (the regime check, and the reference of every
+    # paired difference), then the mixtures between, then the baselines: an experiment stopped early still holds
+    # its widest paired comparison on every seed
     ends = (plan["mixtures"][0], plan["mixtures"][-1])
-    jobs.sort(key=lambda j: (0 if j["name"] == "sft" else 1 if j["name"] in CORE else 2, j["mixture"] not in ends))
+    jobs.sort(key=lambda j: (j["name"] in BASELINES, j["mixture"] not in ends, j["name"] != "sft"))
     steps = {m: data_stats[plan["seeds"][0]][m]["steps"] for m in plan["mixtures"]}
     print(f"plan: {len(jobs)} training runs = {len(plan['seeds'])} seeds x {len(plan['mixtures'])} mixtures x "
           f"{len(methods)} methods ({', '.join(methods)}); steps per run {steps} (batch {plan['batch']}, "
