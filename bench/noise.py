@@ -43,8 +43,9 @@ injected noise kinds) is bench/real_noise.py's run(), called at the end when tha
 
 Every run lives in OUT/runs/seed*/MIXTURE/METHOD/ and ends with result.json; a rerun of the same command skips
 finished runs, so an interruption loses one run, not the table. SIGINT / SIGTERM stop the experiment (and its
-workers) with one line; a method that fails is a row that says so, and the experiment goes on. results.json / results.md are rewritten after
-every run; noise.png and resure_dynamics.png (matplotlib, optional) at the end and by --report.
+workers) with one line; a method that fails is a row that says so, and the experiment goes on. results.json /
+results.md are rewritten after every run; noise.png and resure_dynamics.png (matplotlib, optional) at the end and
+by --report.
 """
 import argparse
 import gc
@@ -75,7 +76,7 @@ import train  # noqa: E402
 from data import ChatTemplate, build_examples, epoch_batches, load_conversations, read_scores, save_jsonl  # noqa: E402
 from eval import accuracy, load as load_model, per_turn_loss, spearman  # noqa: E402
 from resure import prefilter  # noqa: E402
-from tools.synth import SYNTH_KINDS, synth  # noqa: E402
+from tools.synth import SYNTH_KINDS, SYNTH_RATES, synth  # noqa: E402
 
 MIXTURES = ("H", "H+N", "H+L", "H+N+L")
 PAPER_EST = dict(stats="welford", stats_update="reliable")
@@ -102,8 +103,7 @@ CORE = ("sft", "resure", "resure[ema/winsorized]", "resure[mad/all]", "resure[lo
         "prefilter+resure")
 BASELINES = ("ilr[oracle]", "ilr[sim:0.8]", "ilr[naive]", "dpo", "robustft")
 COMMON = dict(warmup=64, ramp=5, max_len=192, max_turns=4, new_tokens=16, echo=0.2, rate_n=0.5, rate_l=0.9,
-              lora_dropout=0.05,
-              warmup_ratio=0.05, jobs=1, threads=None, eval_batch=32, real=True, mixtures=MIXTURES,
+              lora_dropout=0.05, warmup_ratio=0.05, jobs=1, threads=None, eval_batch=32, real=True, mixtures=MIXTURES,
               baseline_mixtures=MIXTURES)
 PRESETS = {
     # n: dialogues per tier; warm: clean warm-up dialogues; test: clean test dialogues per seed; epochs over the
@@ -198,14 +198,14 @@ def make_data(root, seed, plan):
             if m.get("noisy"):
                 kinds_[m["noise_type"]] = kinds_.get(m["noise_type"], 0) + 1
         stats[mix] = {"dialogues": len(convs), "turns": len(turns), "noisy": sum(bool(m.get("noisy")) for m in turns),
-                      "kinds": kinds_, "steps": steps_for(plan, convs)}
+                      "kinds": kinds_, "steps": steps_for(plan, len(convs))}
     return paths, stats
 
 
-def steps_for(plan, convs):
+def steps_for(plan, dialogues):
     """Optimizer steps for `epochs` passes over a mixture: a step trains `batch` dialogues (with --unit turn, each of
     their assistant turns is a unit with its own loss and weight inside its dialogue)."""
-    return max(1, math.ceil(plan["epochs"] * len(convs) / plan["batch"]))
+    return max(1, math.ceil(plan["epochs"] * dialogues / plan["batch"]))
 
 
 def scorer(net, tpl, plan):
@@ -283,7 +283,7 @@ def train_flags(plan, seed, steps):
 
 def make_job(plan, name, seed, mix, paths, model_dir, run_dir):
     v = VARIANTS[name]
-    steps = steps_for(plan, load_conversations(paths[mix]))
+    steps = steps_for(plan, len(load_conversations(paths[mix])))
     data = paths[mix]
     job = dict(name=name, seed=seed, mixture=mix, run_dir=str(run_dir), model=str(model_dir), data=str(data),
                test=str(paths["test"]), steps=steps, baseline=v.get("baseline"),
@@ -617,7 +617,7 @@ def write_results(out, saved):
             f"average {saved['load']})" if saved.get("cpu_share") is not None else "") + ".", "",
          f"Plan: model {plan['model_name']}; seeds {seeds}; {plan['n']} dialogues per tier, warm-up set "
          f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate "
-         f"N {plan.get('rate_n', 0.2):g}, L {plan.get('rate_l', 0.5):g}; noise kinds "
+         f"N {plan.get('rate_n', SYNTH_RATES['N']):g}, L {plan.get('rate_l', SYNTH_RATES['L']):g}; noise kinds "
          f"{', '.join(f'{k} {w:g}' for k, w in plan['kinds'].items())}; {plan['epochs']} epochs over each mixture "
          f"at batch {plan['batch']} (the same optimizer steps for every method on a mixture); lr {plan['lr']} cosine, "
          f"LoRA r={plan['lora_r']} alpha={plan['lora_alpha']}, unit={plan['unit']}, {plan['dtype']}; ReSURE alpha 1, "
