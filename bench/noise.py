@@ -611,9 +611,12 @@ def write_results(out, saved):
             failed.setdefault(r["variant"], []).append(r["error"])
     summary = summarize(ok, v_list, seeds, mixes)
     done, total = len(results), saved.get("runs_planned", len(results))
+    run_s = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in results)
     L = [f"# The noise experiment (bench/noise.py, preset {plan['preset']})", "",
          f"Machine: {saved['machine']}. Wall time {saved['wall_s'] / 60:.1f} min for {done} of {total} runs"
-         + (f" ({saved['cpu_share']:.2f} of the {os.cpu_count()} cores on average went to this experiment; load "
+         + (f" over {saved['invocations']} invocations (resumed)" if saved.get("invocations", 1) > 1 else "")
+         + f"; the runs' own training and evaluation: {run_s / 60:.1f} min"
+         + (f" ({saved['cpu_share']:.2f} of the {os.cpu_count()} cores on average went to the last invocation; load "
             f"average {saved['load']})" if saved.get("cpu_share") is not None else "") + ".", "",
          f"Plan: model {plan['model_name']}; seeds {seeds}; {plan['n']} dialogues per tier, warm-up set "
          f"{plan['warm']} clean dialogues, {plan['test']} clean test dialogues per seed; per-turn noise rate "
@@ -891,6 +894,15 @@ def plot(out, saved, summary):
     return paths
 
 
+def _earlier_wall(path):
+    """Wall time and invocations recorded by the runs before a resume, so the total counts every invocation."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        return float(saved.get("wall_s") or 0.0), int(saved.get("invocations", 1))
+    except (OSError, ValueError):
+        return 0.0, 0
+
+
 def report(out):
     """results.md and the figures from OUT/results.json alone."""
     f = Path(out) / "results.json"
@@ -1085,12 +1097,14 @@ def main(argv=None):
         print(f"resuming: {len(results)} of {len(jobs)} runs already finished in {out}", flush=True)
     saved = {"plan": plan, "machine": machine, "base": base, "data": data_stats, "prefilter": pre,
              "runs_planned": len(jobs), "real": None}
-    state = {"done": 0}
+    before = _earlier_wall(out / "results.json") if results else (0.0, 0)
+    state = {"done": 0, "steps": 0}
     todo = [j for j in jobs if j["sig"] not in results]
 
     def save():
         el = time.time() - t_start
-        saved.update(results=[results[j["sig"]] for j in jobs if j["sig"] in results], wall_s=el,
+        saved.update(results=[results[j["sig"]] for j in jobs if j["sig"] in results], wall_s=before[0] + el,
+                     invocations=before[1] + 1, this_wall_s=el,
                      cpu_share=(_cpu_s() - cpu0) / el / (os.cpu_count() or 1) if el > 0 else None,
                      load=f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} now")
         _dump(saved, out / "results.json")
@@ -1102,6 +1116,8 @@ def main(argv=None):
     def done(r):
         results[r["sig"]] = r
         state["done"] += 1
+        state["steps"] += next(j["steps"] for j in todo if j["sig"] == r["sig"])
+        left = sum(j["steps"] for j in todo if j["sig"] not in results)
         el = time.time() - t_start
         fl = r.get("flagging", {}).get("all", {})
         print(f"[{len(results)}/{len(jobs)}] seed {r['seed']} {r['mixture']:6s} {r['variant']:24s} "
@@ -1109,7 +1125,7 @@ def main(argv=None):
                  f"acc {100 * r['accuracy']:5.1f}% loss {r['loss']:.3f}"
                  + (f" flagged {fl['flagged']}/{fl['units']} P {_p(fl['precision'])} R {_p(fl['recall'])}"
                     if fl else "") + f" | {r['train_s']:.0f}+{r['eval_s']:.0f} s")
-              + f", ETA {el / state['done'] * (len(todo) - state['done']) / 60:.1f} min", flush=True)
+              + f", ETA {el / state['steps'] * left / 60:.1f} min", flush=True)  # runs cost about their steps
         save()
 
     signal.signal(signal.SIGTERM, _sigterm)  # outside train.py's own handling too: stop, keep what finished

@@ -319,11 +319,19 @@ def test_noise_stops_on_a_signal_and_resumes(tiny, tmp_path, keep_threads, capsy
                        "goes on from there")
     done = sorted(tmp_path.glob("runs/*/H/sft/result.json"))
     assert [p.parent.parent.parent.name for p in done] == ["seed1"] and "error" not in json.loads(done[0].read_text())
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["invocations"] == 1 and first["wall_s"] == first["this_wall_s"] > 0
     monkeypatch.setattr(train, "main", real)
     noise.main(argv)
     assert "resuming: 1 of 2 runs already finished" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["seed"] for r in saved["results"]) == [1, 2] and not [r for r in saved["results"] if "error" in r]
+    # the wall time counts both invocations, not only the one that resumed
+    assert saved["invocations"] == 2 and saved["wall_s"] == pytest.approx(first["wall_s"] + saved["this_wall_s"])
+    run_min = sum(r["train_s"] + r["eval_s"] for r in saved["results"]) / 60
+    head = (tmp_path / "results.md").read_text().splitlines()[2]
+    assert f"for 2 of 2 runs over 2 invocations (resumed); the runs' own training and evaluation: {run_min:.1f} min" \
+        in head
 
 
 def test_noise_pool_stops_when_a_worker_was_stopped(monkeypatch, tmp_path):
