@@ -1098,8 +1098,8 @@ def main(argv=None):
     saved = {"plan": plan, "machine": machine, "base": base, "data": data_stats, "prefilter": pre,
              "runs_planned": len(jobs), "real": None}
     before = _earlier_wall(out / "results.json") if results else (0.0, 0)
-    state = {"done": 0, "steps": 0}
     todo = [j for j in jobs if j["sig"] not in results]
+    todo_steps = sum(j["steps"] for j in todo)
 
     def save():
         el = time.time() - t_start
@@ -1115,8 +1115,6 @@ def main(argv=None):
 
     def done(r):
         results[r["sig"]] = r
-        state["done"] += 1
-        state["steps"] += next(j["steps"] for j in todo if j["sig"] == r["sig"])
         left = sum(j["steps"] for j in todo if j["sig"] not in results)
         el = time.time() - t_start
         fl = r.get("flagging", {}).get("all", {})
@@ -1125,10 +1123,10 @@ def main(argv=None):
                  f"acc {100 * r['accuracy']:5.1f}% loss {r['loss']:.3f}"
                  + (f" flagged {fl['flagged']}/{fl['units']} P {_p(fl['precision'])} R {_p(fl['recall'])}"
                     if fl else "") + f" | {r['train_s']:.0f}+{r['eval_s']:.0f} s")
-              + f", ETA {el / state['steps'] * left / 60:.1f} min", flush=True)  # runs cost about their steps
+              + f", ETA {el / (todo_steps - left) * left / 60:.1f} min", flush=True)  # runs cost about their steps
         save()
 
-    signal.signal(signal.SIGTERM, _sigterm)  # outside train.py's own handling too: stop, keep what finished
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # outside train.py's own handling too: stop, keep what finished
     try:
         if plan["jobs"] > 1:
             run_pool(todo, plan["jobs"], done)
@@ -1141,6 +1139,8 @@ def main(argv=None):
         print(f"noise.py: stopped by a signal; {len(results)} of {len(jobs)} runs are finished in {out} and the same "
               "command goes on from there", file=sys.stderr, flush=True)
         sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if plan["real"]:
         saved["real"] = run_real(plan, model_dir, out)
     text, summary = save()

@@ -3,6 +3,7 @@ nothing at this size, but every table must hold them, and what can be checked ag
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -311,9 +312,10 @@ def test_noise_stops_on_a_signal_and_resumes(tiny, tmp_path, keep_threads, capsy
             raise SystemExit(143)
         return real(a)
     monkeypatch.setattr(train, "main", stopped_second)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         noise.main(argv)
-    assert e.value.code == 143
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"noise.py: stopped by a signal; 1 of 2 runs are finished in {tmp_path} and the same command "
                        "goes on from there")
@@ -324,6 +326,7 @@ def test_noise_stops_on_a_signal_and_resumes(tiny, tmp_path, keep_threads, capsy
     monkeypatch.setattr(train, "main", real)
     noise.main(argv)
     assert "resuming: 1 of 2 runs already finished" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is handler
     saved = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["seed"] for r in saved["results"]) == [1, 2] and not [r for r in saved["results"] if "error" in r]
     # the wall time counts both invocations, not only the one that resumed
