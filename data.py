@@ -9,9 +9,9 @@ In reading order: chat templates, examples, batches; reading and validating file
 
 Format: {"messages": [{"role": "system"|"user"|"assistant", "content": str, ...}], ...} (OpenAI) or ShareGPT
 {"conversations": [{"from": "system"|"human"|"gpt", "value": str}]}, in JSONL or a JSON array, .gz too; extra
-fields are kept. An assistant message may carry "train": false (context only) and noise labels ("noisy",
-"noise_type", "reference"). Bad records give one-line errors "FILE:LINE: reason: detail"; with
-on_bad_sample="skip" they are dropped, counted per reason and reported in one line.
+fields are kept. An assistant message may carry "train": false (context only; OpenAI's "weight": 0 means the same)
+and noise labels ("noisy", "noise_type", "reference"). Bad records give one-line errors "FILE:LINE: reason: detail";
+with on_bad_sample="skip" they are dropped, counted per reason and reported in one line.
 """
 import argparse
 import sys

@@ -54,6 +54,11 @@ BAD_CASES = [
      "message 0 (user) content is NoneType"),
     (json.dumps({"messages": [U, {"role": "assistant", "content": " \n "}]}), "empty content",
      "message 1 (assistant) is empty"),
+    (json.dumps({"messages": [U, {**A, "weight": 0.5}]}), "unknown format",
+     'message 1 has weight 0.5, expected 0 or 1 (and no contrary "train")'),
+    (json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0,
+                                                                      "train": True}]}), "unknown format",
+     'message 1 has weight 0, expected 0 or 1 (and no contrary "train")'),
     (json.dumps({"messages": [U, U, A]}), "roles not alternating", f"message 1 is user, expected assistant {ALT}"),
     (json.dumps({"messages": [A, U]}), "roles not alternating", f"message 0 is assistant, expected user {ALT}"),
     (json.dumps({"messages": [{"role": "system", "content": "s"}, U, A, {"role": "system", "content": "t"}, A]}),
@@ -112,7 +117,7 @@ def test_formats_json_array_sharegpt_extra_fields_gz(tmp_path):
                                        {"from": "gpt", "value": "yo", "weight": 0}]},
     ]
     want = [recs[0], {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hey"},
-                                   {"role": "assistant", "content": "yo", "weight": 0}], "id": "s1"}]
+                                   {"role": "assistant", "content": "yo", "weight": 0, "train": False}], "id": "s1"}]
     p = tmp_path / "a.json"
     p.write_text(json.dumps(recs, indent=2), encoding="utf-8")
     assert data.load_conversations(p) == want
@@ -326,6 +331,20 @@ def test_labels_and_turn_ids_cover_exactly_the_assistant_replies(pair):
             assert nfc(got).endswith(nfc(want)) and extra.strip() == "", (name, i, k, got, want)
             if pos[-1] + 1 < len(ids) and name != "llama3":
                 assert hf.convert_ids_to_tokens(ids[pos[-1] + 1]) == "Ċ" and labels[pos[-1] + 1] == -100
+
+
+def test_openai_weight_zero_is_context_like_train_false(pair, tmp_path):
+    """OpenAI's fine-tuning format marks an assistant message not to learn from with "weight": 0: it is rendered
+    and tokenized exactly as "train": false (its reply unsupervised, turn numbers kept), "weight": 1 as plain."""
+    name, tpl, _, _ = pair
+    turns = [U, {**A, "content": "first"}, {**U, "content": "again"}, {**A, "content": "second"}]
+    weighted = [dict(m, weight=w) if m["role"] == "assistant" else m for m, w in zip(turns, (None, 0, None, 1))]
+    p = _write(tmp_path, [json.dumps({"messages": weighted})])
+    msgs = data.load_conversations(p)[0]["messages"]
+    assert [m.get("train") for m in msgs] == [None, False, None, True] and msgs[1]["weight"] == 0
+    got, want = tpl.encode(msgs), tpl.encode([turns[0], {**turns[1], "train": False}, turns[2], turns[3]])
+    assert got == want and sorted(set(got["turn_ids"])) == [0, 2]
+    assert tpl.encode(turns)["labels"] != got["labels"]  # without the weight, turn 1 is supervised
 
 
 def test_hand_checked_masks(pair):

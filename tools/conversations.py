@@ -101,8 +101,13 @@ def normalize_record(obj, where):
             raise BadSample(where, "empty content", f"message {i} ({role}) is empty")
         if "train" in m and not isinstance(m["train"], bool):
             raise BadSample(where, "unknown format", f"message {i} has train {m['train']!r}, expected true or false")
-        msgs.append({"role": role, "content": m[ckey], **{k: v for k, v in m.items()
-                                                          if k not in (rkey, ckey, "role", "content")}})
+        extra = {k: v for k, v in m.items() if k not in (rkey, ckey, "role", "content")}
+        if "weight" in m and role == "assistant":  # OpenAI's fine-tuning format: weight 0 = context only
+            if type(m["weight"]) is not int or m["weight"] not in (0, 1) or m.get("train", m["weight"]) != m["weight"]:
+                raise BadSample(where, "unknown format", f"message {i} has weight {m['weight']!r}, expected 0 or 1 "
+                                "(and no contrary \"train\")")
+            extra["train"] = bool(m["weight"])
+        msgs.append({"role": role, "content": m[ckey], **extra})
     off = 1 if msgs[0]["role"] == "system" else 0
     if len(msgs) == off:
         raise BadSample(where, "empty conversation", "only a system message")
