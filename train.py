@@ -57,7 +57,7 @@ POS, POS_INT, NONNEG, NONNEG_INT = num(float, 0, lo_ok=False), num(int, 1, 10**9
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the SmolLM2 demo")
+    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the demo's model")
     add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
     add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
     add("--warmup-data", help="high-quality conversations to initialize the statistics from (paper: 640)")
@@ -115,8 +115,8 @@ def parse_args(argv=None):
     add("--demo-eval", type=NONNEG_INT, default=32, help="demo only: clean test dialogues scored before and after")
     args = p.parse_args(argv)
     args.demo = args.model is None and args.data is None
-    if (args.model is None) != (args.data is None):
-        raise UsageError("give both --model and --data, or neither for the demo")
+    if args.data is None and args.model is not None:
+        raise UsageError("--model needs --data (the demo's data is made for its own model)")
     for k, v in (DEMO if args.demo else PAPER).items():  # a flag left out takes the paper's (the demo's) value
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     if args.resume and args.no_resume:
@@ -378,6 +378,9 @@ def main(argv=None, objective=None):
         if args.demo:
             from tools.demo import prepare
             run.demo_test = prepare(args, DEMO, run.log)
+        elif args.model is None:  # --data alone: the demo's model, the paper's settings
+            from tools.smollm2 import prepare_smollm2
+            args.model = prepare_smollm2()
         if not build(run):
             return None
         runs.start(run)

@@ -255,3 +255,21 @@ def test_demo_shortened_prints_numbers_from_the_run(smollm2_dir, tmp_path):
     assert abs(accuracy(net, template, test)["overall"] - before) < 1e-3
     load_adapter(net, out / "adapter")
     assert abs(accuracy(net, template, test)["overall"] - after) < 1e-3
+
+
+def test_data_alone_trains_the_demo_model_with_the_paper_settings(smollm2_dir, tmp_path):
+    """--data without --model: SmolLM2-135M-Instruct (the demo's model) with the paper's settings, not the demo's;
+    --model without --data has no data to train on and says so in one line."""
+    import train
+    from tools.cli import UsageError
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}))
+    args = train.parse_args(["--data", str(f)])
+    assert not args.demo and args.model is None and (args.lora_alpha, args.lora_dropout) == (16, 0.3)
+    net = train.main(["--data", str(f), "--out", str(tmp_path / "out"), "--max-steps", "1", "--max-len", "64",
+                      "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--method", "sft"])
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == smollm2_dir and (cfg["r"], cfg["lora_alpha"]) == (4, 16)
+    assert net.config.num_hidden_layers == 30 and net.config.hidden_size == 576
+    with pytest.raises(UsageError, match=r"^--model needs --data \(the demo's data is made for its own model\)$"):
+        train.parse_args(["--model", str(smollm2_dir)])
