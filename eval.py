@@ -45,6 +45,7 @@ def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=N
     """model.py Transformer (+ LoRA adapter, merged for speed) and data.py ChatTemplate, ready for inference."""
     if not os.path.isdir(model_dir):
         raise EvalError(f"--model {model_dir}: not a folder")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)  # train.py's names too
     model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
     if adapter:
         merge_lora(load_adapter(model, adapter))
@@ -166,12 +167,9 @@ def answer_matches(pred, ref):
 
 
 def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, max_turn_groups=None):
-    """Exact-match accuracy per turn depth and overall (greedy decoding).
-
-    Assistant turn k is predicted from the conversation up to user turn k with the REFERENCE earlier assistant
-    answers in context (teacher forcing of the history), so each depth measures that turn alone, not the errors
-    of earlier turns. The reference of a turn is its "reference" field when present (data.py synth writes the
-    true answer there), else its content. A prediction is correct when answer_matches accepts it."""
+    """Exact-match accuracy (answer_matches) per turn depth and overall, greedy. Turn k is predicted with the
+    REFERENCE earlier answers in context (teacher-forced history), so each depth measures that turn alone. A turn's
+    reference is its "reference" field when present (tools/synth.py writes the truth there), else its content."""
     prompts, refs, depths = [], [], []
     for c in conversations:
         msgs = [dict(m, content=m.get("reference", m["content"])) if m["role"] == "assistant" else m
@@ -197,15 +195,9 @@ def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, ma
 # --- Spearman (Table 4 analogue), numpy only ---
 def rankdata(a):
     """Ranks 1..n, ties get the mean of the ranks they span (scipy's 'average')."""
-    a = np.asarray(a, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    new = np.r_[True, s[1:] != s[:-1]]
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], len(s)]
-    ranks = np.empty(len(a))
-    ranks[order] = ((starts + ends + 1) / 2.0)[np.cumsum(new) - 1]
-    return ranks
+    _, inverse, counts = np.unique(np.asarray(a, dtype=np.float64), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)                        # the rank of each distinct value's last copy
+    return ((last - counts + 1 + last) / 2.0)[inverse]
 
 
 def spearman(x, y):
@@ -250,7 +242,7 @@ def parse_args(argv=None):
         add("--adapter", help="LoRA adapter folder (PEFT format)")
         add("--chat-template", help="force a template name (see data.py)")
         add("--batch-size", type=int, default=8)
-        add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        add("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
         add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         add("--out", help="output file (generate: answers .jsonl; others: results .json)")
     for c in ("loss", "accuracy"):
@@ -295,11 +287,8 @@ def main(argv=None):
         model_id = args.model_id or "-".join(os.path.basename(os.path.normpath(d)) for d in (args.model, args.adapter)
                                              if d)
         out = args.out or re.sub(r"[^\w.-]", "_", model_id) + ".jsonl"  # a model id is a name, not a path
-        records, st = generate_answers(model, template, data, model_id, args.batch_size, args.max_new_tokens,
-                                       args.temperature, args.top_p, args.seed)
-        save_jsonl(records, out)
-        return print(f"{len(records)} answers -> {out}: {st['new_tokens']} new tokens in {st['seconds']:.1f}s "
-                     f"({st['tokens_per_s']:.1f} tokens/s)")
+        from tools.runs import answer_file  # answers saved as they come, a rerun continues
+        return answer_file(model, template, data, model_id, out, args)
     if args.cmd == "accuracy":
         res = accuracy(model, template, data, args.batch_size, args.max_new_tokens)
         for d, r in list(res["per_turn"].items()) + [("all", {"accuracy": res["overall"], **res})]:

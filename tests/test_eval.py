@@ -516,6 +516,42 @@ def test_generate_answers_equal_model_generate_and_roundtrip(tiny, tmp_path, fix
     assert J.read_answers(out) == {rec["question_id"]: rec["choices"][0]["turns"] for rec in recs[:3]}
 
 
+def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixtures_dir, monkeypatch, capsys):
+    """An interrupted `eval.py generate` keeps the batches it finished; the same command continues from them and
+    ends with the answers of an uninterrupted run, in question order; a file of another model is refused."""
+    from types import SimpleNamespace
+    from tools.runs import answer_file
+    d, _, model, template = tiny
+    questions = E.read_questions(str(fixtures_dir / "mt_bench/question.jsonl"))[:5]
+    args = SimpleNamespace(batch_size=2, max_new_tokens=5, temperature=0.0, top_p=1.0, seed=None)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "tstamp"} for r in recs]  # noqa: E731
+    want = strip(E.generate_answers(model, template, questions, "tiny", batch_size=2, max_new_tokens=5)[0])
+    out, real, calls = tmp_path / "a.jsonl", E.generate_answers, []
+
+    def stops_at_third_batch(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(E, "generate_answers", stops_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        answer_file(model, template, questions, "tiny", str(out), args)
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert strip(kept) == want[:4]  # the two finished batches, whole
+    calls.clear()
+    monkeypatch.setattr(E, "generate_answers", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    answer_file(model, template, questions, "tiny", str(out), args)
+    assert "a.jsonl: 4 of 5 questions answered already, continuing" in capsys.readouterr().out
+    assert calls[-1] == 1 and sum(calls) == 1  # only the fifth question was asked again
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert strip(rows) == want and rows[:4] == kept  # the earlier answers are kept as they were, tstamp too
+    r = run_cli("generate", "--model", str(d), "--questions", str(fixtures_dir / "mt_bench/question.jsonl"),
+                "--out", str(out), "--model-id", "other")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
+        "holds records that are not answers of model_id 'other'; give another --out" in r.stderr, r.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
 SYNTH = [  # as data.py synth writes them; the second dialogue's first reply is noisy, its reference is the truth
     {"id": "t0", "messages": [
         {"role": "user", "content": "Start a counter at 12 and reply with its value only."},
