@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
-from tools.checkpoint import CheckpointError, names as _names, read_json, safetensors_index  # noqa: F401
+from tools.checkpoint import (CheckpointError, check_config, names as _names, read_json,  # noqa: F401
+                              safetensors_index)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -61,9 +62,7 @@ class ModelConfig:
                                   f"{', '.join(SUPPORTED_MODEL_TYPES)})")
         if c.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if type(c.get(key)) is not int or c[key] <= 0:
-                raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {c.get(key)!r}")
+        check_config(c, where)  # sizes that build a working model (tools/checkpoint.py)
         hidden, heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
         # Sliding window as transformers applies it: Mistral on every layer; Qwen per `layer_types`, or (older
         # configs) with use_sliding_window on the layers from max_window_layers on; Llama never.

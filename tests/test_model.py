@@ -493,13 +493,24 @@ def test_config_errors_are_one_line(tmp_path):
                       ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
                       ({"hidden_size": None}, "'hidden_size' must be a positive integer, got None"),
                       ({"num_hidden_layers": 0}, "'num_hidden_layers' must be a positive integer, got 0"),
-                      ({"vocab_size": "10"}, "'vocab_size' must be a positive integer, got '10'")]:
+                      ({"vocab_size": "10"}, "'vocab_size' must be a positive integer, got '10'"),
+                      ({"num_key_value_heads": 0}, "'num_key_value_heads' must be a positive integer, got 0"),
+                      ({"num_attention_heads": 4, "num_key_value_heads": 3},
+                       "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+                      ({"head_dim": 3}, "head_dim 3 is odd"), ({"hidden_size": 6}, "head_dim 3 is odd"),
+                      ({"max_position_embeddings": -5}, "'max_position_embeddings' must be a positive integer"),
+                      ({"model_type": "qwen2", "layer_types": ["full_attention"] * 2},
+                       r"layer_types must list one type per layer \(1\)"),
+                      ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer")]:
         f = tmp_path / "config.json"
         f.write_text(json.dumps({**base, **bad}))
         with pytest.raises(CheckpointError, match=text) as e:
             ModelConfig.from_json(f)
         assert "\n" not in str(e.value) and str(f) in str(e.value)
     assert ModelConfig.from_json({**base, "model_type": "qwen3"}).head_dim == 128  # transformers' Qwen3 default
+    # an unused window is not checked (Qwen2 configs ship one with use_sliding_window false); Mistral may have none
+    assert ModelConfig.from_json({**base, "model_type": "qwen2", "sliding_window": 0}).sliding_layers == []
+    assert ModelConfig.from_json({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
 
 
 # -------------------------------------------------------------------------------------- real SmolLM2-135M

@@ -25,6 +25,31 @@ def read_json(path, error=CheckpointError) -> dict:
     return obj
 
 
+def check_config(c, where):
+    """Refuse a config.json whose sizes cannot build a working model, before anything is built: the sizes positive
+    integers, heads in whole groups per K/V head, an even head_dim (RoPE rotates pairs), one layer type per layer,
+    a positive sliding window where one is used."""
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in required + optional:
+        if (key not in optional or c.get(key) is not None) and (type(c.get(key)) is not int or c[key] <= 0):
+            raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {c.get(key)!r}")
+    heads, kv, n = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"], \
+        c["num_hidden_layers"]
+    hd, types = c.get("head_dim") or (128 if c.get("model_type") == "qwen3" else c["hidden_size"] // heads), \
+        c.get("layer_types")
+    windowed = c.get("model_type") == "mistral" or c.get("use_sliding_window") or "sliding_attention" in (types or ())
+    for bad, why in ((heads % kv, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"),
+                     (hd % 2, f"head_dim {hd} is odd (RoPE rotates pairs of dimensions)"),
+                     (types is not None and (not isinstance(types, list) or len(types) != n), f"layer_types "
+                      f"must list one type per layer ({n}), got {str(types)[:80]}"),
+                     (windowed and c.get("sliding_window") is not None and (type(c["sliding_window"]) is not int or
+                      c["sliding_window"] <= 0), f"sliding_window must be a positive integer, got "
+                      f"{c.get('sliding_window')!r}")):
+        if bad:
+            raise CheckpointError(f"{where}: {why}")
+
+
 def names(items):
     """The first five of a list of names, and how many more."""
     return ", ".join(items[:5]) + (f", ... (+{len(items) - 5} more)" if len(items) > 5 else "")
