@@ -53,13 +53,16 @@ def detect_template(model_dir):
         return "qwen2.5" if "You are Qwen, created by Alibaba Cloud" in text else \
             "smollm2" if "SmolLM" in text else "chatml"
     mt = (read_json(d / "config.json", DataError) if (d / "config.json").is_file() else {}).get("model_type")
-    if mt in ("qwen2", "qwen3"):
-        return {"qwen2": "qwen2.5", "qwen3": "qwen3"}[mt]
+    name = {"qwen2": "qwen2.5", "qwen3": "qwen3"}.get(mt)
     if mt == "llama" and (d / "tokenizer.json").is_file():
         vocab = (d / "tokenizer.json").read_text(encoding="utf-8", errors="replace")
-        for special, name in (('"<|start_header_id|>"', "llama3"), ('"<|im_start|>"', "chatml")):
-            if special in vocab:
-                return name
+        name = next((n for s, n in (('"<|start_header_id|>"', "llama3"), ('"<|im_start|>"', "chatml")) if s in vocab),
+                    None)
+    if name and text:  # a template of its own that none of ours equals: say what is used instead
+        print(f"{model_dir}: its chat template is none we know; rendering as {name} (chosen by model_type and "
+              "vocabulary; --chat-template forces one)", file=sys.stderr)
+    if name:
+        return name
     raise DataError(f"{model_dir}: cannot detect the chat template (no known template text, model_type {mt!r}); "
                     f"force one of {', '.join(sorted(set(TEMPLATES.values())))}")
 

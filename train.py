@@ -262,6 +262,7 @@ def build(run):
     run.net = M.Transformer.from_pretrained(args.model, dtype=dtype, device=run.device)
     run.net.gradient_checkpointing = args.grad_checkpointing
     run.template = ChatTemplate.from_pretrained(args.model, name=args.chat_template)
+    run.log(f"model: {args.model} ({run.net.config.model_type}), chat template {run.template.name}")
     run.rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
                     ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups or None, mode=args.method,
                     stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,

@@ -393,7 +393,7 @@ def test_stop_ids_of_real_checkpoints(fixtures_dir):
     assert ChatTemplate.from_pretrained(tok_dir / "llama-3.2-instruct").stop_ids == [128009, 128001, 128008]
 
 
-def test_detection_fallback_and_forcing(fixtures_dir, tmp_path):
+def test_detection_fallback_and_forcing(fixtures_dir, tmp_path, capsys):
     q = fixtures_dir / "tokenizers" / "qwen2.5-instruct"
     forced = ChatTemplate.from_pretrained(q, name="chatml")
     conv = [U, A]
@@ -411,6 +411,13 @@ def test_detection_fallback_and_forcing(fixtures_dir, tmp_path):
         (d / "tokenizer.json").symlink_to(fixtures_dir / "tokenizers" / src / "tokenizer.json")
         (d / "config.json").write_text(json.dumps({"model_type": mt}))
         assert data.detect_template(d) == want
+    # a chat template of its own (here Alpaca's form) is not silently replaced: stderr says what is used instead
+    d = tmp_path / "qwen2.5-instruct-llama"
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}### {{ m['role'] }}:"
+                                                                          "\n{{ m['content'] }}\n{% endfor %}"}))
+    assert data.detect_template(d) == "chatml"
+    assert capsys.readouterr().err == (f"{d}: its chat template is none we know; rendering as chatml (chosen by "
+                                       "model_type and vocabulary; --chat-template forces one)\n")
     d = tmp_path / "unknown"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
