@@ -8,6 +8,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -540,3 +541,26 @@ def test_sampler_length_grouping_cuts_padding():
     assert sorted(sum(grouped, [])) == list(range(2000))
 
 
+
+
+def test_read_scores_lines_ids_and_one_line_errors(tmp_path):
+    """--prefilter-scores: a number per line in conversation order, or {"id", "score"} lines matched by id; every
+    refusal names the file (and the line, where one is at fault)."""
+    from tools.conversations import read_scores
+    convs = [{"id": "a"}, {"id": "b"}, {"id": 3}]
+    f = tmp_path / "s.txt"
+    f.write_text("1.5\n\n-2\n7e1\n")
+    np.testing.assert_array_equal(read_scores(f, convs), [1.5, -2.0, 70.0])
+    f.write_text("".join(json.dumps(r) + "\n" for r in ({"id": 3, "score": 0.5}, {"id": "a", "score": 1},
+                                                         {"id": "b", "score": -1})))
+    np.testing.assert_array_equal(read_scores(f, convs), [1.0, -1.0, 0.5])
+    for text, err in (("1\n\nthree\n4\n", f"{f}:3: not a number or a JSON object: 'three'"),
+                      ("1\n2\n", f"{f}: 2 scores for 3 conversations"),
+                      ("1\nNaN\n2\n", f"{f}: no finite numeric score for conversation 1 (id 'b')"),
+                      ('{"id": "a", "score": 1}\n{"id": "a", "score": 2}\n', f'{f}: id "a" has more than one score'),
+                      ('{"id": "a", "score": 1}\n{"id": 3, "score": 2}\n',
+                       f"{f}: no finite numeric score for conversation 1 (id 'b')")):
+        f.write_text(text)
+        with pytest.raises(data.DataError) as e:
+            read_scores(f, convs)
+        assert str(e.value) == err

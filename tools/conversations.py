@@ -167,11 +167,12 @@ def save_jsonl(records, path):
 def read_scores(path, convs):
     """One quality score per conversation (higher is better): a number per line in conversation order, or JSON
     lines {"id", "score"} matched by the conversations' ids."""
-    rows = [r for r in _read_bytes(path).decode("utf-8", errors="replace").split("\n") if r.strip()]
-    try:
-        vals = [json.loads(r) for r in rows]
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{path}: not a number or a JSON object on every line ({type(e).__name__})") from None
+    vals = []
+    for n, r in enumerate(_read_bytes(path).decode("utf-8", errors="replace").split("\n"), 1):
+        try:
+            vals += [json.loads(r)] if r.strip() else []
+        except (ValueError, RecursionError):
+            raise DataError(f"{path}:{n}: not a number or a JSON object: {r.strip()[:60]!r}") from None
     if vals and all(isinstance(v, dict) for v in vals):
         ids = [json.dumps(v.get("id"), sort_keys=True) for v in vals]
         if len(set(ids)) < len(ids):
