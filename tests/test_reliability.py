@@ -126,6 +126,23 @@ def test_a_signal_finishes_the_step_checkpoints_and_the_same_command_continues(s
     _same_run(ref, out)
 
 
+def test_a_damaged_run_json_names_both_ways_on_and_one_keeps_the_checkpoints(setup, tmp_path):
+    """run.json unreadable beside a whole checkpoint: the rerun says how to go on instead of failing bare, and
+    --allow-changed-config continues from the checkpoint, ending as the uninterrupted run."""
+    ref = _reference(setup, "signal-ref", *SIGNAL_RUN)
+    out = tmp_path / "run"
+    p = _signal_after(setup, out, 2, signal.SIGTERM)
+    p.communicate(timeout=300)
+    (out / "run.json").write_text('{"run": ')
+    one_line_error(run(setup, out, *SIGNAL_RUN, check=False), "run.json: not a valid JSON file (JSONDecodeError: "
+                   "Expecting value: line 1 column 9 (char 8)); --allow-changed-config continues from the newest "
+                   "checkpoint with this command's settings, --no-resume starts over")
+    text = run(setup, out, *SIGNAL_RUN, "--allow-changed-config").stdout
+    assert "run.json: not a valid JSON file" in text and "rewritten from this command's settings" in text
+    assert "resumed from step-" in text and json.loads((out / "run.json").read_text())["finished"]
+    _same_run(ref, out)
+
+
 DAMAGE = {
     "pickle payload in trainer.pt": lambda d, flag: torch.save(_Payload(flag), d / "trainer.pt"),
     "empty rng-rank0.pt": lambda d, flag: (d / "rng-rank0.pt").write_bytes(b""),

@@ -108,9 +108,16 @@ def claim(run):
     if args.no_resume:
         run.previous = True
         return True
-    run.previous = read_json(meta, RunError) if os.path.isfile(meta) else None
-    if run.previous is not None and not isinstance(run.previous.get("run"), dict):
-        raise RunError(f"{meta}: not a run record; use --no-resume to start over")
+    try:
+        run.previous = read_json(meta, RunError) if os.path.isfile(meta) else None
+        if run.previous is not None and not isinstance(run.previous.get("run"), dict):
+            raise RunError(f"{meta}: not a run record")
+    except RunError as e:  # damaged: the checkpoints beside it may still be whole
+        if not args.allow_changed_config:
+            raise RunError(f"{e}; --allow-changed-config continues from the newest checkpoint with this command's "
+                           "settings, --no-resume starts over") from None
+        run.log(f"{e}: rewritten from this command's settings (--allow-changed-config)")
+        run.previous = None
     if args.resume and not ckpts:
         raise RunError(f"--resume: no checkpoint in {out}")
     if run.previous is None:
