@@ -312,6 +312,10 @@ def cli(argv=None):
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
         print(f"eval.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("eval.py: interrupted (generate keeps the answers written so far; the same command continues)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -550,6 +550,14 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
         "holds records that are not answers of model_id 'other'; give another --out" in r.stderr, r.stderr
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    # Ctrl-C in the command itself: one line, exit 130, the file as it was
+    monkeypatch.setattr(E, "generate_answers", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    capsys.readouterr()
+    assert E.cli(["generate", "--model", str(d), "--questions", str(fixtures_dir / "mt_bench/question.jsonl"),
+                  "--out", str(out), "--model-id", "tiny"]) == 130
+    assert capsys.readouterr().err == ("eval.py: interrupted (generate keeps the answers written so far; the same "
+                                       "command continues)\n")
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
 SYNTH = [  # as data.py synth writes them; the second dialogue's first reply is noisy, its reference is the truth
