@@ -180,3 +180,6 @@ def cli(prog, main):
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the same command, rerun, continues from what was saved", file=sys.stderr)
+        sys.exit(130)

@@ -479,6 +479,9 @@ def cli(argv=None):
     except (ValueError, OSError) as e:
         print(f"robustft.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("robustft.py: interrupted; the same command, rerun, continues from what was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -196,3 +196,20 @@ def test_cli_bad_input_no_traceback(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("robustft.py: error: ") and p.stderr.count("\n") == 1
     assert "Traceback" not in p.stderr and "no such file" in p.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130_in_every_baseline_command(monkeypatch, capsys):
+    """A Ctrl-C outside a training (proposals, pairs, refinement) ends the baseline commands with one line, not a
+    KeyboardInterrupt traceback; the trainings inside keep their own checkpoints (train.py)."""
+    import baselines
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        baselines.cli("ilr.py", interrupted)
+    assert e.value.code == 130
+    monkeypatch.setattr(R, "main", interrupted)
+    assert R.cli([]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "ilr.py: interrupted; the same command, rerun, continues from what was saved",
+        "robustft.py: interrupted; the same command, rerun, continues from what was saved"]
