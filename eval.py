@@ -313,7 +313,7 @@ def cli(argv=None):
         print(f"eval.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("eval.py: interrupted (generate keeps the answers written so far; the same command continues)",
+        print("eval.py: interrupted (generate and judge keep what they wrote; the same command continues)",
               file=sys.stderr)
         return 130
 

@@ -555,7 +555,7 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
     capsys.readouterr()
     assert E.cli(["generate", "--model", str(d), "--questions", str(fixtures_dir / "mt_bench/question.jsonl"),
                   "--out", str(out), "--model-id", "tiny"]) == 130
-    assert capsys.readouterr().err == ("eval.py: interrupted (generate keeps the answers written so far; the same "
+    assert capsys.readouterr().err == ("eval.py: interrupted (generate and judge keep what they wrote; the same "
                                        "command continues)\n")
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 

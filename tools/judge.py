@@ -380,3 +380,6 @@ if __name__ == "__main__":
     except (ValueError, OSError) as e:
         print(f"judge: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("judge: interrupted (the cache keeps every judgment made; the same command continues)", file=sys.stderr)
+        sys.exit(130)
