@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
-from tools.checkpoint import (CheckpointError, check_config, names as _names, read_json,  # noqa: F401
-                              safetensors_index)
+from tools.checkpoint import (CheckpointError, check_config, check_sizes, names as _names,  # noqa: F401
+                              read_json, safetensors_index)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -62,7 +62,7 @@ class ModelConfig:
                                   f"{', '.join(SUPPORTED_MODEL_TYPES)})")
         if c.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
-        check_config(c, where)  # sizes that build a working model (tools/checkpoint.py)
+        check_config(c, where)  # the raw sizes' types and ranges (tools/checkpoint.py)
         hidden, heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
         # Sliding window as transformers applies it: Mistral on every layer; Qwen per `layer_types`, or (older
         # configs) with use_sliding_window on the layers from max_window_layers on; Llama never.
@@ -74,7 +74,7 @@ class ModelConfig:
         elif mt in ("qwen2", "qwen3") and c.get("use_sliding_window") and window is not None:
             sliding = list(range(c.get("max_window_layers", 28), n_layers))
         bias = bool(c.get("attention_bias", False)) and mt in ("llama", "qwen3")  # Qwen2: fixed q/k/v bias
-        return cls(
+        cfg = cls(
             model_type=mt, vocab_size=c["vocab_size"], hidden_size=hidden, intermediate_size=c["intermediate_size"],
             num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads")
             or heads, head_dim=c.get("head_dim") or (128 if mt == "qwen3" else hidden // heads),
@@ -83,6 +83,7 @@ class ModelConfig:
             qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)) and mt == "llama",
             qk_norm=mt == "qwen3", max_position_embeddings=c.get("max_position_embeddings", 4096),
             sliding_window=window if sliding else None, sliding_layers=sliding, **_rope_config(c, where))
+        return check_sizes(cfg, where)  # what the sizes derived above must satisfy
 
 
 def _positive(x, key, where):

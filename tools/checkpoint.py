@@ -26,28 +26,29 @@ def read_json(path, error=CheckpointError) -> dict:
 
 
 def check_config(c, where):
-    """Refuse a config.json whose sizes cannot build a working model, before anything is built: the sizes positive
-    integers, heads in whole groups per K/V head, an even head_dim (RoPE rotates pairs), one layer type per layer,
-    a positive sliding window where one is used."""
+    """Refuse a config.json whose raw sizes are not positive integers, or whose layer_types is not one type per
+    layer, before anything is built from them."""
     optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     for key in required + optional:
         if (key not in optional or c.get(key) is not None) and (type(c.get(key)) is not int or c[key] <= 0):
             raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {c.get(key)!r}")
-    heads, kv, n = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"], \
-        c["num_hidden_layers"]
-    hd, types = c.get("head_dim") or (128 if c.get("model_type") == "qwen3" else c["hidden_size"] // heads), \
-        c.get("layer_types")
-    windowed = c.get("model_type") == "mistral" or c.get("use_sliding_window") or "sliding_attention" in (types or ())
+    types, n = c.get("layer_types"), c["num_hidden_layers"]
+    if types is not None and (not isinstance(types, list) or len(types) != n):
+        raise CheckpointError(f"{where}: layer_types must list one type per layer ({n}), got {str(types)[:80]}")
+
+
+def check_sizes(cfg, where):
+    """The sizes model.ModelConfig derived (defaults filled in) can build a working model: heads in whole groups per
+    K/V head, an even head_dim (RoPE rotates pairs), a positive integer sliding window where one is used."""
+    heads, kv, hd, window = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
     for bad, why in ((heads % kv, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"),
                      (hd % 2, f"head_dim {hd} is odd (RoPE rotates pairs of dimensions)"),
-                     (types is not None and (not isinstance(types, list) or len(types) != n), f"layer_types "
-                      f"must list one type per layer ({n}), got {str(types)[:80]}"),
-                     (windowed and c.get("sliding_window") is not None and (type(c["sliding_window"]) is not int or
-                      c["sliding_window"] <= 0), f"sliding_window must be a positive integer, got "
-                      f"{c.get('sliding_window')!r}")):
+                     (cfg.sliding_layers and (type(window) is not int or window <= 0),
+                      f"sliding_window must be a positive integer, got {window!r}")):
         if bad:
             raise CheckpointError(f"{where}: {why}")
+    return cfg
 
 
 def names(items):

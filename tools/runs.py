@@ -359,6 +359,8 @@ def answer_file(model, template, questions, model_id, out, args):
     new, sec = 0, 0.0
     for j in range(0, len(questions), args.batch_size):
         part = [q for q in questions[j:j + args.batch_size] if q["question_id"] not in done]
+        if not part:  # this batch was answered before: nothing to generate or write
+            continue
         recs, st = generate_answers(model, template, part, model_id, args.batch_size, args.max_new_tokens,
                                     args.temperature, args.top_p, None if args.seed is None else args.seed + j)
         done.update((r["question_id"], r) for r in recs)
