@@ -1,5 +1,6 @@
 """resure.py: Eqs. 1 and 5-7 against a hand-computed example and a straightforward numpy oracle; modes, ramp,
 non-finite losses, exact state, units, the reweighted loss, 2-process gloo equivalence, and issue 9's streams."""
+import gc
 import json
 import math
 import os
@@ -480,7 +481,9 @@ def _worker(rank, world, tmp):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world)
     try:
         torch.save(_run(world, rank), os.path.join(tmp, f"rank{rank}.pt"))
+        torch.distributed.barrier()
     finally:
+        gc.collect()            # the DDP reducers (in reference cycles) go before the group, as in runs.teardown
         torch.distributed.destroy_process_group()
 
 
