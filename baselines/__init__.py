@@ -173,10 +173,11 @@ def label_accuracy(convs, targets=None):
     return sum(answer_matches(x, r) for x, r in pairs) / len(pairs) if pairs else None
 
 
-def cli(prog, main):
-    """Run main(sys.argv[1:]) as a command: bad input of every kind is one line on stderr, exit 2."""
+def cli(prog, main, argv=None):
+    """Run main(argv, default sys.argv[1:]) as a command: bad input of every kind is one line on stderr, exit 2;
+    Ctrl-C is one line, exit 130."""
     try:
-        main(sys.argv[1:])
+        main(sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(2)

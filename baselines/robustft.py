@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import baselines  # noqa: E402
 import train  # noqa: E402
 from data import collate, load_conversations, save_jsonl  # noqa: E402
 from eval import answer_matches, generate_texts, load  # noqa: E402
@@ -472,17 +473,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with bad input reported in one line, exit 2."""
-    try:
-        main(argv)
-        return 0
-    except (ValueError, OSError) as e:
-        print(f"robustft.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("robustft.py: interrupted; the same command, rerun, continues from what was saved", file=sys.stderr)
-        return 130
+    """main() as a command, as the other baselines run (baselines.cli): one-line errors, exit 2; Ctrl-C, exit 130."""
+    baselines.cli("robustft.py", main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    cli()

@@ -209,7 +209,9 @@ def test_ctrl_c_is_one_line_and_exit_130_in_every_baseline_command(monkeypatch, 
         baselines.cli("ilr.py", interrupted)
     assert e.value.code == 130
     monkeypatch.setattr(R, "main", interrupted)
-    assert R.cli([]) == 130
+    with pytest.raises(SystemExit) as e:
+        R.cli([])
+    assert e.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
         "ilr.py: interrupted; the same command, rerun, continues from what was saved",
         "robustft.py: interrupted; the same command, rerun, continues from what was saved"]

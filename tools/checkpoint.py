@@ -30,8 +30,8 @@ def check_config(c, where):
     layer, before anything is built from them."""
     optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    for key in required + optional:
-        if (key not in optional or c.get(key) is not None) and (type(c.get(key)) is not int or c[key] <= 0):
+    for key in required + tuple(k for k in optional if c.get(k) is not None):  # optional: absent or null is fine
+        if type(c.get(key)) is not int or c[key] <= 0:
             raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {c.get(key)!r}")
     types, n = c.get("layer_types"), c["num_hidden_layers"]
     if types is not None and (not isinstance(types, list) or len(types) != n):

@@ -169,8 +169,10 @@ def read_scores(path, convs):
     lines {"id", "score"} matched by the conversations' ids."""
     vals = []
     for n, r in enumerate(_read_bytes(path).decode("utf-8", errors="replace").split("\n"), 1):
+        if not r.strip():
+            continue
         try:
-            vals += [json.loads(r)] if r.strip() else []
+            vals.append(json.loads(r))
         except (ValueError, RecursionError):
             raise DataError(f"{path}:{n}: not a number or a JSON object: {r.strip()[:60]!r}") from None
     if vals and all(isinstance(v, dict) for v in vals):
