@@ -5,7 +5,7 @@ the whole string once, and give each token the tag of the characters it covers. 
 where supervised, -100 elsewhere) and turn_ids (k on turn k's supervised tokens), so one forward pass gives both
 the paper's per-dialogue loss and a per-turn loss (resure.unit_losses). Supervision covers the assistant content
 and its end-of-turn token; role headers, Qwen3's empty <think></think> block and the "\n" after <|im_end|> do not.
-In reading order: chat templates, examples, batches; reading and validating files is tools/conversations.py.
+In reading order: chat templates, examples, batches; reading and validating files is support/conversations.py.
 
 Format: {"messages": [{"role": "system"|"user"|"assistant", "content": str, ...}], ...} (OpenAI) or ShareGPT
 {"conversations": [{"from": "system"|"human"|"gpt", "value": str}]}, in JSONL or a JSON array, .gz too; extra
@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import read_json
-from tools.conversations import (BadSample, DataError, iter_json_records, load_conversations, read_scores,  # noqa: F401
-                                 save_jsonl, validate)
+from support.checkpoint import read_json
+from support.conversations import DataError, load_conversations
 
 
 # Chat templates, hand-written and equal to the official jinja templates for plain conversations (no tools).
@@ -314,13 +313,8 @@ def rank_slice(batch, rank, world_size):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["synth"], ["convert"]):  # the synthetic benchmark and the converters live in tools/
-        from importlib import import_module
-        return import_module(f"tools.{argv[0]}").main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("synth", help="write the synthetic noisy multi-turn benchmark (tools/synth.py)")
-    sub.add_parser("convert", help="convert public dialogues to this format (tools/convert.py)")
     k = sub.add_parser("check", help="validate a conversation file (and optionally encode it)")
     k.add_argument("path")
     k.add_argument("--on-bad-sample", default="error", choices=("error", "skip"))

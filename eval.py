@@ -4,7 +4,7 @@
     python eval.py generate --model M [--adapter A] --questions question.jsonl --out answers.jsonl
     python eval.py accuracy --model M [--adapter A] --data test.jsonl
     python eval.py spearman --x 1,2,3,1,2,3 --y 6.1,5.8,5.2,6.0,5.9,5.0
-    python eval.py judge    ...   (LLM judges: tools/judge.py, see its --help)
+    python scripts/judge.py ...   (LLM judges, see its --help)
 
 An answer file line: {"question_id": 81, "answer_id": "..", "model_id": "m", "choices": [{"index": 0, "turns":
 [".."]}], "tstamp": 1700000000.0}. Errors are one line on stderr: exit code 2 for bad input, 1 when a judge fails.
@@ -21,10 +21,11 @@ import time
 import numpy as np
 import torch
 
-from data import BadSample, ChatTemplate, build_examples, collate, iter_json_records, load_conversations, save_jsonl
+from data import ChatTemplate, build_examples, collate
+from support.conversations import BadSample, iter_json_records, load_conversations, save_jsonl
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
-from tools.cli import UsageError as EvalError, check_paths
+from support.cli import UsageError as EvalError, check_paths
 
 
 def read_jsonl(path):
@@ -154,6 +155,29 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
     return records, {"new_tokens": n_new, "seconds": dt, "tokens_per_s": n_new / dt if dt > 0 else float("nan")}
 
 
+def answer_file(model, template, questions, model_id, out, args):
+    """eval.generate_answers batch_size questions at a time, OUT rewritten (whole, atomically) after each batch: a
+    rerun keeps the answers OUT holds for this model and continues with the same seeds, so the same answers; answers
+    to questions not asked this time stay."""
+    done = {r.get("question_id"): r for _, r in (read_jsonl(out) if os.path.exists(out) else ())}
+    if any(r.get("model_id") != model_id or i is None for i, r in done.items()):
+        raise EvalError(f"{out}: holds records that are not answers of model_id {model_id!r}; give another --out")
+    order = {q["question_id"]: n for n, q in enumerate(questions)}
+    if done:
+        print(f"{out}: {len(order.keys() & done.keys())} of {len(order)} questions answered already, continuing")
+    new, sec = 0, 0.0
+    for j in range(0, len(questions), args.batch_size):
+        part = [q for q in questions[j:j + args.batch_size] if q["question_id"] not in done]
+        if not part:  # this batch was answered before: nothing to generate or write
+            continue
+        recs, st = generate_answers(model, template, part, model_id, args.batch_size, args.max_new_tokens,
+                                    args.temperature, args.top_p, None if args.seed is None else args.seed + j)
+        done.update((r["question_id"], r) for r in recs)
+        new, sec = new + st["new_tokens"], sec + st["seconds"]
+        save_jsonl(sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order))), out)
+    print(f"{len(questions)} answers -> {out}: {new} new tokens in {sec:.1f}s ({new / max(sec, 1e-9):.1f} tokens/s)")
+
+
 # --- exact-match accuracy on the synthetic benchmark ---
 def normalize_answer(text):
     """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", " separators."""
@@ -169,7 +193,7 @@ def answer_matches(pred, ref):
 def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, max_turn_groups=None):
     """Exact-match accuracy (answer_matches) per turn depth and overall, greedy. Turn k is predicted with the
     REFERENCE earlier answers in context (teacher-forced history), so each depth measures that turn alone. A turn's
-    reference is its "reference" field when present (tools/synth.py writes the truth there), else its content."""
+    reference is its "reference" field when present (support/synth.py writes the truth there), else its content."""
     prompts, refs, depths = [], [], []
     for c in conversations:
         msgs = [dict(m, content=m.get("reference", m["content"])) if m["role"] == "assistant" else m
@@ -235,7 +259,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     cmd = {c: sub.add_parser(c).add_argument for c in ("loss", "generate", "accuracy", "spearman")}
-    sub.add_parser("judge", help="LLM judging (tools/judge.py)")
     for c in ("loss", "generate", "accuracy"):
         add = cmd[c]
         add("--model", required=True, help="Hugging Face folder")
@@ -246,7 +269,7 @@ def parse_args(argv=None):
         add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         add("--out", help="output file (generate: answers .jsonl; others: results .json)")
     for c in ("loss", "accuracy"):
-        cmd[c]("--data", required=True, help="conversations (loss) or tools/synth.py's test.jsonl (accuracy)")
+        cmd[c]("--data", required=True, help="conversations (loss) or support/synth.py's test.jsonl (accuracy)")
         cmd[c]("--on-bad-sample", choices=["error", "skip"], default="error")
     cmd["loss"]("--max-len", type=int, default=2048)
     cmd["loss"]("--max-turn-groups", type=int, default=None, help="cap the turn depth (default: none)")
@@ -272,9 +295,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["judge"]:  # the judges live in tools/judge.py, with their own flags
-        from tools.judge import main as judge_main
-        return judge_main(argv[1:])
     args = parse_args(argv)
     if args.cmd == "spearman":
         return print(json.dumps({"spearman": spearman(_numbers(args.x, "--x"), _numbers(args.y, "--y"))}))
@@ -287,7 +307,6 @@ def main(argv=None):
         model_id = args.model_id or "-".join(os.path.basename(os.path.normpath(d)) for d in (args.model, args.adapter)
                                              if d)
         out = args.out or re.sub(r"[^\w.-]", "_", model_id) + ".jsonl"  # a model id is a name, not a path
-        from tools.runs import answer_file  # answers saved as they come, a rerun continues
         return answer_file(model, template, data, model_id, out, args)
     if args.cmd == "accuracy":
         res = accuracy(model, template, data, args.batch_size, args.max_new_tokens)

@@ -1,7 +1,7 @@
 """A LLaMA / Mistral / Qwen2 / Qwen3 decoder in plain PyTorch, exact to Hugging Face transformers.
 
 In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss at supervised
-positions, loading a checkpoint folder (files read by tools/checkpoint.py), the KV cache, generation. Module names
+positions, loading a checkpoint folder (files read by support/checkpoint.py), the KV cache, generation. Module names
 equal Hugging Face's (`model.layers.0.self_attn.q_proj`): lora.py wraps layers by name; adapters load in PEFT.
 """
 import dataclasses
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
-from tools.checkpoint import (CheckpointError, check_config, check_sizes, names as _names,  # noqa: F401
+from support.checkpoint import (CheckpointError, check_config, check_sizes, names as _names,  # noqa: F401
                               read_json, safetensors_index)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -62,7 +62,7 @@ class ModelConfig:
                                   f"{', '.join(SUPPORTED_MODEL_TYPES)})")
         if c.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
-        check_config(c, where)  # the raw sizes' types and ranges (tools/checkpoint.py)
+        check_config(c, where)  # the raw sizes' types and ranges (support/checkpoint.py)
         hidden, heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
         # Sliding window as transformers applies it: Mistral on every layer; Qwen per `layer_types`, or (older
         # configs) with use_sliding_window on the layers from max_window_layers on; Llama never.
@@ -415,7 +415,7 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
              static=None):
     """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each row stops at its
     first token in stop_ids, which is NOT returned, or after max_new_tokens. static (default: on CUDA) replays the
-    decode step as a captured CUDA graph, one launch per token (tools/cuda_graphs.py; off the reading path)."""
+    decode step as a captured CUDA graph, one launch per token (support/cuda_graphs.py; off the reading path)."""
     if not prompts or not all(prompts) or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need prompts, none empty, max_new_tokens >= 1, temperature >= 0 and "
                          f"0 < top_p <= 1, got {len(prompts)} prompts, {max_new_tokens}, {temperature}, {top_p}")
@@ -428,7 +428,7 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
     was_training = model.training
     model.eval()
     if (dev.type == "cuda" if static is None else static) and max_new_tokens > 1:
-        from tools.cuda_graphs import static_decoder
+        from support.cuda_graphs import static_decoder
         cache, step = static_decoder(model, B, L + max_new_tokens)
     else:
         cache = model.new_cache(B, L + max_new_tokens)

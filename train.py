@@ -6,7 +6,7 @@
 
 One optimizer step = grad_accum micro-batches on every rank. Per micro-batch: per-token losses, per-unit losses (a
 dialogue or one assistant turn), all-gathered so that every rank weighs the same global batch (resure.py), backward on
-this rank's share of Eq. 7 (ReSURELoss below); only the LoRA adapter trains. The run folder (tools/runs.py) loses
+this rank's share of Eq. 7 (ReSURELoss below); only the LoRA adapter trains. The run folder (support/runs.py) loses
 nothing: checkpoints are whole or absent, a signal finishes the step and saves, a rerun resumes exactly.
 """
 import argparse
@@ -23,12 +23,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import model as M
-from data import ChatTemplate, build_examples, collate, epoch_batches, load_conversations, rank_slice, read_scores
+from data import ChatTemplate, build_examples, collate, epoch_batches, rank_slice
+from support.conversations import load_conversations, read_scores
 from lora import apply_lora, save_adapter
 from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter, reweighted_loss, unit_losses
-from tools import runs
-from tools.cli import UsageError, num
-from tools.report import flag_quality, flag_report, log_line, unit_noisy  # noqa: F401  (train.unit_noisy)
+from support import runs
+from support.cli import UsageError, num
+from support.report import flag_report, log_line
+
+START = time.time()  # the demo reports its whole time
 
 # The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
 PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
@@ -377,10 +380,10 @@ def main(argv=None, objective=None):
               objective=objective or ReSURELoss(), log=print if rank == 0 else (lambda *a, **k: None))
     try:
         if args.demo:
-            from tools.demo import prepare
+            from support.demo import prepare
             run.demo_test = prepare(args, DEMO, run.log)
         elif args.model is None:  # --data alone: the demo's model, the paper's settings
-            from tools.smollm2 import prepare_smollm2
+            from support.smollm2 import prepare_smollm2
             args.model = prepare_smollm2()
         if not build(run):
             return None
@@ -425,14 +428,31 @@ def finish(run, metrics):
     if run.eval_examples:
         log_eval(run, metrics, step)
     if args.merge:
-        from tools.export import export_merged
+        from support.export import export_merged
         run.log(f"merged model written to {export_merged(run.net, args.model, os.path.join(run.out, 'merged'))}")
     runs.finished(run, step)
     run.log(f"adapter written to {adapter}")
     if run.demo_test:
-        from tools.demo import report as demo_report
-        demo_report(args, run.net, run.template, run.demo_test, run.log)
+        demo_report(run)
 
+
+
+def demo_report(run):
+    """The demo's last lines: exact-match accuracy on the first --demo-eval clean test dialogues, before (adapter
+    off) and after."""
+    from eval import accuracy
+    from lora import disabled
+    t0 = time.time()
+    convs = load_conversations(run.demo_test)[:run.args.demo_eval]
+    if not convs:
+        return
+    run.net.eval()
+    after = accuracy(run.net, run.template, convs)
+    with disabled(run.net):  # the base model
+        before = accuracy(run.net, run.template, convs)
+    run.log(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, {time.time() - t0:.0f} s): "
+            f"before {before['overall']:.3f} -> after {after['overall']:.3f}")
+    run.log(f"demo done in {time.time() - START:.0f} s")
 
 if __name__ == "__main__":
     try:

@@ -41,10 +41,12 @@ import torch.nn.functional as F  # noqa: E402
 from baselines import (BaselineError, add_compute, check_inputs, cli, device, generate, label_accuracy,  # noqa: E402
                        label_positions, new_compute, parser, set_flag, train_run, training_args, write_json)
 from baselines.feedback import Feedback, check_references, make, realized_accuracy, reference  # noqa: E402
-from data import ChatTemplate, collate, load_conversations, save_jsonl  # noqa: E402
+from data import ChatTemplate, collate  # noqa: E402
+from support.conversations import load_conversations, save_jsonl  # noqa: E402
 from eval import answer_matches, load  # noqa: E402
 from lora import apply_lora, disabled, load_adapter, lora_modules, save_adapter  # noqa: E402
-from model import ModelConfig, Transformer, read_json  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from support.checkpoint import read_json  # noqa: E402
 from resure import gather  # noqa: E402
 
 PROG = "baselines/dpo.py"
@@ -237,7 +239,7 @@ def main(argv=None):
         sft_adapter, net = Path(a.sft_adapter), load(a.model, a.sft_adapter, device=device())[0]
     else:
         sft_adapter, net = out / "sft" / "adapter", train_run(base_argv, a.data, out / "sft", compute, log=log)
-    from tools.export import export_merged
+    from support.export import export_merged
     merged = export_merged(net, a.model, str(out / "sft-merged"))
     pairs, counts, decisions, samples = sample_pairs(net, template, convs, targets, feedback, a, targs.max_len,
                                                      targs.seed, compute)

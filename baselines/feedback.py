@@ -4,7 +4,7 @@ A comparator answers one query: given a dialogue context (the messages up to and
 candidate replies A and B, the probability that A is the better reply, a float in [0, 1] (0.5: no preference).
 
     oracle      the benchmark's reference answer decides (the "reference" field of the assistant message, as
-                tools/synth.py writes it): 1 or 0 where exactly one side matches it (eval.answer_matches), else 0.5.
+                support/synth.py writes it): 1 or 0 where exactly one side matches it (eval.answer_matches), else 0.5.
                 The upper bound; always called an oracle.
     sim:P       a simulated unreliable comparator: where exactly one side is right it prefers that side with
                 probability P, with a confidence drawn uniformly (p in (0.5, 1] for the preferred side), so that
@@ -105,16 +105,16 @@ class Format:
 
 
 class Judge:
-    """tools/judge.py's LocalJudge or HTTPJudge behind the comparator interface, through a JudgeCache."""
+    """scripts/judge.py's LocalJudge or HTTPJudge behind the comparator interface, through a JudgeCache."""
     needs_reference = False
 
     def __init__(self, judge, cache_path=None, prompt_tokens=None):
-        from tools.judge import JudgeCache
+        from scripts.judge import JudgeCache
         self.judge, self.name, self.cache = judge, judge.id, JudgeCache(cache_path)
         self.prompt_tokens, self.forward_tokens, self.unparsed = prompt_tokens, 0, 0
 
     def __call__(self, context, a, b, turn):
-        from tools.judge import judge_prompt
+        from scripts.judge import judge_prompt
         if not context or context[-1]["role"] != "user":
             raise FeedbackError("a judged reply must follow a user message")
         question = {"turns": [context[-1]["content"]], "context": context[:-1]}  # no reference: the method's view
@@ -149,12 +149,12 @@ def make(spec, seed=0, out_dir=None, device="cpu"):
         if not os.path.isdir(arg):
             raise FeedbackError(f"--feedback {spec}: {arg} is not a folder")
         from eval import load
-        from tools.judge import LocalJudge
+        from scripts.judge import LocalJudge
         net, template = load(arg, device=device)
         count = lambda messages: len(template.encode_prompt(messages))  # noqa: E731
         return Judge(LocalJudge(net, template, os.path.basename(os.path.normpath(arg))), cache, count)
     if kind == "http" and arg:
-        from tools.judge import HTTPJudge
+        from scripts.judge import HTTPJudge
         return Judge(HTTPJudge(arg), cache)
     raise FeedbackError(f"--feedback {spec!r}: expected oracle, sim:P, format, local:DIR or http:NAME")
 

@@ -47,7 +47,8 @@ import numpy as np  # noqa: E402
 from baselines import (BaselineError, add_compute, check_inputs, cli, generate, label_accuracy,  # noqa: E402
                        label_positions, new_compute, parser, train_run, training_args, write_json)
 from baselines.feedback import Feedback, check_references, make, realized_accuracy, reference  # noqa: E402
-from data import ChatTemplate, load_conversations, save_jsonl  # noqa: E402
+from data import ChatTemplate  # noqa: E402
+from support.conversations import load_conversations, save_jsonl  # noqa: E402
 from eval import answer_matches  # noqa: E402
 
 PROG = "baselines/ilr.py"

@@ -63,7 +63,8 @@ import torch  # noqa: E402
 
 import baselines  # noqa: E402
 import train  # noqa: E402
-from data import collate, load_conversations, save_jsonl  # noqa: E402
+from data import collate  # noqa: E402
+from support.conversations import load_conversations, save_jsonl  # noqa: E402
 from eval import answer_matches, generate_texts, load  # noqa: E402
 
 REASON = ("{question}\n\nThink step by step about the conversation so far, then give your final reply on its own "

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
 from lora import DEFAULT_TARGETS, PEFT_PREFIX, apply_lora  # noqa: E402
-from tools.cuda_graphs import DECODE_GRAPHS  # noqa: E402
-from tools.export import TOKENIZER_FILES  # noqa: E402
+from support.cuda_graphs import DECODE_GRAPHS  # noqa: E402
+from support.export import TOKENIZER_FILES  # noqa: E402
 
 RESULTS = []
 

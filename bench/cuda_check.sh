@@ -18,7 +18,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 status=0
 python3 bench/cuda_check.py --like "$like" --out "$out" || status=1
 model="$out/model"
-python3 data.py synth --out "$out/synth" --n-train 256 --n-test 16 >/dev/null || status=1
+python3 support/synth.py --out "$out/synth" --n-train 256 --n-test 16 >/dev/null || status=1
 common=(--model "$model" --data "$out/synth"/train_N.jsonl --max-steps 20 --batch-size 8 --grad-accum 1 --lr 1e-3
         --lora-r 16 --lora-alpha 32 --warmup-samples 32 --ramp-steps 5 --max-len 512 --log-every 5 --no-resume)
 for d in fp32 bf16 fp16; do

@@ -10,7 +10,7 @@ SFT gets worse (the paper's Table 4), and how does it compare with the other way
     options: --model DIR --out DIR --seeds 1,2,3 --methods sft,resure --mixtures H,H+N+L --n N --epochs E --lr X
              --lora-r R --test N --jobs J --threads T --no-real ...
 
-Data (tools/synth.py, one benchmark per seed, with the echo kind added to its default noise mix): tiers H (clean),
+Data (support/synth.py, one benchmark per seed, with the echo kind added to its default noise mix): tiers H (clean),
 N (injection rate 0.5 per turn, ~53 % noisy assistant turns), L (0.9, ~78 %; --rate-n, --rate-l) hold the same
 dialogues with different injected noise; these rates are the regime check's (at synth's own 0.2 / 0.5, SFT on
 H+N+L was not measurably worse than on H). A mixture adds
@@ -73,10 +73,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import model as M  # noqa: E402
 import train  # noqa: E402
-from data import ChatTemplate, build_examples, epoch_batches, load_conversations, read_scores, save_jsonl  # noqa: E402
+from data import ChatTemplate, build_examples, epoch_batches  # noqa: E402
+from support.conversations import load_conversations, read_scores, save_jsonl  # noqa: E402
+from support.report import unit_noisy  # noqa: E402
 from eval import accuracy, load as load_model, per_turn_loss, spearman  # noqa: E402
 from resure import prefilter  # noqa: E402
-from tools.synth import SYNTH_KINDS, SYNTH_RATES, synth  # noqa: E402
+from support.synth import SYNTH_KINDS, SYNTH_RATES, synth  # noqa: E402
 
 MIXTURES = ("H", "H+N", "H+L", "H+N+L")
 PAPER_EST = dict(stats="welford", stats_update="reliable")
@@ -230,7 +232,7 @@ def prefilter_scores(run, tpl, path, plan):
         tmp.write_text("".join(json.dumps(-float(x) if math.isfinite(x) else -1e30) + "\n" for x in full))
         os.replace(tmp, out)
     keep = prefilter(-read_scores(out, convs)[[e["conv_index"] for e in examples]], keep=PREFILTER_KEEP)
-    noisy = np.array([train.unit_noisy(e, 0) for e in examples], bool)  # the supervised turns this example trains on
+    noisy = np.array([unit_noisy(e, 0) for e in examples], bool)  # the supervised turns this example trains on
     dropped = np.ones(len(examples), bool)
     dropped[keep] = False
     tp, nd, nn_ = int((dropped & noisy).sum()), int(dropped.sum()), int(noisy.sum())
@@ -456,7 +458,7 @@ def flagging(units_path, examples, views=False):
         if r["warmup"] or r["skipped"]:              # no decision yet, or a step train.py undid
             continue
         ex, t = examples[r["sample"]], r["turn"]
-        noisy = train.unit_noisy(ex, t)
+        noisy = unit_noisy(ex, t)
         if noisy is None:
             continue
         kind = (ex["meta"]["noise_type"][t - 1] if t > 0 else "mixed") if noisy else "clean"
@@ -1051,7 +1053,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model_dir = a.model
     if model_dir is None:
-        from tools.smollm2 import prepare_smollm2
+        from support.smollm2 import prepare_smollm2
         model_dir = prepare_smollm2()
         if a.tiny:
             from speed import make_tiny_model

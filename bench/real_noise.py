@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
 import train  # noqa: E402
-from data import ChatTemplate, build_examples, iter_json_records, save_jsonl, validate  # noqa: E402
+from data import ChatTemplate, build_examples  # noqa: E402
+from support.conversations import iter_json_records, save_jsonl, validate  # noqa: E402
 from eval import per_turn_loss  # noqa: E402
 from resure import ReSURE  # noqa: E402
-from tools.convert import from_mtbench101  # noqa: E402
+from scripts.convert import from_mtbench101  # noqa: E402
 
 KINDS = ("off_topic", "shuffled", "truncated", "echo", "wrong_same_dialogue")
 MTBENCH101 = ROOT.parent / "shared" / "fixtures" / "mt_bench_101" / "mtbench101.jsonl"
@@ -75,7 +76,7 @@ class BenchError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------- data
 def load_mtbench101(path=None):
-    """MT-Bench-101 as conversations (tools/convert.py, validated by data.py), the dialogues with at least two
+    """MT-Bench-101 as conversations (scripts/convert.py, validated by data.py), the dialogues with at least two
     assistant turns."""
     path = str(path or MTBENCH101)
     convs = validate(path, ((w, from_mtbench101(obj, i)) for i, (w, obj) in enumerate(iter_json_records(path))))
@@ -452,7 +453,7 @@ def free_row_cost(run, files, steps):
     as data.collate pads them (every row to the batch's longest), sorted by length in chunks of 8 rows, and
     sorted with an explicit empty system message (templates that add a default system prompt to a conversation
     without one, SmolLM2's and Qwen2.5's, otherwise put it before every reply); with the tokens each processes."""
-    from data import load_conversations
+    from support.conversations import load_conversations
     convs, tpl = load_conversations(files["train"]), run.template
 
     def short(e, j):  # the same reply after an empty system message and an empty user turn
@@ -705,7 +706,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="the CI-sized preset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="Hugging Face folder (default: SmolLM2-135M-Instruct, tools/smollm2.py)")
+    p.add_argument("--model", help="Hugging Face folder (default: SmolLM2-135M-Instruct, support/smollm2.py)")
     p.add_argument("--data", help="MT-Bench-101 jsonl (default: ../shared/fixtures)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=FLAGS",
@@ -722,7 +723,7 @@ def main(argv=None):
             p.error(f"--extra {e!r}: expected NAME=FLAGS")
         extra[name] = flags.split()
     if a.model is None:
-        from tools.smollm2 import prepare_smollm2
+        from support.smollm2 import prepare_smollm2
         a.model = prepare_smollm2()
     res = run(a.model, a.out, a.seed, a.quick, data=a.data, extra=extra, sweep=not a.no_sweep,
               overhead_steps=a.overhead_steps)

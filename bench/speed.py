@@ -59,8 +59,9 @@ sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
 from data import ChatTemplate, load_tokenizer, turn_group  # noqa: E402
 from lora import DEFAULT_TARGETS, apply_lora  # noqa: E402
-from tools.export import TOKENIZER_FILES  # noqa: E402
-from tools.smollm2 import prepare_smollm2  # noqa: E402
+from support.checkpoint import CheckpointError  # noqa: E402
+from support.export import TOKENIZER_FILES  # noqa: E402
+from support.smollm2 import prepare_smollm2  # noqa: E402
 import train  # noqa: E402
 from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses  # noqa: E402
 
@@ -723,6 +724,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (BenchError, M.CheckpointError) as e:
+    except (BenchError, CheckpointError) as e:
         print(f"speed.py: error: {e}", file=sys.stderr)
         sys.exit(2)

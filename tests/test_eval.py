@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eval as E
-from tools import judge as J
-from data import save_jsonl
+from scripts import judge as J
+from support.conversations import save_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -520,7 +520,7 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
     """An interrupted `eval.py generate` keeps the batches it finished; the same command continues from them and
     ends with the answers of an uninterrupted run, in question order; a file of another model is refused."""
     from types import SimpleNamespace
-    from tools.runs import answer_file
+    from eval import answer_file
     d, _, model, template = tiny
     questions = E.read_questions(str(fixtures_dir / "mt_bench/question.jsonl"))[:5]
     args = SimpleNamespace(batch_size=2, max_new_tokens=5, temperature=0.0, top_p=1.0, seed=None)
@@ -560,7 +560,7 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
-SYNTH = [  # as data.py synth writes them; the second dialogue's first reply is noisy, its reference is the truth
+SYNTH = [  # as support/synth.py writes them; the second dialogue's first reply is noisy, its reference is the truth
     {"id": "t0", "messages": [
         {"role": "user", "content": "Start a counter at 12 and reply with its value only."},
         {"role": "assistant", "content": "12", "reference": "12"}, {"role": "user", "content": "Add 3."},

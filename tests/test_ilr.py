@@ -15,10 +15,10 @@ import pytest
 from baselines import label_accuracy, label_positions
 from baselines.feedback import Feedback, Format, Oracle, Simulated, form_ok, make, realized_accuracy
 from baselines.ilr import halves, main as ilr_main, refine
-from data import load_conversations
+from support.conversations import load_conversations
 from eval import answer_matches, load
 from conftest import tiny_setup
-from tools.synth import synth
+from support.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model as M
-from tools.export import export_merged
+from support.export import export_merged
 from lora import (AdapterError, LoRALinear, apply_lora, disabled, load_adapter, lora_modules,
                   lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 

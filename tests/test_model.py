@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 
 import model
 from data import ChatTemplate, load_tokenizer
-from model import CheckpointError, ModelConfig, Transformer, generate
+from model import ModelConfig, Transformer, generate
+from support.checkpoint import CheckpointError
 from lora import apply_lora, disabled, lora_modules, merge_lora, unmerge_lora
-from tools import cuda_graphs
+from support import cuda_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -197,7 +198,7 @@ def test_greedy_generation_matches_transformers(tiny, name):
 
 
 def test_decode_graph_key_changes_with_what_a_cuda_graph_bakes_in(tiny):
-    """tools/cuda_graphs.py reuses a captured CUDA graph while graph_key is unchanged (the capture itself is checked
+    """support/cuda_graphs.py reuses a captured CUDA graph while graph_key is unchanged (the capture itself is checked
     on a GPU by bench/cuda_check.py): adding adapters, scaling, merging, disabling, moving weights must change it."""
     net = Transformer.from_pretrained(tiny["llama"][1]).eval()
     keys = [cuda_graphs.graph_key(net, 2, 256)]

@@ -233,8 +233,8 @@ def test_every_numeric_flag_has_a_range(setup, tmp_path):
                  ("loss", "--max-len", "-1"), ("loss", "--batch-size", "0"), ("loss", "--device", "cuda:7")]:
         extra = ["--questions", tmp_path / "q.jsonl"] if args[0] == "generate" else ["--data", tmp_path / "d.jsonl"]
         one_line_error(cli("eval.py", args[0], "--model", setup / "tiny", *extra, *args[1:], timeout=60), args[1])
-    one_line_error(cli("data.py", "synth", "--out", tmp_path / "s", "--n-train", "-5", timeout=60), "n_train")
-    one_line_error(cli("data.py", "synth", "--out", tmp_path / "s", "--rate-N", "1.5", timeout=60), "rates")
+    one_line_error(cli("support/synth.py", "--out", tmp_path / "s", "--n-train", "-5", timeout=60), "n_train")
+    one_line_error(cli("support/synth.py", "--out", tmp_path / "s", "--rate-N", "1.5", timeout=60), "rates")
 
 
 def _copy_model(setup, dst, **changes):

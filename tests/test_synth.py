@@ -1,4 +1,4 @@
-"""tools/synth.py: the synthetic noisy benchmark, checked by an independent interpreter of the user instructions."""
+"""support/synth.py: the synthetic noisy benchmark, checked by an independent interpreter of the user instructions."""
 import json
 import re
 
@@ -6,7 +6,7 @@ import pytest
 
 import data
 from data import ChatTemplate
-from tools import synth as S
+from support import synth as S
 
 
 ITEM_RE = r"([a-z]+)"

@@ -236,7 +236,8 @@ def test_bad_input_one_line_errors(setup, tmp_path):
 def test_demo_shortened_prints_numbers_from_the_run(smollm2_dir, tmp_path):
     """`python train.py` with no --model/--data, cut to 3 steps and 3 test dialogues: the printed after-training
     accuracy is recomputed here from the saved adapter with eval.accuracy."""
-    from data import ChatTemplate, load_conversations
+    from data import ChatTemplate
+    from support.conversations import load_conversations
     from eval import accuracy
     out = tmp_path / "demo"
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(out), "--max-steps", "3",
@@ -261,7 +262,7 @@ def test_data_alone_trains_the_demo_model_with_the_paper_settings(smollm2_dir, t
     """--data without --model: SmolLM2-135M-Instruct (the demo's model) with the paper's settings, not the demo's;
     --model without --data has no data to train on and says so in one line."""
     import train
-    from tools.cli import UsageError
+    from support.cli import UsageError
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}))
     args = train.parse_args(["--data", str(f)])

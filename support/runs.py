@@ -12,9 +12,7 @@ loads (a damaged one is skipped with one line), bitwise-exactly; a run with othe
 moves an earlier run's files into OUT/previous-<time>/; OUT/.lock keeps a second process out. SIGINT / SIGTERM
 finish the current step, checkpoint and exit 130 / 143. A failed write (a full disk) removes the partial checkpoint
 and names the intact one. Everything is read as data: torch.load runs with weights_only, so a pickle payload
-planted in a checkpoint cannot execute. eval.py generate's answer file (answer_file, at the end) is kept the same
-way: saved after every batch of questions, and a rerun continues it.
-"""
+planted in a checkpoint cannot execute. """
 import copy
 import fcntl
 import gc
@@ -31,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
-from tools.checkpoint import read_json
+from support.checkpoint import read_json
 
 
 class RunError(ValueError):
@@ -342,28 +340,3 @@ def any_rank(run, flag):
     t = torch.tensor([int(bool(flag))], device=run.device if run.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-# ------------------------------------------------------------------------------------- eval.py generate's answers
-def answer_file(model, template, questions, model_id, out, args):
-    """eval.generate_answers batch_size questions at a time, OUT rewritten (whole, atomically) after each batch: a
-    rerun keeps the answers OUT holds for this model and continues with the same seeds, so the same answers; answers
-    to questions not asked this time stay."""
-    from eval import EvalError, generate_answers, read_jsonl, save_jsonl
-    done = {r.get("question_id"): r for _, r in (read_jsonl(out) if os.path.exists(out) else ())}
-    if any(r.get("model_id") != model_id or i is None for i, r in done.items()):
-        raise EvalError(f"{out}: holds records that are not answers of model_id {model_id!r}; give another --out")
-    order = {q["question_id"]: n for n, q in enumerate(questions)}
-    if done:
-        print(f"{out}: {len(order.keys() & done.keys())} of {len(order)} questions answered already, continuing")
-    new, sec = 0, 0.0
-    for j in range(0, len(questions), args.batch_size):
-        part = [q for q in questions[j:j + args.batch_size] if q["question_id"] not in done]
-        if not part:  # this batch was answered before: nothing to generate or write
-            continue
-        recs, st = generate_answers(model, template, part, model_id, args.batch_size, args.max_new_tokens,
-                                    args.temperature, args.top_p, None if args.seed is None else args.seed + j)
-        done.update((r["question_id"], r) for r in recs)
-        new, sec = new + st["new_tokens"], sec + st["seconds"]
-        save_jsonl(sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order))), out)
-    print(f"{len(questions)} answers -> {out}: {new} new tokens in {sec:.1f}s ({new / max(sec, 1e-9):.1f} tokens/s)")

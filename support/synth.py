@@ -13,7 +13,7 @@ Every assistant message carries noisy, noise_type and reference (the true answer
 format. The train tiers H/N/L share the same dialogues and differ only in injected noise; test.jsonl is clean
 and disjoint from train.
 
-    python tools/synth.py --out DIR [--seed 42 --n-train 2000 --n-test 200 --rate-N 0.2 ...]   (or data.py synth)
+    python support/synth.py --out DIR [--seed 42 --n-train 2000 --n-test 200 --rate-N 0.2 ...]
 """
 import argparse
 import json
