@@ -1,30 +1,48 @@
-"""ReSURE (arXiv 2508.19996, Sec. 3): down-weight supervision whose loss is unusually high for its turn depth.
+"""ReSURE (arXiv 2508.19996, Sec. 3): down-weight supervision whose loss is unusually high for its
+turn depth.
 
-Per turn group b a running estimator (welford.py) tracks the unit losses l (Eq. 1: a unit's mean token loss).
-For one batch, with the statistics as they stood before it:
-  tau_b = mu_b + alpha * sigma_b                                          (Eq. 5)
-  l <= tau_b: reliable, w = 1, and l enters the statistics               (Eqs. 2-4: the conditional update)
-  l >  tau_b: unreliable, w = max(eps, exp(-(l - tau_b) / tau_b))        (Eq. 6)
-  eps = the floor_percentile-th percentile (numpy, linear) of the batch's weights before the floor
-  l~ = w * l with w a constant (Eq. 7); the objective is the mean of l~ over the optimizer step's units.
-Warm-up: a batch is a warm-up batch (every w = 1, every loss enters) while fewer than warmup_samples units were
-seen before it, or the statistics come from a separate high-quality set (warmup_from, the paper's 640 samples);
-a group with fewer than min_count values has no usable sigma, so its units are reliable.
-Ramp (our reading of "gradually increased filtering weight"): in the s-th optimizer step after warm-up
-(s = 1, 2, ...) w_eff = 1 - r * (1 - w) with r = min(1, s / ramp_steps); ramp_steps = 0: r = 1 at once.
-Beyond the paper (README): modes sft (every w = 1), global (one group), hard (flagged w = 0); stats_update
-winsorized (flagged units enter as tau) or all; other estimators (welford.py). Non-finite losses get w = 0, are
-counted and never enter the statistics. Another weighting rule: edit weight_rule().
+  Eq. 1     a unit's loss l is the mean cross-entropy over its supervised tokens; a unit is a
+            dialogue (the paper) or one assistant turn (ours)        unit_losses, count_units
+  groups    units are grouped by turn depth b; deeper turns may share the last group
+  Eqs. 2-4  each group keeps a running mean mu_b and std sigma_b of its reliable losses (welford.py)
+  Eq. 5     tau_b = mu_b + alpha * sigma_b, as the statistics stood before the batch   ReSURE.tau
+  Eq. 6     l <= tau_b: reliable, w = 1; l > tau_b: w = max(eps, exp(-(l - tau_b) / tau_b)), eps
+            the floor_percentile-th percentile (numpy, linear) of the batch's weights  ReSURE.weigh
+  update    only reliable losses enter their group's statistics, in batch order  ReSURE._update
+  Eq. 7     l~ = w * l, w a constant; the objective is the mean of l~ over the step's units
+                                                                             reweighted_loss
+
+Eq. 6's "5th percentile of the current batch's weights" reads two ways; floor_over picks one:
+  "all"      (default: the literal reading) over every finite weight of the batch, the reliable
+             units' 1.0s included: while k <= p/100 * (n - 1) of the n units are flagged, eps = 1
+             and no unit is down-weighted.
+  "flagged"  over the flagged units' Eq. 6 weights only: eps bounds how far the lowest of them
+             fall below the others; a lone flagged unit keeps its Eq. 6 weight.
+Warm-up: a batch is a warm-up batch (every w = 1, every loss enters) while fewer than
+warmup_samples units were seen before it, or the statistics come from a separate high-quality
+set (warmup_from, the paper's 640 samples); a group with fewer than min_count values has no
+usable sigma, so its units are reliable.
+Ramp (our reading of "gradually increased filtering weight"): in the s-th optimizer step after
+warm-up (s = 1, 2, ...) w_eff = 1 - r * (1 - w) with r = min(1, s / ramp_steps); ramp_steps = 0:
+r = 1 at once.
+Beyond the paper (README): modes sft (every w = 1), global (one group), hard (flagged w = 0);
+stats_update winsorized (flagged units enter as tau) or all; other estimators (welford.py); the
+context-gain view (gain_alpha: a unit whose context gain leaves its group's band is flagged too);
+the lag / collapse watch (Observer). Non-finite losses get w = 0, are counted and never enter the
+statistics. Another weighting rule: edit weight_rule().
 """
 import copy
 import math
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
 from welford import GroupedStats
 
-MODES, UPDATES = ("resure", "sft", "global", "hard"), ("reliable", "winsorized", "all")
+MODES = ("resure", "sft", "global", "hard")
+UPDATES = ("reliable", "winsorized", "all")
+FLOOR_OVER = ("all", "flagged")
 FIX = "--stats ema --stats-update winsorized or --stats mad --stats-update all"
 
 
@@ -32,357 +50,667 @@ class ReSUREError(ValueError):
     pass
 
 
-def weight_rule(l, tau):
-    """Eq. 6 before the floor: the weight of units whose loss l exceeds their threshold tau (tau = 0 gives w = 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(tau > 0, np.exp(-(l - tau) / np.where(tau > 0, tau, 1.0)), 0.0)
-
-
 def _np(x, dtype, name):
+    """x (a tensor, array or list) as a 1-D numpy array of dtype; an integer dtype takes whole
+    numbers only."""
     if torch.is_tensor(x):
         x = x.detach().cpu()
-        x = (x.double() if x.is_floating_point() else x).numpy()
+        if x.is_floating_point():
+            x = x.double()
+        x = x.numpy()
     x = np.asarray(x)
     if x.ndim != 1:
         raise ReSUREError(f"resure: {name} must be 1-D, got shape {tuple(x.shape)}")
-    if dtype == np.int64 and x.dtype.kind not in "iu" and x.size and not np.all(np.mod(x, 1) == 0):
-        raise ReSUREError(f"resure: {name} must be integers, got {x.dtype} values such as {x[np.mod(x, 1) != 0][0]}")
+    if dtype == np.int64 and x.dtype.kind not in "iu" and x.size:
+        fractional = np.mod(x, 1) != 0
+        if fractional.any():
+            raise ReSUREError(f"resure: {name} must be integers, got {x.dtype} values such as "
+                              f"{x[fractional][0]}")
     return x.astype(dtype)
 
 
-def _num(x):  # JSON-safe float: None for nan/inf
+def _num(x):
+    """x as a JSON-safe float: None for NaN and infinities."""
     x = float(x)
-    return x if math.isfinite(x) else None
+    if math.isfinite(x):
+        return x
+    return None
 
 
-class ReSURE:
-    CONFIG = ("alpha", "floor_percentile", "warmup_samples", "ramp_steps", "min_count", "max_turn_groups", "mode",
-              "stats_kind", "stats_update", "ema_decay", "window", "gain_alpha")
-    COUNTERS = ("calls", "seen", "ramp_pos", "units_total", "flagged_total", "nonfinite_total", "lag_run",
-                "collapse_run")
-
-    def __init__(self, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=50, min_count=2,
-                 max_turn_groups=None, mode="resure", stats="welford", stats_update="reliable", ema_decay=0.05,
-                 window=256, gain_alpha=None, warn_steps=20, record=False):
-        if mode not in MODES or stats_update not in UPDATES:
-            raise ReSUREError(f"resure: mode must be one of {MODES} and stats_update one of {UPDATES}, "
-                              f"got mode={mode!r} stats_update={stats_update!r}")
-        if not (0 <= floor_percentile <= 100 and min_count >= 2 and (max_turn_groups or 1) >= 1
-                and ramp_steps >= 0 and warmup_samples >= 0 and alpha >= 0 and (gain_alpha or 0) >= 0):
-            raise ReSUREError("resure: need 0 <= floor_percentile <= 100, min_count >= 2, max_turn_groups >= 1 "
-                              "(or None), ramp_steps >= 0, warmup_samples >= 0, alpha >= 0, gain_alpha >= 0")
-        self.alpha, self.floor_percentile, self.warmup_samples = float(alpha), float(floor_percentile), warmup_samples
-        self.ramp_steps, self.min_count, self.max_turn_groups, self.mode = ramp_steps, min_count, max_turn_groups, mode
-        self.stats_kind, self.stats_update, self.ema_decay, self.window = stats, stats_update, float(ema_decay), window
-        self.stats = GroupedStats(stats, ema_decay, window)
-        self.gain_alpha = None if gain_alpha is None else float(gain_alpha)
-        self.gain_stats = GroupedStats(stats, ema_decay, window)  # the context-gain view; used when gain_alpha is set
-        self.warn_steps, self.record, self.records = warn_steps, record, []
-        for k in self.COUNTERS:  # weigh() calls, finite units seen, calls after warm-up, ..., lag/collapse streaks
-            setattr(self, k, 0)
-        self.warned, self.pending, self.last = [], [], {}
-
-    def _groups(self, groups, n):
-        g = _np(groups, np.int64, "groups")
-        if len(g) != n:
-            raise ReSUREError(f"resure: {n} losses but {len(g)} groups")
-        if (g < 1).any():
-            raise ReSUREError(f"resure: unit {int(np.argmax(g < 1))} has turn group {g[g < 1][0]}; groups are >= 1")
-        return np.ones_like(g) if self.mode == "global" else np.minimum(g, self.max_turn_groups or g.max(initial=1))
-
-    def _losses(self, losses):
-        l = _np(losses, np.float64, "losses")
-        bad = np.isfinite(l) & (l < 0)
-        if bad.any():
-            raise ReSUREError(f"resure: unit {int(np.argmax(bad))} has negative loss {float(l[bad][0])}; "
-                              "Eqs. 5-7 assume non-negative (cross-entropy) losses")
-        return l
-
-    def tau(self, b):
-        """Eq. 5 for group b as the statistics stand now (inf while the group has < min_count values)."""
-        est = self.stats[b]
-        return est.mean + self.alpha * est.std if est.count >= self.min_count else math.inf
-
-    def gain_band(self, b):
-        """(lo, hi) = mu_g -+ gain_alpha * sigma_g of group b's context gains ((-inf, inf) while too few)."""
-        est, a = self.gain_stats[b], self.gain_alpha or 0.0
-        ok = est.count >= self.min_count
-        return (est.mean - a * est.std, est.mean + a * est.std) if ok else (-math.inf, math.inf)
-
-    def weigh(self, losses, groups, ids=None, turns=None, new_step=True, gains=None):
-        """(weights float64, flagged bool) for one batch in batch order, then update the statistics in that order.
-        new_step: this batch starts an optimizer step (False for the later micro-batches of an accumulated step:
-        the ramp moves once per optimizer step). gains: each unit's context gain (with gain_alpha set). ids/turns
-        (per unit: sample index, turn) only label the records."""
-        l = self._losses(losses)
-        g, n, finite = self._groups(groups, len(l)), len(l), np.isfinite(l)
-        pre = {int(b): (self.stats[b].count, self.stats[b].mean, self.stats[b].std, self.tau(b)) for b in set(g)}
-        tau = np.array([pre[b][3] for b in g], dtype=np.float64)                      # Eq. 5, before the batch
-        warm = self.seen < self.warmup_samples
-        active = not warm and self.mode != "sft"
-        by_loss = finite & (l > tau) & active
-        w = np.where(finite, 1.0, 0.0)
-        w[by_loss] = weight_rule(l[by_loss], tau[by_loss])                            # Eq. 6 before the floor
-        x, band, by_gain = self._gain_view(gains, g, n, finite, active, w)
-        flagged, eps, r = by_loss | by_gain, None, 0.0
-        if active:
-            self.ramp_pos += new_step or self.ramp_pos == 0             # optimizer steps after warm-up, this one too
-            r = 1.0 if self.ramp_steps == 0 else min(1.0, self.ramp_pos / self.ramp_steps)
-        if flagged.any() and self.mode == "hard":
-            w[flagged] = 0.0                                                          # filtering, not reweighting
-        elif flagged.any():
-            eps = float(np.percentile(w[finite], self.floor_percentile))              # Eq. 6: the floor
-            w[flagged] = np.maximum(w[flagged], eps)
-        if r < 1.0:
-            w[flagged] = 1.0 - r * (1.0 - w[flagged])                                 # the ramp
-        self._update(self.stats, g, l, finite, by_loss, tau)                          # the conditional update
-        if x is not None:
-            self._update(self.gain_stats, g, x, finite & np.isfinite(x), by_gain, np.clip(x, band[0], band[1]))
-        self.calls, self.seen, self.units_total = self.calls + 1, self.seen + int(finite.sum()), self.units_total + n
-        self.flagged_total += int(flagged.sum())
-        self.nonfinite_total += int(n - finite.sum())
-        self._summarize(l, g, w, flagged, finite, pre, warm, r, eps, active, by_gain)
-        if self.record:
-            view = [("loss+gain" if a and b else "loss" if a else "gain" if b else None)
-                    for a, b in zip(by_loss, by_gain)]
-            self.records += [{"call": self.calls, "sample": None if ids is None else int(ids[i]),
-                              "turn": None if turns is None else int(turns[i]), "group": int(g[i]),
-                              "loss": _num(l[i]), "tau": _num(tau[i]), "weight": float(w[i]),
-                              "flagged": bool(flagged[i]), "warmup": bool(warm), "view": view[i],
-                              **({} if x is None else {"gain": _num(x[i]), "gain_lo": _num(band[0][i]),
-                                                       "gain_hi": _num(band[1][i])})} for i in range(n)]
-        return w, flagged
-
-    def _gain_view(self, gains, g, n, finite, active, w):
-        """The context-gain view (beyond the paper): a unit whose gain lies outside its group's band is flagged
-        and weighted exp(-d / h), d its distance outside the band and h the band's half-width (Eq. 6's shape
-        with the band's own scale, since a gain can be negative); w keeps the lower of the two views' weights."""
-        if gains is None or self.gain_alpha is None:
-            return None, None, np.zeros(n, dtype=bool)
-        x = _np(gains, np.float64, "gains")
-        if len(x) != n:
-            raise ReSUREError(f"resure: {n} losses but {len(x)} gains")
-        lo, hi = (np.array(v) for v in zip(*[self.gain_band(b) for b in g])) if n else (np.zeros(0), np.zeros(0))
-        by_gain = finite & np.isfinite(x) & ((x < lo) | (x > hi)) & active
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d, h = np.maximum(lo - x, x - hi), (hi - lo) / 2
-            w[by_gain] = np.minimum(w[by_gain], np.where(h[by_gain] > 0, np.exp(-d[by_gain] / h[by_gain]), 0.0))
-        return x, (lo, hi), by_gain
-
-    def _update(self, stats, g, x, ok, flagged, clipped):
-        """Reliable values enter their group's statistics in batch order; flagged ones as stats_update says."""
-        for i in np.flatnonzero(ok):
-            if not flagged[i] or self.stats_update == "all":
-                stats.update(g[i], x[i])
-            elif self.stats_update == "winsorized":
-                stats.update(g[i], clipped[i])
-
-    def warmup_from(self, losses, groups, gains=None):
-        """Initialize the statistics from a separate high-quality set (the paper: 640 dialogues); counts as seen."""
-        l = self._losses(losses)
-        g, ok = self._groups(groups, len(l)), np.isfinite(l)
-        self._update(self.stats, g, l, ok, np.zeros(len(l), bool), l)
-        if gains is not None and self.gain_alpha is not None:
-            x = _np(gains, np.float64, "gains")
-            self._update(self.gain_stats, g, x, ok & np.isfinite(x), np.zeros(len(l), bool), x)
-        self.seen += int(ok.sum())
-        self.nonfinite_total += int((~ok).sum())
-        return int(ok.sum())
-
-    # --- observability ------------------------------------------------------------------------------------------
-    def _summarize(self, l, g, w, flagged, finite, pre, warm, r, eps, active, by_gain):
-        groups = {}
-        for b, (cnt, mu, sigma, tau) in sorted(pre.items()):
-            m = (g == b) & finite
-            groups[b] = {"n": cnt, "mu": _num(mu), "sigma": _num(sigma), "tau": _num(tau), "batch_units": int(m.sum()),
-                         "batch_loss": _num(l[m].mean()) if m.any() else None,
-                         "flagged": float(flagged[m].mean()) if m.any() else None}
-        nf, nflag, wf = int(finite.sum()), int(flagged.sum()), w[finite]
-        stat = (lambda f, x: _num(f(x)) if len(x) else None)
-        self.last = {"weigh_calls": self.calls, "seen": self.seen, "warmup": warm, "ramp": r, "units": len(l),
-                     "flagged_units": nflag, "flagged": nflag / nf if nf else 0.0,
-                     "loss_mean": stat(np.mean, l[finite]), "flagged_loss_mean": stat(np.mean, l[flagged]),
-                     "weight_mean": stat(np.mean, wf), "weight_min": stat(np.min, wf),
-                     "weight_median": stat(np.median, wf), "eps": eps, "nonfinite": len(l) - nf,
-                     "nonfinite_total": self.nonfinite_total, "flagged_total": self.flagged_total,
-                     "units_total": self.units_total, "groups": groups,
-                     **({"flagged_by_gain": int(by_gain.sum())} if self.gain_alpha is not None else {})}
-        self._check_lag_collapse(active, nf, nflag, groups)
-
-    def _check_lag_collapse(self, active, nf, nflag, groups):
-        """Lag: nothing flagged while every judged group's batch loss is below its mean (so >= alpha*sigma
-        under tau); collapse: more than half of the units flagged. Each over warn_steps consecutive calls, once."""
-        if not active or not nf:
-            return
-        judged = [s for s in groups.values() if s["tau"] is not None and s["batch_units"]]
-        lag = nflag == 0 and bool(judged) and all(s["batch_loss"] < s["mu"] for s in judged)
-        self.lag_run = self.lag_run + 1 if lag else 0
-        self.collapse_run = self.collapse_run + 1 if nflag > nf / 2 else 0
-        if self.lag_run >= self.warn_steps and "lag" not in self.warned:
-            self.warned.append("lag")
-            self.pending.append(
-                f"resure warning (lag): nothing flagged for {self.lag_run} steps while every group's batch loss sat "
-                f"below its running mean, far under tau: the {self.stats_kind} statistics lag behind the falling loss "
-                f"and ReSURE acts as plain SFT; {FIX} track the loss")
-        if self.collapse_run >= self.warn_steps and "collapse" not in self.warned:
-            self.warned.append("collapse")
-            self.pending.append(
-                f"resure warning (collapse): more than half of the units flagged for {self.collapse_run} steps: with "
-                f"--stats-update {self.stats_update} the statistics see only losses below tau, so sigma shrinks and "
-                f"tau keeps falling; {FIX} avoid it")
-
-    def summary(self):
-        """The last weigh() call, JSON-safe: per group the statistics the batch was judged with (n, mu, sigma, tau)
-        beside its batch_units, batch_loss and flagged fraction; weight mean/min/median, eps, counters."""
-        return copy.deepcopy(self.last)
-
-    def warnings(self):
-        """Lag/collapse warnings raised since the last call (each at most once per run): print them."""
-        out, self.pending = self.pending, []
-        return out
-
-    def pop_records(self):
-        """Per-unit records (record=True) since the last call; call it every step, the list grows otherwise."""
-        out, self.records = self.records, []
-        return out
-
-    # --- checkpoints ----------------------------------------------------------------------------------------------
-    def state_dict(self):
-        return {"config": {k: getattr(self, k) for k in self.CONFIG}, **{k: getattr(self, k) for k in self.COUNTERS},
-                "warned": list(self.warned), "stats": self.stats.state_dict(),
-                **({"gain_stats": self.gain_stats.state_dict()} if self.gain_alpha is not None else {})}
-
-    def load_state_dict(self, s):
-        diff = [f"{k}: checkpoint {s['config'].get(k)!r} vs now {getattr(self, k)!r}"
-                for k in self.CONFIG if s["config"].get(k, None) != getattr(self, k)]
-        if diff:
-            raise ReSUREError("resure state does not match this run's settings: " + "; ".join(diff))
-        for k in self.COUNTERS:
-            setattr(self, k, int(s[k]))
-        self.warned, self.pending = list(s["warned"]), []  # a warning raised after the snapshot is raised again
-        self.stats.load_state_dict(s["stats"])
-        if self.gain_alpha is not None:
-            self.gain_stats.load_state_dict(s["gain_stats"])
-
-
-# --- units (Eq. 1) and the reweighted loss (Eq. 7) --------------------------------------------------------------------
+# --- Eq. 1: units and their losses ---------------------------------------------------------------
 def _unit_masks(labels, turn_ids, unit):
+    """Each unit's supervised tokens [B, K, T] and the turn ids 1..K of its K slots (None for
+    dialogue units, K = 1)."""
     sup = labels != -100
-    sup[:, 0] = False                          # position 0 predicts nothing (token_losses pads it with 0)
+    sup[:, 0] = False                   # position 0 predicts nothing (token_losses pads it with 0)
     if unit == "dialogue":
-        return sup.unsqueeze(1), None                                           # [B, 1, T]
+        return sup.unsqueeze(1), None
     if unit != "turn":
         raise ReSUREError(f"resure: unit must be 'dialogue' or 'turn', got {unit!r}")
-    if (sup & (turn_ids < 1)).any():
-        b = int((sup & (turn_ids < 1)).any(1).nonzero()[0])
-        raise ReSUREError(f"resure: sample {b} of the batch has a supervised token with turn id < 1")
-    turns = torch.arange(1, int(turn_ids[sup].max()) + 1 if sup.any() else 1, device=labels.device)
-    return sup.unsqueeze(1) & (turn_ids.unsqueeze(1) == turns[None, :, None]), turns   # [B, K, T]
+    orphans = sup & (turn_ids < 1)
+    if orphans.any():
+        b = int(orphans.any(1).nonzero()[0])
+        raise ReSUREError(f"resure: sample {b} of the batch has a supervised token with turn id "
+                          "< 1")
+    last = int(turn_ids[sup].max()) if sup.any() else 0
+    turns = torch.arange(1, last + 1, device=labels.device)
+    return sup.unsqueeze(1) & (turn_ids.unsqueeze(1) == turns[None, :, None]), turns
 
 
 def count_units(labels, turn_ids=None, unit="dialogue"):
-    """(units, supervised tokens) that unit_losses will return for this batch, known before the forward pass."""
+    """(units, supervised tokens) that unit_losses will return for this batch, known before the
+    forward pass."""
     masks, _ = _unit_masks(labels, turn_ids, unit)
     return int((masks.sum(-1) > 0).sum()), int(masks.sum())
 
 
 def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
-    """token_losses [B, T] as model.token_losses returns it (entry t = CE of labels[t], 0 where -100 and at t = 0).
-    A unit is a dialogue (mean CE over its supervised tokens, group = its depth groups[b]) or an assistant turn
-    with >= 1 supervised token (group = its 1-based turn id). Units come sample-major, turns ascending.
-    Returns losses [U] (with grad), groups [U], tokens [U], sample_index [U], turn [U] (0 for dialogue units)."""
-    if token_losses.shape != labels.shape or (turn_ids is not None and turn_ids.shape != labels.shape):
-        raise ReSUREError(f"resure: token_losses {tuple(token_losses.shape)}, labels {tuple(labels.shape)} and "
-                          f"turn_ids {None if turn_ids is None else tuple(turn_ids.shape)} must have one shape")
+    """Eq. 1 per unit, from token_losses [B, T] as model.token_losses returns it (entry t = CE of
+    labels[t], 0 where -100 and at t = 0). A unit is a dialogue (its group: its depth groups[b]) or
+    an assistant turn with >= 1 supervised token (its group: its 1-based turn id). Units come
+    sample-major, turns ascending. Returns losses [U] (with grad), groups [U], tokens [U],
+    sample_index [U] and turn [U] (0 for dialogue units)."""
+    shapes = {"token_losses": token_losses.shape, "labels": labels.shape}
+    if turn_ids is not None:
+        shapes["turn_ids"] = turn_ids.shape
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        raise ReSUREError(f"resure: {listed} must have one shape")
     masks, turns = _unit_masks(labels, turn_ids, unit)
-    sums = torch.where(masks, token_losses.unsqueeze(1), 0.0).sum(-1)           # [B, K], deterministic
-    tok = masks.sum(-1)
-    sample, k = (tok > 0).nonzero(as_tuple=True)
-    losses, tokens = sums[sample, k] / tok[sample, k], tok[sample, k]
+    sums = torch.where(masks, token_losses.unsqueeze(1), 0.0).sum(-1)   # [B, K], deterministic
+    counts = masks.sum(-1)
+    sample, k = (counts > 0).nonzero(as_tuple=True)
+    tokens = counts[sample, k]
+    losses = sums[sample, k] / tokens
     if unit == "dialogue":
-        return losses, torch.as_tensor(groups, device=labels.device)[sample].long(), tokens, sample, 0 * sample
+        depth = torch.as_tensor(groups, device=labels.device)[sample].long()
+        return losses, depth, tokens, sample, 0 * sample
     return losses, turns[k], tokens, sample, turns[k]
 
 
-def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, unit="dialogue", batch=None):
-    """Context gain of each unit: the mean loss of its reply tokens scored alone, after an empty user turn
-    (free_token_losses [R, T] of the R rows free_unit = (batch row, turn)), minus its loss in the dialogue, in nats
-    per token: how much the dialogue helps predict the reply (a dialogue unit pools the tokens of its replies)."""
-    sup = (free_labels != -100) & (torch.arange(free_labels.shape[1], device=free_labels.device) > 0)
+def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, unit="dialogue",
+            batch=None):
+    """Context gain of each unit (beyond the paper): the mean loss of its reply tokens scored
+    alone, after an empty user turn (free_token_losses [R, T] of the R rows free_unit = (batch row,
+    turn)), minus its loss in the dialogue, in nats per token: how much the dialogue helps predict
+    the reply. A dialogue unit pools the tokens of its replies."""
+    positions = torch.arange(free_labels.shape[1], device=free_labels.device)
+    sup = (free_labels != -100) & (positions > 0)
     row, k = free_unit.unbind(1)
-    size = (batch or int(torch.cat([row, sample]).max()) + 1, int(torch.cat([k, turn]).max()) + 1)
-    s = losses.new_zeros(size).index_put_((row, k), (free_token_losses * sup).sum(1).to(losses.dtype), accumulate=True)
-    n = losses.new_zeros(size).index_put_((row, k), sup.sum(1).to(losses.dtype), accumulate=True)
-    free = s.sum(1)[sample] / n.sum(1)[sample] if unit == "dialogue" else s[sample, turn] / n[sample, turn]
+    rows = batch or int(torch.cat([row, sample]).max()) + 1
+    slots = int(torch.cat([k, turn]).max()) + 1
+    free_sum = losses.new_zeros(rows, slots)
+    row_sums = (free_token_losses * sup).sum(1).to(losses.dtype)
+    free_sum.index_put_((row, k), row_sums, accumulate=True)
+    free_count = losses.new_zeros(rows, slots)
+    free_count.index_put_((row, k), sup.sum(1).to(losses.dtype), accumulate=True)
+    if unit == "dialogue":
+        free = free_sum.sum(1)[sample] / free_count.sum(1)[sample]
+    else:
+        free = free_sum[sample, turn] / free_count[sample, turn]
     return free - losses
 
 
-def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None, total_tokens=None,
-                    world_size=1):
-    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units; token:
-    sum w*l*n_tokens / total_tokens.
-    total_* are GLOBAL counts over every rank and micro-batch of the optimizer step (default: this call's), so the
-    local shares add up, over ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks:
-    pass world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process gradient.
-    Units with weight 0 or a non-finite loss are left out of the sum (no 0 * nan)."""
-    w = torch.as_tensor(np.asarray(weights.detach().cpu() if torch.is_tensor(weights) else weights, np.float64))
+# --- turn groups ---------------------------------------------------------------------------------
+def _checked_losses(losses):
+    """Unit losses as float64: NaN and infinities pass (they get w = 0), negative losses do not."""
+    l = _np(losses, np.float64, "losses")
+    negative = np.isfinite(l) & (l < 0)
+    if negative.any():
+        i = int(np.argmax(negative))
+        raise ReSUREError(f"resure: unit {i} has negative loss {float(l[i])}; "
+                          "Eqs. 5-7 assume non-negative (cross-entropy) losses")
+    return l
+
+
+def _turn_groups(groups, n, config):
+    """The n units' turn groups b >= 1: each its depth, capped at max_turn_groups (deeper turns
+    share the last group; None or 0: no cap); mode global puts every unit in group 1."""
+    g = _np(groups, np.int64, "groups")
+    if len(g) != n:
+        raise ReSUREError(f"resure: {n} losses but {len(g)} groups")
+    if (g < 1).any():
+        i = int(np.argmax(g < 1))
+        raise ReSUREError(f"resure: unit {i} has turn group {g[i]}; groups are >= 1")
+    if config.mode == "global":
+        return np.ones_like(g)
+    if config.max_turn_groups:
+        return np.minimum(g, config.max_turn_groups)
+    return g
+
+
+# --- Eqs. 2-5: the settings, the statistics, the thresholds --------------------------------------
+@dataclass
+class ReSUREConfig:
+    """ReSURE's settings; a checkpoint's must match the run's (load_state_dict checks each)."""
+    alpha: float = 1.0                  # Eq. 5: tau = mu + alpha * sigma
+    floor_percentile: float = 5.0       # Eq. 6: eps is this percentile of the batch's weights
+    warmup_samples: int = 640           # units seen before the first batch that is judged
+    ramp_steps: int = 50                # optimizer steps until the down-weighting is full
+    min_count: int = 2                  # values a group needs before its sigma is used
+    max_turn_groups: int | None = None  # deeper turns share this group (None or 0: no cap)
+    mode: str = "resure"                # one of MODES
+    stats_kind: str = "welford"         # the estimator, one of welford.ESTIMATORS
+    stats_update: str = "reliable"      # what flagged units feed the statistics, one of UPDATES
+    ema_decay: float = 0.05             # the ema estimator's decay
+    window: int = 256                   # the window and mad estimators' length
+    gain_alpha: float | None = None     # the gain band's half-width in sigmas (None: no gain view)
+    floor_over: str = "all"             # the weights Eq. 6's percentile is over, one of FLOOR_OVER
+
+    def __post_init__(self):
+        """Refuse the first setting out of range, in one line that names it."""
+        rules = [("mode", self.mode in MODES, f"one of {MODES}"),
+                 ("stats_update", self.stats_update in UPDATES, f"one of {UPDATES}"),
+                 ("floor_over", self.floor_over in FLOOR_OVER, f"one of {FLOOR_OVER}"),
+                 ("floor_percentile", 0 <= self.floor_percentile <= 100, "in [0, 100]"),
+                 ("min_count", self.min_count >= 2, ">= 2"),
+                 ("max_turn_groups", (self.max_turn_groups or 1) >= 1, ">= 1 (None or 0: no cap)"),
+                 ("ramp_steps", self.ramp_steps >= 0, ">= 0"),
+                 ("warmup_samples", self.warmup_samples >= 0, ">= 0"),
+                 ("alpha", self.alpha >= 0, ">= 0"),
+                 ("gain_alpha", (self.gain_alpha or 0) >= 0, ">= 0 (None: no gain view)")]
+        for name, ok, requirement in rules:
+            if not ok:
+                got = getattr(self, name)
+                raise ReSUREError(f"resure: {name} must be {requirement}, got {got!r}")
+
+
+@dataclass
+class Counters:
+    """What a run has counted; a checkpoint keeps them at the top level of ReSURE's state."""
+    calls: int = 0                      # weigh() calls
+    seen: int = 0                       # finite units seen, the warm-up set's included
+    ramp_pos: int = 0                   # optimizer steps after warm-up, the current one included
+    units_total: int = 0                # units weighed, non-finite ones included
+    flagged_total: int = 0
+    nonfinite_total: int = 0
+
+    def count(self, units, finite, flagged):
+        """One weigh() call of units units, finite of them finite and flagged of them flagged."""
+        self.calls += 1
+        self.seen += finite
+        self.units_total += units
+        self.flagged_total += flagged
+        self.nonfinite_total += units - finite
+
+
+@dataclass
+class Standing:
+    """A turn group's statistics as a batch is judged by them: Eq. 5's inputs and tau."""
+    count: int
+    mean: float
+    std: float
+    tau: float
+
+
+@dataclass
+class GainView:
+    """The context-gain view of one batch (beyond the paper): a unit whose gain lies outside its
+    group's band [lo, hi] is flagged and weighs exp(-d / h), d its distance outside the band and h
+    the band's half-width (Eq. 6's shape with the band's own scale, as a gain can be negative)."""
+    gains: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    flagged: np.ndarray
+    weights: np.ndarray                 # exp(-d / h) where flagged, 1 elsewhere
+
+
+def weight_rule(l, tau):
+    """Eq. 6 before the floor: the weight of units whose loss l exceeds their threshold tau
+    (tau = 0 gives w = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive_tau = np.where(tau > 0, tau, 1.0)
+        return np.where(tau > 0, np.exp(-(l - tau) / positive_tau), 0.0)
+
+
+class ReSURE:
+    """Weighs each batch of unit losses against its turn groups' thresholds (Eqs. 5-6) and feeds
+    the reliable ones to the groups' statistics (Eqs. 2-4). The arguments are ReSUREConfig's fields
+    (stats sets stats_kind), and warn_steps and record for the Observer beside it."""
+
+    def __init__(self, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=50,
+                 min_count=2, max_turn_groups=None, mode="resure", stats="welford",
+                 stats_update="reliable", ema_decay=0.05, window=256, gain_alpha=None,
+                 warn_steps=20, record=False, floor_over="all"):
+        if gain_alpha is not None:
+            gain_alpha = float(gain_alpha)
+        self.config = ReSUREConfig(
+            alpha=float(alpha), floor_percentile=float(floor_percentile),
+            warmup_samples=warmup_samples, ramp_steps=ramp_steps, min_count=min_count,
+            max_turn_groups=max_turn_groups, mode=mode, stats_kind=stats,
+            stats_update=stats_update, ema_decay=float(ema_decay), window=window,
+            gain_alpha=gain_alpha, floor_over=floor_over)
+        self.stats = GroupedStats(stats, ema_decay, window)         # the losses', per turn group
+        self.gain_stats = GroupedStats(stats, ema_decay, window)    # the gains', with gain_alpha
+        self.counters = Counters()
+        self.observer = Observer(self.config, warn_steps, record)
+
+    @property
+    def seen(self):
+        return self.counters.seen
+
+    @property
+    def calls(self):
+        return self.counters.calls
+
+    @property
+    def gain_alpha(self):
+        return self.config.gain_alpha
+
+    @property
+    def min_count(self):
+        return self.config.min_count
+
+    def tau(self, b):
+        """Eq. 5 for group b as the statistics stand now (inf while it has < min_count values)."""
+        est = self.stats[b]
+        if est.count < self.config.min_count:
+            return math.inf
+        return est.mean + self.config.alpha * est.std
+
+    def gain_band(self, b):
+        """(lo, hi) = mu_g -+ gain_alpha * sigma_g of group b's context gains ((-inf, inf) while
+        the group has < min_count values)."""
+        est = self.gain_stats[b]
+        if est.count < self.config.min_count:
+            return -math.inf, math.inf
+        half_width = (self.config.gain_alpha or 0.0) * est.std
+        return est.mean - half_width, est.mean + half_width
+
+    def _standing(self, b):
+        est = self.stats[b]
+        return Standing(est.count, est.mean, est.std, self.tau(b))
+
+    # --- Eq. 6 and its floor ---------------------------------------------------------------------
+    def weigh(self, losses, groups, ids=None, turns=None, new_step=True, gains=None):
+        """(weights float64, flagged bool) for one batch in batch order, then the conditional
+        update in that order. new_step: this batch starts an optimizer step (False for the later
+        micro-batches of an accumulated step: the ramp moves once per optimizer step). gains: each
+        unit's context gain (with gain_alpha set). ids / turns (per unit: sample index, turn) only
+        label the records."""
+        l = _checked_losses(losses)
+        g = _turn_groups(groups, len(l), self.config)
+        finite = np.isfinite(l)
+        before = {b: self._standing(b) for b in sorted(set(g.tolist()))}
+        tau = np.array([before[b].tau for b in g.tolist()], dtype=np.float64)  # Eq. 5
+        warmup = self.counters.seen < self.config.warmup_samples
+        active = not warmup and self.config.mode != "sft"
+        by_loss = finite & (l > tau) & active
+        w = np.where(finite, 1.0, 0.0)
+        w[by_loss] = weight_rule(l[by_loss], tau[by_loss])             # Eq. 6 before the floor
+        gain = self._gain_view(gains, g, finite, active)
+        by_gain = np.zeros(len(l), dtype=bool)
+        if gain is not None:
+            by_gain = gain.flagged
+            w[by_gain] = np.minimum(w[by_gain], gain.weights[by_gain])  # the lower view's
+        flagged = by_loss | by_gain
+        ramp = self._ramp(active, new_step)
+        eps = None
+        if self.config.mode == "hard":
+            w[flagged] = 0.0                                           # filtering, not reweighting
+        elif flagged.any():
+            eps = self._floor(w, finite, flagged)                      # Eq. 6: the floor
+            w[flagged] = np.maximum(w[flagged], eps)
+        if ramp < 1.0:
+            w[flagged] = 1.0 - ramp * (1.0 - w[flagged])               # the ramp
+        self._update(self.stats, g, l, finite, by_loss, tau)           # the conditional update
+        if gain is not None:
+            clipped = np.clip(gain.gains, gain.lo, gain.hi)
+            judged = finite & np.isfinite(gain.gains)
+            self._update(self.gain_stats, g, gain.gains, judged, by_gain, clipped)
+        self.counters.count(len(l), int(finite.sum()), int(flagged.sum()))
+        decision = Decision(losses=l, groups=g, finite=finite, before=before, tau=tau,
+                            warmup=warmup, active=active, by_loss=by_loss, by_gain=by_gain,
+                            gain=gain, weights=w, flagged=flagged, ramp=ramp, eps=eps)
+        self.observer.observe(decision, self.counters, ids, turns)
+        return w, flagged
+
+    def _floor(self, weights, finite, flagged):
+        """Eq. 6's eps: the floor_percentile-th percentile (numpy, linear) of the batch's weights
+        before the floor, over every finite unit (floor_over "all") or the flagged ones only."""
+        if self.config.floor_over == "flagged":
+            pool = weights[flagged]
+        else:
+            pool = weights[finite]
+        return float(np.percentile(pool, self.config.floor_percentile))
+
+    def _ramp(self, active, new_step):
+        """r, the share of the down-weighting applied: 0 while nothing is judged, then
+        min(1, s / ramp_steps) in the s-th optimizer step (ramp_steps = 0: 1 at once). The first
+        judged batch starts step 1."""
+        if not active:
+            return 0.0
+        if new_step or self.counters.ramp_pos == 0:
+            self.counters.ramp_pos += 1
+        if self.config.ramp_steps == 0:
+            return 1.0
+        return min(1.0, self.counters.ramp_pos / self.config.ramp_steps)
+
+    def _gains(self, gains, n):
+        x = _np(gains, np.float64, "gains")
+        if len(x) != n:
+            raise ReSUREError(f"resure: {n} losses but {len(x)} gains")
+        return x
+
+    def _gain_view(self, gains, g, finite, active):
+        """The batch's GainView against each group's band, or None without gains or gain_alpha."""
+        if gains is None or self.config.gain_alpha is None:
+            return None
+        x = self._gains(gains, len(g))
+        bands = [self.gain_band(b) for b in g]
+        lo = np.array([band[0] for band in bands], dtype=np.float64)
+        hi = np.array([band[1] for band in bands], dtype=np.float64)
+        flagged = finite & np.isfinite(x) & ((x < lo) | (x > hi)) & active
+        weights = np.ones(len(x))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            distance = np.maximum(lo - x, x - hi)[flagged]
+            half_width = ((hi - lo) / 2)[flagged]
+            weights[flagged] = np.where(half_width > 0, np.exp(-distance / half_width), 0.0)
+        return GainView(x, lo, hi, flagged, weights)
+
+    # --- the conditional update ------------------------------------------------------------------
+    def _update(self, stats, g, x, ok, flagged, clipped):
+        """Reliable values enter their group's statistics in batch order; flagged ones as
+        stats_update says (all: as they are; winsorized: clipped to tau or the band; reliable: not
+        at all)."""
+        for i in np.flatnonzero(ok):
+            if not flagged[i] or self.config.stats_update == "all":
+                stats.update(g[i], x[i])
+            elif self.config.stats_update == "winsorized":
+                stats.update(g[i], clipped[i])
+
+    def warmup_from(self, losses, groups, gains=None):
+        """Fill the statistics from a separate high-quality set (the paper: 640 dialogues); its
+        finite units count as seen. Returns their number."""
+        l = _checked_losses(losses)
+        g = _turn_groups(groups, len(l), self.config)
+        finite = np.isfinite(l)
+        none = np.zeros(len(l), dtype=bool)
+        self._update(self.stats, g, l, finite, none, l)
+        if gains is not None and self.config.gain_alpha is not None:
+            x = self._gains(gains, len(l))
+            self._update(self.gain_stats, g, x, finite & np.isfinite(x), none, x)
+        n_finite = int(finite.sum())
+        self.counters.seen += n_finite
+        self.counters.nonfinite_total += len(l) - n_finite
+        return n_finite
+
+    # --- what the run shows, and checkpoints -----------------------------------------------------
+    def summary(self):
+        """The last weigh() call, JSON-safe: per group the statistics the batch was judged with
+        (n, mu, sigma, tau) beside its batch_units, batch_loss and flagged fraction; weight
+        mean/min/median, eps, the counters."""
+        return copy.deepcopy(self.observer.last)
+
+    def warnings(self):
+        """Lag / collapse warnings raised since the last call (each once per run): print them."""
+        return self.observer.take_warnings()
+
+    def pop_records(self):
+        """Per-unit records (record=True) since the last call; call it every step, or the list
+        grows."""
+        return self.observer.take_records()
+
+    def state_dict(self):
+        """A snapshot in plain JSON: the settings, the counters, the watch, the statistics."""
+        state = {"config": asdict(self.config), **asdict(self.counters),
+                 **self.observer.state_dict(), "stats": self.stats.state_dict()}
+        if self.config.gain_alpha is not None:
+            state["gain_stats"] = self.gain_stats.state_dict()
+        return state
+
+    def load_state_dict(self, s):
+        """Resume from a state_dict(); a state without floor_over means "all". Refuses a state
+        whose settings differ from this run's, naming each difference."""
+        saved = {"floor_over": "all", **s["config"]}
+        diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
+                for k, v in asdict(self.config).items() if saved.get(k) != v]
+        if diff:
+            raise ReSUREError("resure state does not match this run's settings: "
+                              + "; ".join(diff))
+        self.counters = Counters(**{f.name: int(s[f.name]) for f in fields(Counters)})
+        self.observer.load_state_dict(s)
+        self.stats.load_state_dict(s["stats"])
+        if self.config.gain_alpha is not None:
+            self.gain_stats.load_state_dict(s["gain_stats"])
+
+
+# --- beside weigh: what each decision shows ------------------------------------------------------
+@dataclass
+class Decision:
+    """One weigh() call as decided, per unit in batch order: what the Observer reads."""
+    losses: np.ndarray                  # l, non-finite ones included
+    groups: np.ndarray                  # b
+    finite: np.ndarray
+    before: dict                        # b -> Standing: the statistics the batch was judged by
+    tau: np.ndarray                     # Eq. 5
+    warmup: bool
+    active: bool                        # judged: past warm-up and not mode sft
+    by_loss: np.ndarray                 # flagged by l > tau
+    by_gain: np.ndarray                 # flagged by the context-gain view
+    gain: GainView | None
+    weights: np.ndarray                 # the final weights
+    flagged: np.ndarray
+    ramp: float
+    eps: float | None                   # Eq. 6's floor; None when nothing was floored
+
+
+VIEWS = {(True, True): "loss+gain", (True, False): "loss", (False, True): "gain",
+         (False, False): None}
+
+
+@dataclass
+class Observer:
+    """Per-unit records (record=True), the last batch's summary, and the lag / collapse watch
+    (beyond the paper). Lag: nothing flagged while every judged group's batch loss sits below its
+    mean (so >= alpha * sigma under tau); collapse: more than half of the units flagged. Each is
+    warned about once per run, when it has lasted warn_steps consecutive judged calls."""
+    config: ReSUREConfig
+    warn_steps: int = 20
+    record: bool = False
+    records: list = field(default_factory=list)     # per-unit records since take_records()
+    last: dict = field(default_factory=dict)        # the last call's summary
+    lag_run: int = 0                                # consecutive judged calls that looked like lag
+    collapse_run: int = 0                           # ... and like collapse
+    warned: list = field(default_factory=list)      # the kinds warned about in this run
+    pending: list = field(default_factory=list)     # their messages, until take_warnings()
+
+    def observe(self, decision, counters, ids=None, turns=None):
+        groups = self._groups(decision)
+        self.last = self._summary(decision, counters, groups)
+        self._watch(decision, groups)
+        if self.record:
+            self.records += self._records(decision, counters.calls, ids, turns)
+
+    def _groups(self, d):
+        out = {}
+        for b, standing in d.before.items():
+            units = (d.groups == b) & d.finite
+            entry = {"n": standing.count, "mu": _num(standing.mean),
+                     "sigma": _num(standing.std), "tau": _num(standing.tau),
+                     "batch_units": int(units.sum()), "batch_loss": None, "flagged": None}
+            if units.any():
+                entry["batch_loss"] = _num(d.losses[units].mean())
+                entry["flagged"] = float(d.flagged[units].mean())
+            out[b] = entry
+        return out
+
+    def _summary(self, d, counters, groups):
+        weights = d.weights[d.finite]
+        n_finite = int(d.finite.sum())
+        n_flagged = int(d.flagged.sum())
+        out = {"weigh_calls": counters.calls, "seen": counters.seen, "warmup": d.warmup,
+               "ramp": d.ramp, "units": len(d.losses), "flagged_units": n_flagged,
+               "flagged": n_flagged / n_finite if n_finite else 0.0,
+               "loss_mean": _stat(np.mean, d.losses[d.finite]),
+               "flagged_loss_mean": _stat(np.mean, d.losses[d.flagged]),
+               "weight_mean": _stat(np.mean, weights), "weight_min": _stat(np.min, weights),
+               "weight_median": _stat(np.median, weights), "eps": d.eps,
+               "nonfinite": len(d.losses) - n_finite,
+               "nonfinite_total": counters.nonfinite_total,
+               "flagged_total": counters.flagged_total, "units_total": counters.units_total,
+               "groups": groups}
+        if self.config.gain_alpha is not None:
+            out["flagged_by_gain"] = int(d.by_gain.sum())
+        return out
+
+    def _records(self, d, call, ids, turns):
+        out = []
+        for i in range(len(d.losses)):
+            record = {"call": call, "sample": _label(ids, i), "turn": _label(turns, i),
+                      "group": int(d.groups[i]), "loss": _num(d.losses[i]),
+                      "tau": _num(d.tau[i]), "weight": float(d.weights[i]),
+                      "flagged": bool(d.flagged[i]), "warmup": bool(d.warmup),
+                      "view": VIEWS[bool(d.by_loss[i]), bool(d.by_gain[i])]}
+            if d.gain is not None:
+                record["gain"] = _num(d.gain.gains[i])
+                record["gain_lo"] = _num(d.gain.lo[i])
+                record["gain_hi"] = _num(d.gain.hi[i])
+            out.append(record)
+        return out
+
+    def _watch(self, d, groups):
+        n_finite = int(d.finite.sum())
+        n_flagged = int(d.flagged.sum())
+        if not d.active or not n_finite:
+            return
+        judged = [s for s in groups.values() if s["tau"] is not None and s["batch_units"]]
+        lag = n_flagged == 0 and bool(judged) and all(s["batch_loss"] < s["mu"] for s in judged)
+        self.lag_run = self.lag_run + 1 if lag else 0
+        self.collapse_run = self.collapse_run + 1 if n_flagged > n_finite / 2 else 0
+        if self.lag_run >= self.warn_steps:
+            self._warn("lag", (
+                f"resure warning (lag): nothing flagged for {self.lag_run} steps while every "
+                f"group's batch loss sat below its running mean, far under tau: the "
+                f"{self.config.stats_kind} statistics lag behind the falling loss and ReSURE "
+                f"acts as plain SFT; {FIX} track the loss"))
+        if self.collapse_run >= self.warn_steps:
+            self._warn("collapse", (
+                f"resure warning (collapse): more than half of the units flagged for "
+                f"{self.collapse_run} steps: with --stats-update {self.config.stats_update} "
+                f"the statistics see only losses below tau, so sigma shrinks and tau keeps "
+                f"falling; {FIX} avoid it"))
+
+    def _warn(self, kind, message):
+        if kind not in self.warned:
+            self.warned.append(kind)
+            self.pending.append(message)
+
+    def take_warnings(self):
+        out = self.pending
+        self.pending = []
+        return out
+
+    def take_records(self):
+        out = self.records
+        self.records = []
+        return out
+
+    def state_dict(self):
+        return {"lag_run": self.lag_run, "collapse_run": self.collapse_run,
+                "warned": list(self.warned)}
+
+    def load_state_dict(self, s):
+        self.lag_run = int(s["lag_run"])
+        self.collapse_run = int(s["collapse_run"])
+        self.warned = list(s["warned"])
+        self.pending = []               # a warning raised after the snapshot is raised again
+
+
+def _stat(reduce, x):
+    if not len(x):
+        return None
+    return _num(reduce(x))
+
+
+def _label(values, i):
+    if values is None:
+        return None
+    return int(values[i])
+
+
+# --- Eq. 7: the reweighted loss ------------------------------------------------------------------
+def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None,
+                    total_tokens=None, world_size=1):
+    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units;
+    token: sum w*l*n_tokens / total_tokens. total_* are GLOBAL counts over every rank and
+    micro-batch of the optimizer step (default: this call's), so the local shares add up, over
+    ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks: pass
+    world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process
+    gradient. Units with weight 0 or a non-finite loss are left out of the sum (no 0 * nan)."""
+    if torch.is_tensor(weights):
+        weights = weights.detach().cpu()
+    w = torch.as_tensor(np.asarray(weights, np.float64))
     if w.shape != unit_losses.shape:
-        raise ReSUREError(f"resure: {tuple(w.shape)} weights for {tuple(unit_losses.shape)} unit losses")
+        raise ReSUREError(f"resure: {tuple(w.shape)} weights for {tuple(unit_losses.shape)} "
+                          "unit losses")
     w = w.to(unit_losses.device, unit_losses.dtype)
     keep = (w > 0) & torch.isfinite(unit_losses.detach())
     if norm == "sample":
-        total, n = len(unit_losses) if total_units is None else total_units, 1
+        total = len(unit_losses) if total_units is None else total_units
+        per_unit = 1
     elif norm == "token":
         total = int(unit_tokens.sum()) if total_tokens is None else total_tokens
-        n = unit_tokens.to(unit_losses.device, unit_losses.dtype)[keep]
+        per_unit = unit_tokens.to(unit_losses.device, unit_losses.dtype)[keep]
     else:
         raise ReSUREError(f"resure: norm must be 'sample' or 'token', got {norm!r}")
-    return (w[keep] * unit_losses[keep] * n).sum() / max(total, 1) * world_size
+    return (w[keep] * unit_losses[keep] * per_unit).sum() / max(total, 1) * world_size
 
 
-# --- distributed: every rank weighs the same gathered batch ------------------------------------------------------
-def _device():
-    dist = torch.distributed
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
+# --- distributed: every rank weighs the same gathered batch --------------------------------------
 def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _device():
+    """Where collectives run: the current GPU under nccl, the CPU otherwise."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather(x, counts, device):
+    """x [..., n] from every rank, rank-major along the last axis: padded to the longest rank,
+    gathered, cut back to each rank's count."""
+    t = torch.from_numpy(x)
+    buf = torch.zeros(*t.shape[:-1], max(counts), dtype=t.dtype, device=device)
+    buf[..., :t.shape[-1]] = t.to(device)
+    outs = [torch.empty_like(buf) for _ in counts]
+    torch.distributed.all_gather(outs, buf)
+    return np.concatenate([o[..., :c].cpu().numpy() for o, c in zip(outs, counts)], axis=-1)
+
+
 def gather(values, *columns):
-    """All-gather units from every rank (counts may differ), rank-major: (values as numpy float64 -- one row [U] or
-    several [m, U], e.g. losses and context gains -- each integer column (groups, sample ids, ...) as numpy int64,
-    offsets); rank r's units are offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns.
-    Without torch.distributed: copies, offsets = [0, n]."""
-    v = values.detach().cpu().double().numpy() if torch.is_tensor(values) else np.asarray(values, np.float64)
+    """All-gather units from every rank (counts may differ), rank-major: (values as numpy
+    float64 -- one row [U] or several [m, U], e.g. losses and context gains -- each integer column
+    (groups, sample ids, ...) as numpy int64, offsets); rank r's units are
+    offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns. Without
+    torch.distributed: copies, offsets = [0, n]."""
+    if torch.is_tensor(values):
+        v = values.detach().cpu().double().numpy()
+    else:
+        v = np.asarray(values, np.float64)
     if v.ndim not in (1, 2):
         raise ReSUREError(f"resure: gather values must be 1-D or 2-D, got shape {tuple(v.shape)}")
-    ints = [_np(c, np.int64, f"column {i + 1}") for i, c in enumerate(columns)]
     n = v.shape[-1]
+    ints = [_np(c, np.int64, f"column {i + 1}") for i, c in enumerate(columns)]
     if any(len(c) != n for c in ints):
         raise ReSUREError(f"resure: gather needs one value per unit in every column ({n} units)")
     ints = np.stack(ints) if ints else np.zeros((0, n), dtype=np.int64)
     if not _distributed():
         return (v.copy(), *ints.copy(), np.array([0, n]))
-    dist, dev, world = torch.distributed, _device(), torch.distributed.get_world_size()
-    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev))
+    device = _device()
+    world = torch.distributed.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    torch.distributed.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=device))
     counts = [int(c) for c in counts]
-
-    def all_gather(x):  # [..., n]: pad the last axis to the longest rank, gather, strip, concatenate the ranks
-        t = torch.from_numpy(x)
-        buf = torch.zeros(*t.shape[:-1], max(counts), dtype=t.dtype, device=dev)
-        buf[..., :n] = t.to(dev)
-        outs = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(outs, buf)
-        return np.concatenate([o[..., :c].cpu().numpy() for o, c in zip(outs, counts)], axis=-1)
-
-    return (all_gather(v), *all_gather(ints), np.concatenate([[0], np.cumsum(counts)]))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return (_all_gather(v, counts, device), *_all_gather(ints, counts, device), offsets)
 
 
 def all_reduce_sum(*counts):
-    """Sum integers (e.g. an optimizer step's units and tokens) over ranks; identity without torch.distributed."""
+    """Sum integers (e.g. an optimizer step's units and tokens) over ranks; the identity without
+    torch.distributed."""
     if not _distributed():
         return tuple(int(c) for c in counts)
     t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=_device())
@@ -390,11 +718,12 @@ def all_reduce_sum(*counts):
     return tuple(int(c) for c in t.tolist())
 
 
-# --- static pre-filtering baseline (paper Sec. 5.2) ---------------------------------------------------------------
+# --- static pre-filtering baseline (paper Sec. 5.2) ----------------------------------------------
 def prefilter(scores, keep=0.75):
-    """Keep the lowest-scoring fraction of a dataset (train.py scores it by the base model's per-sample loss, our
-    stand-in for the paper's reward model, or by -score from --prefilter-scores): floor(keep * n + 0.5) samples,
-    ties broken by index, non-finite scores last. Returns the kept indices, ascending."""
+    """Keep the lowest-scoring fraction of a dataset (train.py scores it by the base model's
+    per-sample loss, our stand-in for the paper's reward model, or by -score from
+    --prefilter-scores): floor(keep * n + 0.5) samples, ties broken by index, non-finite scores
+    last. Returns the kept indices, ascending."""
     s = _np(scores, np.float64, "scores")
     if not 0 < keep <= 1:
         raise ReSUREError(f"resure: prefilter keep must be in (0, 1], got {keep}")

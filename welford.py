@@ -1,13 +1,15 @@
-"""Running loss statistics for ReSURE's thresholds: Welford's algorithm (paper Sec. 3, Eqs. 2-4) and three
-tracking estimators that go beyond the paper (cumulative statistics lag a falling loss and, fed only the units
-judged reliable, collapse; see the README).
+"""Running loss statistics for ReSURE's thresholds: Welford's algorithm (paper Sec. 3, Eqs. 2-4)
+and three tracking estimators that go beyond the paper (cumulative statistics lag a falling loss
+and, fed only the units judged reliable, collapse; see the README).
 
 One interface: update(x), .count, .mean, .std, state_dict(), load_state_dict(s).
-  Welford      cumulative mean and sample (n-1) variance in float64 (the paper, Eqs. 2-4), mergeable (Chan et al.)
-  EMA(decay)   equal weights while fewer than 1/decay values were seen, then exponential weights (Finch 2009)
+  Welford      cumulative mean and sample (n-1) variance in float64 (Eqs. 2-4), mergeable
+  EMA(decay)   equal weights while fewer than 1/decay values were seen, then exponential weights
   Window(k)    exact mean and sample std of the last k values
-  MedianMAD(k) median and 1.4826 * MAD of the last k values as mean and std: robust, needs no exclusion
-GroupedStats keeps one estimator per turn group. States are plain JSON; Python floats round-trip through json exactly.
+  MedianMAD(k) median and 1.4826 * MAD of the last k values as mean and std: robust, needs no
+               exclusion
+GroupedStats keeps one estimator per turn group. States are plain JSON; Python floats round-trip
+through json exactly.
 """
 import math
 import statistics
@@ -18,114 +20,156 @@ class StateError(ValueError):
     pass
 
 
+def welford_step(count, mean, m2, x):
+    """One value x into (count, mean, M2): Eqs. 2-3. Returns the new (count, mean, M2)."""
+    count += 1
+    delta = x - mean
+    mean += delta / count                   # Eq. 2: mu_n = mu_{n-1} + (x - mu_{n-1}) / n
+    m2 += delta * (x - mean)                # Eq. 3: M2_n = M2_{n-1} + (x - mu_{n-1}) (x - mu_n)
+    return count, mean, m2
+
+
+def sample_variance(count, m2):
+    """Eq. 4: sigma^2 = M2 / (n - 1); NaN below two values."""
+    if count < 2:
+        return math.nan
+    return m2 / (count - 1)
+
+
 class Estimator:
-    kind, params = None, ()
+    """What every estimator shares: std from var, and the check that a state is this estimator's."""
+    kind = None
+    params = ()                             # the settings a state must match, e.g. ("decay",)
 
     @property
     def std(self):
         return math.sqrt(self.var)
 
     def _check(self, s):
-        if s.get("kind") != self.kind or any(s.get(p) != getattr(self, p) for p in self.params):
-            raise StateError(f"estimator state {({k: s.get(k) for k in ('kind',) + self.params})} does not match "
-                             f"{self.kind} {({p: getattr(self, p) for p in self.params})}")
+        saved = {key: s.get(key) for key in ("kind", *self.params)}
+        mine = {p: getattr(self, p) for p in self.params}
+        if saved["kind"] != self.kind or any(saved[p] != mine[p] for p in self.params):
+            raise StateError(f"estimator state {saved} does not match {self.kind} {mine}")
 
 
 class Welford(Estimator):
+    """The paper's cumulative statistics: every value seen weighs the same."""
     kind = "welford"
 
     def __init__(self):
-        self.count, self._mean, self.m2 = 0, 0.0, 0.0
+        self.count = 0
+        self.mu = 0.0                       # the running mean (0.0 before the first value)
+        self.m2 = 0.0                       # sum of squared deviations from the mean
 
     def update(self, x):
-        x = float(x)
-        self.count += 1
-        delta = x - self._mean
-        self._mean += delta / self.count            # Eq. 2: mu_n = mu_{n-1} + (x - mu_{n-1}) / n
-        self.m2 += delta * (x - self._mean)         # Eq. 3: M2_n = M2_{n-1} + (x - mu_{n-1}) (x - mu_n)
+        self.count, self.mu, self.m2 = welford_step(self.count, self.mu, self.m2, float(x))
 
     def merge(self, other):
         """Chan et al. (1979): self becomes the statistics of both streams."""
         n = self.count + other.count
         if other.count:
-            delta = other._mean - self._mean
-            self._mean += delta * other.count / n
+            delta = other.mu - self.mu
+            self.mu += delta * other.count / n
             self.m2 += other.m2 + delta * delta * self.count * other.count / n
             self.count = n
         return self
 
     @property
     def mean(self):
-        return self._mean if self.count else math.nan
+        return self.mu if self.count else math.nan
 
     @property
-    def var(self):                                  # Eq. 4: sigma^2 = M2 / (n - 1)
-        return self.m2 / (self.count - 1) if self.count > 1 else math.nan
+    def var(self):
+        return sample_variance(self.count, self.m2)
 
     def state_dict(self):
-        return {"kind": self.kind, "count": self.count, "mean": self._mean, "m2": self.m2}
+        return {"kind": self.kind, "count": self.count, "mean": self.mu, "m2": self.m2}
 
     def load_state_dict(self, s):
         self._check(s)
-        self.count, self._mean, self.m2 = int(s["count"]), float(s["mean"]), float(s["m2"])
+        self.count = int(s["count"])
+        self.mu = float(s["mean"])
+        self.m2 = float(s["m2"])
 
 
 class EMA(Estimator):
-    """Welford while fewer than 1/decay values were seen (the newest weight 1/n falls to decay), then Finch (2009):
-    mean += decay * (x - mean); var = (1 - decay) * (var + decay * (x - mean_old)^2), from the sample variance."""
-    kind, params = "ema", ("decay",)
+    """Welford while fewer than 1/decay values were seen (the newest weight 1/n falls to decay),
+    then Finch (2009), from the sample variance:
+        mean += decay * (x - mean_old);  var = (1 - decay) * (var + decay * (x - mean_old)^2).
+    Its state holds the equal-weight phase as a Welford state (whose M2 stays as it was at the
+    switch)."""
+    kind = "ema"
+    params = ("decay",)
 
     def __init__(self, decay=0.05):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay, self.w, self.var = float(decay), Welford(), math.nan
+        self.decay = float(decay)
+        self.count = 0
+        self.mu = 0.0                       # the running mean
+        self.m2 = 0.0                       # Welford's M2 of the equal-weight phase
+        self.var = math.nan
 
-    count = property(lambda self: self.w.count)
-    mean = property(lambda self: self.w.mean)
+    @property
+    def mean(self):
+        return self.mu if self.count else math.nan
 
     def update(self, x):
-        x, d = float(x), self.decay
-        if self.w.count < 1.0 / d:                  # equal-weight phase
-            self.w.update(x)
-            self.var = self.w.var
-        else:
-            delta = x - self.w._mean
-            self.w._mean += d * delta
-            self.var = (1.0 - d) * (self.var + d * delta * delta)
-            self.w.count += 1
+        x = float(x)
+        if self.count < 1.0 / self.decay:   # equal-weight phase: Eqs. 2-4
+            self.count, self.mu, self.m2 = welford_step(self.count, self.mu, self.m2, x)
+            self.var = sample_variance(self.count, self.m2)
+            return
+        delta = x - self.mu
+        self.mu += self.decay * delta
+        self.var = (1.0 - self.decay) * (self.var + self.decay * delta * delta)
+        self.count += 1
 
     def state_dict(self):
-        return {"kind": self.kind, "decay": self.decay, "welford": self.w.state_dict(),
-                "var": self.var if self.count > 1 else None}                   # no NaN in the JSON
+        welford = {"kind": Welford.kind, "count": self.count, "mean": self.mu, "m2": self.m2}
+        var = self.var if self.count > 1 else None                  # no NaN in the JSON
+        return {"kind": self.kind, "decay": self.decay, "welford": welford, "var": var}
 
     def load_state_dict(self, s):
         self._check(s)
-        self.w.load_state_dict(s["welford"])
+        start = Welford()
+        start.load_state_dict(s["welford"])
+        self.count = start.count
+        self.mu = start.mu
+        self.m2 = start.m2
         self.var = math.nan if s["var"] is None else float(s["var"])
 
 
 class Window(Estimator):
     """Exact two-pass mean and sample variance of the last k values."""
-    kind, params = "window", ("k",)
+    kind = "window"
+    params = ("k",)
 
     def __init__(self, k=256):
         if int(k) < 2:
             raise ValueError(f"window must hold at least 2 values, got {k}")
-        self.k, self.values = int(k), deque(maxlen=int(k))
+        self.k = int(k)
+        self.values = deque(maxlen=self.k)
 
-    count = property(lambda self: len(self.values))
+    @property
+    def count(self):
+        return len(self.values)
 
     def update(self, x):
         self.values.append(float(x))
 
     @property
     def mean(self):
-        return math.fsum(self.values) / len(self.values) if self.values else math.nan
+        if not self.values:
+            return math.nan
+        return math.fsum(self.values) / len(self.values)
 
     @property
     def var(self):
-        m, n = self.mean, len(self.values)
-        return math.fsum((v - m) ** 2 for v in self.values) / (n - 1) if n > 1 else math.nan
+        if len(self.values) < 2:
+            return math.nan
+        m = self.mean
+        return math.fsum((v - m) ** 2 for v in self.values) / (len(self.values) - 1)
 
     def state_dict(self):
         return {"kind": self.kind, "k": self.k, "values": list(self.values)}
@@ -136,54 +180,72 @@ class Window(Estimator):
 
 
 class MedianMAD(Window):
-    """Median and 1.4826 * median absolute deviation of the last k values (1.4826 * MAD = sigma for a normal)."""
+    """Median and 1.4826 * median absolute deviation of the last k values (1.4826 * MAD = sigma
+    for a normal distribution)."""
     kind = "mad"
 
     @property
     def mean(self):
-        return statistics.median(self.values) if self.values else math.nan
+        if not self.values:
+            return math.nan
+        return statistics.median(self.values)
 
     @property
     def std(self):
+        if len(self.values) < 2:
+            return math.nan
         m = self.mean
-        return 1.4826 * statistics.median(abs(v - m) for v in self.values) if len(self.values) > 1 else math.nan
+        return 1.4826 * statistics.median(abs(v - m) for v in self.values)
 
-    var = property(lambda self: self.std ** 2)
+    @property
+    def var(self):
+        return self.std ** 2
 
 
 ESTIMATORS = {"welford": Welford, "ema": EMA, "window": Window, "mad": MedianMAD}
 
 
 def make_estimator(kind="welford", ema_decay=0.05, window=256):
+    """A fresh estimator of this kind; ema_decay and window set the kinds that take them."""
     if kind not in ESTIMATORS:
         raise ValueError(f"unknown statistic {kind!r}: choose one of {', '.join(ESTIMATORS)}")
-    return {"ema": lambda: EMA(ema_decay), "window": lambda: Window(window),
-            "mad": lambda: MedianMAD(window)}.get(kind, Welford)()
+    if kind == "ema":
+        return EMA(ema_decay)
+    if kind in ("window", "mad"):
+        return ESTIMATORS[kind](window)
+    return Welford()
 
 
 class GroupedStats:
     """One estimator per turn group b (int >= 1), made on first use by make_estimator(kind, ...)."""
+    SETTINGS = ("kind", "ema_decay", "window")
 
     def __init__(self, kind="welford", ema_decay=0.05, window=256):
         make_estimator(kind, ema_decay, window)     # fail now on a bad setting
-        self.kind, self.ema_decay, self.window, self.groups = kind, float(ema_decay), int(window), {}
+        self.kind = kind
+        self.ema_decay = float(ema_decay)
+        self.window = int(window)
+        self.groups = {}
 
     def __getitem__(self, b):
-        if int(b) not in self.groups:
-            self.groups[int(b)] = make_estimator(self.kind, self.ema_decay, self.window)
-        return self.groups[int(b)]
+        b = int(b)
+        if b not in self.groups:
+            self.groups[b] = make_estimator(self.kind, self.ema_decay, self.window)
+        return self.groups[b]
 
     def update(self, b, x):
         self[b].update(x)
 
     def state_dict(self):
+        groups = {str(b): est.state_dict() for b, est in sorted(self.groups.items())}
         return {"kind": self.kind, "ema_decay": self.ema_decay, "window": self.window,
-                "groups": {str(b): e.state_dict() for b, e in sorted(self.groups.items())}}
+                "groups": groups}
 
     def load_state_dict(self, s):
-        for key in ("kind", "ema_decay", "window"):
+        for key in self.SETTINGS:
             if s.get(key) != getattr(self, key):
-                raise StateError(f"grouped statistics state has {key}={s.get(key)!r}, expected {getattr(self, key)!r}")
+                raise StateError(f"grouped statistics state has {key}={s.get(key)!r}, "
+                                 f"expected {getattr(self, key)!r}")
         self.groups = {}
-        for b, es in s["groups"].items():
-            self[int(b)].load_state_dict(es)
+        for b, est in s["groups"].items():
+            self[int(b)].load_state_dict(est)

@@ -1,4 +1,4 @@
-"""welford.py against straightforward float64 numpy references (issues 5 and 9)."""
+"""welford.py against straightforward float64 numpy references and hand-computed states."""
 import json
 import math
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import welford
-from welford import EMA, GroupedStats, MedianMAD, Welford, Window
-
+from welford import EMA, GroupedStats, MedianMAD, StateError, Welford, Window
 
 
 def update_all(est, xs):
     for x in xs:
         est.update(x)
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_welford_matches_numpy_two_pass(seed):
@@ -91,7 +91,8 @@ def test_ema_matches_reference_through_the_switch(decay):
 def test_ema_switch_point():
     e = EMA(0.05)                                                   # 1/decay = 20 equal-weight values
     update_all(e, range(20))
-    assert e.mean == pytest.approx(9.5) and e.std == pytest.approx(np.std(np.arange(20), ddof=1))
+    assert e.mean == pytest.approx(9.5)
+    assert e.std == pytest.approx(np.std(np.arange(20), ddof=1))
     e.update(100.0)
     assert e.mean == pytest.approx(9.5 + 0.05 * 90.5)
 
@@ -104,7 +105,8 @@ def test_window_and_median_mad_match_numpy(k):
         win.update(v)
         mad.update(v)
         last = x[max(0, n - k):n]
-        assert win.count == mad.count == len(last)
+        assert win.count == len(last)
+        assert mad.count == len(last)
         assert win.mean == pytest.approx(np.mean(last), rel=1e-12, abs=1e-14)
         med = np.median(last)
         assert mad.mean == pytest.approx(med, rel=1e-15, abs=1e-15)
@@ -125,7 +127,8 @@ def test_state_round_trip_through_json_is_exact(kind, n):
     for v in rng.normal(size=40):                               # continue both: bitwise identical
         a.update(v)
         b.update(v)
-        assert a.state_dict() == b.state_dict() and a.count == b.count
+        assert a.state_dict() == b.state_dict()
+        assert a.count == b.count
         np.testing.assert_array_equal([a.mean, a.std], [b.mean, b.std])           # bitwise (nan == nan here)
 
 
@@ -136,7 +139,8 @@ def test_grouped_stats_state_and_factory():
     s = json.dumps(g.state_dict())                               # JSON-serializable
     h = GroupedStats("ema", ema_decay=0.2)
     h.load_state_dict(json.loads(s))
-    assert h.state_dict() == g.state_dict() and sorted(h.groups) == [1, 3]
+    assert h.state_dict() == g.state_dict()
+    assert sorted(h.groups) == [1, 3]
     assert h[1].mean == pytest.approx(np.mean([0.5, 0.7, 0.1]))
     with pytest.raises(ValueError, match="ema_decay"):
         GroupedStats("ema", ema_decay=0.3).load_state_dict(json.loads(s))
@@ -144,3 +148,70 @@ def test_grouped_stats_state_and_factory():
         GroupedStats("welford").load_state_dict(json.loads(s))
     with pytest.raises(ValueError, match="unknown statistic 'median'"):
         GroupedStats("median")
+
+
+# --- the checkpoint layouts, by hand: 1, 2, 3 into each estimator ----------------------------------
+# welford: mean 2, M2 = 1 + 0 + 1 = 2.
+# ema(0.5): 1 and 2 are the equal-weight phase (count < 1/decay = 2): mean 1.5, M2 0.5, var 0.5;
+#   then 3: mean 1.5 + 0.5 * 1.5 = 2.25, var 0.5 * (0.5 + 0.5 * 1.5^2) = 0.8125; M2 stays 0.5.
+# window(2) and mad(2) keep 2 and 3: mean / median 2.5, std sqrt(0.5), MAD 0.5 -> 1.4826 * 0.5.
+LAYOUTS = {
+    "welford": ({"kind": "welford", "count": 3, "mean": 2.0, "m2": 2.0}, 2.0, 1.0),
+    "ema": ({"kind": "ema", "decay": 0.5, "var": 0.8125,
+             "welford": {"kind": "welford", "count": 3, "mean": 2.25, "m2": 0.5}},
+            2.25, math.sqrt(0.8125)),
+    "window": ({"kind": "window", "k": 2, "values": [2.0, 3.0]}, 2.5, math.sqrt(0.5)),
+    "mad": ({"kind": "mad", "k": 2, "values": [2.0, 3.0]}, 2.5, 1.4826 * 0.5),
+}
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_state_layout_by_hand(kind):
+    state, mean, std = LAYOUTS[kind]
+    est = welford.make_estimator(kind, ema_decay=0.5, window=2)
+    update_all(est, [1.0, 2.0, 3.0])
+    assert est.state_dict() == state
+    assert est.mean == pytest.approx(mean, rel=1e-15)
+    assert est.std == pytest.approx(std, rel=1e-15)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_saved_state_loads_and_continues(kind):
+    state, mean, std = LAYOUTS[kind]
+    est = welford.make_estimator(kind, ema_decay=0.5, window=2)
+    est.load_state_dict(json.loads(json.dumps(state)))
+    assert est.count == 3 - (kind in ("window", "mad"))
+    assert est.mean == pytest.approx(mean, rel=1e-15)
+    assert est.std == pytest.approx(std, rel=1e-15)
+    fresh = welford.make_estimator(kind, ema_decay=0.5, window=2)
+    update_all(fresh, [1.0, 2.0, 3.0, 7.0])
+    est.update(7.0)
+    assert est.state_dict() == fresh.state_dict()
+
+
+def test_empty_estimators_have_no_statistics():
+    for kind in LAYOUTS:
+        est = welford.make_estimator(kind, window=2)
+        assert est.count == 0, kind
+        assert math.isnan(est.mean), kind
+        assert math.isnan(est.std), kind
+
+
+def test_grouped_stats_layout_by_hand():
+    g = GroupedStats("welford")
+    for b, v in [(2, 1.0), (1, 4.0), (2, 3.0)]:
+        g.update(b, v)
+    assert g.state_dict() == {"kind": "welford", "ema_decay": 0.05, "window": 256, "groups": {
+        "1": {"kind": "welford", "count": 1, "mean": 4.0, "m2": 0.0},
+        "2": {"kind": "welford", "count": 2, "mean": 2.0, "m2": 2.0}}}
+
+
+def test_state_of_another_estimator_is_refused():
+    ema = EMA(0.5)
+    with pytest.raises(StateError, match="does not match ema"):
+        ema.load_state_dict({"kind": "ema", "decay": 0.25, "welford": {}, "var": None})
+    with pytest.raises(StateError, match="does not match welford"):
+        ema.load_state_dict({"kind": "ema", "decay": 0.5, "var": None,
+                             "welford": {"kind": "window", "count": 1, "mean": 0.0, "m2": 0.0}})
+    with pytest.raises(StateError, match="does not match window"):
+        Window(2).load_state_dict(LAYOUTS["mad"][0])
