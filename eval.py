@@ -1,35 +1,131 @@
-"""Evaluation: per-turn loss, multi-turn generation in FastChat's answer format, exact-match accuracy, Spearman.
+"""Evaluation: per-turn loss, multi-turn generation in FastChat's answer format, exact-match
+accuracy, Spearman.
 
     python eval.py loss     --model M [--adapter A] --data convs.jsonl [--out loss.json]
-    python eval.py generate --model M [--adapter A] --questions question.jsonl --out answers.jsonl
+    python eval.py generate --model M [--adapter A] --questions question.jsonl [--out answers.jsonl]
     python eval.py accuracy --model M [--adapter A] --data test.jsonl
     python eval.py spearman --x 1,2,3,1,2,3 --y 6.1,5.8,5.2,6.0,5.9,5.0
-    python scripts/judge.py ...   (LLM judges, see its --help)
+    python scripts/judge.py ...   (LLM judges on answer files, see its --help)
 
-An answer file line: {"question_id": 81, "answer_id": "..", "model_id": "m", "choices": [{"index": 0, "turns":
-[".."]}], "tstamp": 1700000000.0}. Errors are one line on stderr: exit code 2 for bad input, 1 when a judge fails.
+An answer file line is FastChat's model answer with what produced it:
+{"question_id": 81, "answer_id": "..", "model_id": "m", "choices": [{"index": 0, "turns": [".."]}],
+"tstamp": 1700000000.0, "producer": {"base_fingerprint": "..", "adapter_sha256": "..", ...}}.
+A rerun of `generate` continues only answers of the same producer (weights, chat template, dtype,
+generation settings); the default file name carries a short hash of the producer.
+Errors are one line on stderr: exit code 2 for bad input, 130 on Ctrl-C.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import reprlib
 import sys
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
 
 from data import ChatTemplate, build_examples, collate
-from support.conversations import BadSample, iter_json_records, load_conversations, save_jsonl
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
-from support.cli import UsageError as EvalError, check_paths
+from support.cli import UsageError, check_paths, num
+from support.conversations import BadSample, iter_json_records, normalize_record
+from support.conversations import load_conversations, save_jsonl
+
+
+class EvalError(UsageError):
+    """Bad input to an evaluation: a missing or malformed file or field; the message is one line."""
+
+
+# train.py's names for the same dtypes
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=None):
+    """model.py Transformer (+ LoRA adapter, merged for speed) and data.py ChatTemplate, ready for
+    inference."""
+    if not os.path.isdir(model_dir):
+        raise EvalError(f"--model {model_dir}: not a folder")
+    dtype = getattr(torch, DTYPES.get(dtype, dtype))
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
+    if adapter:
+        merge_lora(load_adapter(model, adapter))
+    template = ChatTemplate.from_pretrained(model_dir, name=chat_template)
+    return model.eval(), template
+
+
+# --- per-turn loss ---
+@torch.no_grad()
+def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None):
+    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall.
+    A supervised token belongs to depth turn_ids[t], capped at max_turn_groups when given (as turn
+    groups are)."""
+    sums = defaultdict(float)
+    counts = defaultdict(int)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no LoRA dropout
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id)
+        ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        losses = model.token_losses(ids, labels, batch["attention_mask"].to(device)).double()
+        supervised = labels != -100
+        depth = batch["turn_ids"].to(device)
+        if max_turn_groups:
+            depth = depth.clamp(max=max_turn_groups)
+        for d in torch.unique(depth[supervised]).tolist():
+            here = supervised & (depth == d)
+            sums[d] += losses[here].sum().item()
+            counts[d] += int(here.sum())
+    model.train(was_training)
+    per_turn = {d: loss_row(sums[d], counts[d]) for d in sorted(sums)}
+    overall = loss_row(sum(sums.values()), sum(counts.values()))
+    return {"per_turn": per_turn, "overall": overall}
+
+
+def loss_row(total, tokens):
+    """Mean loss, token count and perplexity of `tokens` tokens whose losses add up to `total`."""
+    if tokens == 0:
+        return {"loss": float("nan"), "tokens": 0, "ppl": float("nan")}
+    mean = total / tokens
+    return {"loss": mean, "tokens": tokens, "ppl": math.exp(mean)}
+
+
+# --- generation ---
+def shifted(seed, offset):
+    """The seed of a batch that starts at `offset`; None (unseeded) stays None."""
+    if seed is None:
+        return None
+    return seed + offset
+
+
+@torch.no_grad()
+def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0,
+                   top_p=1.0, seed=None):
+    """Decoded completions of token-id prompts, batched longest first (model.generate pads on the
+    left and stops each row at its first stop id). Returns (texts, number of new tokens)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [None] * len(prompts)
+    new_tokens = 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        outs = generate(model, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, stop_ids=tuple(template.stop_ids),
+                        pad_id=template.pad_id, seed=shifted(seed, start))
+        for i, out in zip(rows, outs):
+            new_tokens += len(out)
+            texts[i] = template.decode(out).strip()
+    return texts, new_tokens
 
 
 def read_jsonl(path):
-    """(where, object) for each record of a .jsonl file (or a JSON array; .gz too), read as data.py reads them."""
+    """(where, object) for each record of a .jsonl file (or a JSON array; .gz too), read as data.py
+    reads them; a line that is not a JSON object is refused."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
     rows = []
@@ -42,299 +138,471 @@ def read_jsonl(path):
     return rows
 
 
-def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=None):
-    """model.py Transformer (+ LoRA adapter, merged for speed) and data.py ChatTemplate, ready for inference."""
-    if not os.path.isdir(model_dir):
-        raise EvalError(f"--model {model_dir}: not a folder")
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)  # train.py's names too
-    model = Transformer.from_pretrained(model_dir, dtype=getattr(torch, dtype), device=device)
-    if adapter:
-        merge_lora(load_adapter(model, adapter))
-    return model.eval(), ChatTemplate.from_pretrained(model_dir, name=chat_template)
+def check_question_id(where, qid):
+    """A question_id is an integer or a non-empty string, as in FastChat's files."""
+    if qid is None:
+        raise EvalError(f"{where}: question_id is missing")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+        raise EvalError(f"{where}: question_id {reprlib.repr(qid)} is not an integer or a string")
+    if isinstance(qid, str) and not qid.strip():
+        raise EvalError(f"{where}: question_id is an empty string")
 
 
-# --- per-turn loss ---
-@torch.no_grad()
-def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None):
-    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall, over tokens:
-    a supervised token belongs to depth turn_ids[t], capped at max_turn_groups when given (as turn groups are)."""
-    sums, counts, dev, was_training = {}, {}, next(model.parameters()).device, model.training
-    model.eval()  # no LoRA dropout
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], pad_id)
-        ids, labels, tids = b["input_ids"].to(dev), b["labels"].to(dev), b["turn_ids"].to(dev)
-        tok = model.token_losses(ids, labels, b["attention_mask"].to(dev)).double()
-        sup = labels != -100
-        depth = tids.clamp(max=max_turn_groups) if max_turn_groups else tids
-        for d in torch.unique(depth[sup]).tolist():
-            m = sup & (depth == d)
-            sums[d] = sums.get(d, 0.0) + tok[m].sum().item()
-            counts[d] = counts.get(d, 0) + int(m.sum())
-    model.train(was_training)
-
-    def row(s, n):
-        return {"loss": s / n if n else float("nan"), "tokens": n, "ppl": math.exp(s / n) if n else float("nan")}
-    return {"per_turn": {d: row(sums[d], counts[d]) for d in sorted(sums)},
-            "overall": row(sum(sums.values()), sum(counts.values()))}
+def check_texts(where, field, value, blank_ok=False):
+    """`field` is a non-empty list of strings, none of them blank unless blank_ok."""
+    if value is None:
+        raise EvalError(f"{where}: {field} is missing")
+    if not isinstance(value, list) or not value:
+        found = reprlib.repr(value)
+        raise EvalError(f"{where}: {field} is {found}, expected a non-empty list of strings")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise EvalError(f"{where}: {field}[{i}] is {reprlib.repr(text)}, expected a string")
+        if not blank_ok and not text.strip():
+            raise EvalError(f"{where}: {field}[{i}] is blank")
 
 
-# --- generation ---
-@torch.no_grad()
-def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                   seed=None):
-    """Decoded completions of token-id prompts, batched by similar length (model.generate pads on the left and
-    stops each row at its first stop id). Returns (texts, number of new tokens)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    texts, n_new = [None] * len(prompts), 0
-    for j in range(0, len(order), batch_size):
-        idx = order[j:j + batch_size]
-        outs = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, stop_ids=tuple(template.stop_ids), pad_id=template.pad_id,
-                        seed=None if seed is None else seed + j)
-        for i, out in zip(idx, outs):
-            n_new += len(out)
-            texts[i] = template.decode(out).strip()
-    return texts, n_new
+ROLES = ("system", "user", "assistant")
+
+
+def is_message(obj):
+    """A {role, content} message, as a question's context holds them."""
+    if not isinstance(obj, dict):
+        return False
+    return obj.get("role") in ROLES and isinstance(obj.get("content"), str)
+
+
+def file_question(where, record):
+    """An MT-Bench question ({"question_id", "turns", "category"?, "reference"?, "context"?}) with
+    every field checked, category and context filled in."""
+    check_question_id(where, record.get("question_id"))
+    check_texts(where, "turns", record.get("turns"))
+    category = record.get("category", "")
+    if not isinstance(category, str):
+        raise EvalError(f"{where}: category is {reprlib.repr(category)}, expected a string")
+    if record.get("reference") is not None:  # MT-Bench leaves some turns' reference blank
+        check_texts(where, "reference", record["reference"], blank_ok=True)
+    context = record.get("context", [])
+    if not isinstance(context, list) or not all(is_message(m) for m in context):
+        raise EvalError(f"{where}: context must be a list of {{role, content}} messages")
+    return {"category": "", "context": [], **record}
+
+
+def conversation_question(where, record, index):
+    """A conversation as a question: the user turn before its final assistant turn (or its last
+    message, a user's), with the dialogue before it as context; its id is "id", else its index."""
+    conversation = normalize_record(record, where)
+    messages = conversation["messages"]
+    end = len(messages)
+    if messages[-1]["role"] == "assistant":
+        end -= 1
+    category = conversation.get("category", "dialogue")
+    if not isinstance(category, str):
+        raise EvalError(f"{where}: category is {reprlib.repr(category)}, expected a string")
+    question_id = conversation.get("id", index)
+    check_question_id(where, question_id)
+    return {"question_id": question_id, "category": category,
+            "turns": [messages[end - 1]["content"]], "context": messages[:end - 1]}
 
 
 def read_questions(path):
-    """MT-Bench questions ({"question_id", "category", "turns": [user messages], "reference"?}), or a conversation
-    file (data.py formats): then the question is the user turn before the final assistant turn (or the last message,
-    when that is a user's), with the dialogue before it as "context"."""
-    rows, seen, out = read_jsonl(path), set(), []
-    if rows and "turns" in rows[0][1]:
-        for where, q in rows:
-            t = q.get("turns")
-            if "question_id" not in q or not isinstance(t, list) or not t or not all(isinstance(x, str) for x in t):
-                raise EvalError(f"{where}: a question needs question_id and turns, a non-empty list of strings")
-            out.append({"category": "", "context": [], **q})
-    else:
-        for i, c in enumerate(load_conversations(path)):
-            msgs = c["messages"]
-            end = len(msgs) if msgs[-1]["role"] == "user" else \
-                max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append({"question_id": c.get("id", i), "category": c.get("category", "dialogue"),
-                        "turns": [msgs[end - 1]["content"]], "context": msgs[:end - 1]})
-    for i, q in enumerate(out):
-        qid, where = q["question_id"], rows[i][0] if len(rows) == len(out) else path
-        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-            raise EvalError(f"{where}: question_id {qid!r} is not an integer or a string")
+    """MT-Bench questions ({"question_id", "category", "turns": [user messages], "reference"?}), or
+    a conversation file (data.py formats), one question per conversation (conversation_question)."""
+    rows = read_jsonl(path)
+    questions = []
+    seen = set()
+    question_file = bool(rows) and "turns" in rows[0][1]
+    for index, (where, record) in enumerate(rows):
+        if question_file:
+            question = file_question(where, record)
+        else:
+            question = conversation_question(where, record, index)
+        qid = question["question_id"]
         if qid in seen:
-            raise EvalError(f"{where}: question_id {qid!r} is repeated")
+            raise EvalError(f"{where}: question_id {reprlib.repr(qid)} is repeated")
         seen.add(qid)
-    return out
+        questions.append(question)
+    return questions
 
 
 def answer_record(question_id, model_id, turns):
-    """One FastChat model-answer line; answer_id is a hash of its content, so reruns give the same ids."""
-    h = hashlib.sha256(json.dumps([question_id, model_id, turns]).encode()).hexdigest()[:22]
-    return {"question_id": question_id, "answer_id": h, "model_id": model_id,
+    """One FastChat model-answer line; answer_id is a hash of its content, so reruns give the same
+    ids."""
+    content = json.dumps([question_id, model_id, turns]).encode()
+    answer_id = hashlib.sha256(content).hexdigest()[:22]
+    return {"question_id": question_id, "answer_id": answer_id, "model_id": model_id,
             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
 
 
-def generate_answers(model, template, questions, model_id, batch_size=8, max_new_tokens=256, temperature=0.0,
-                     top_p=1.0, seed=None):
-    """Multi-turn answers: turn k of every question is asked with the model's OWN answers to turns < k in context.
-    All questions' k-th turns are generated together. Returns (FastChat answer records, stats with tokens/s)."""
+def dialogue(question, answers, k):
+    """The messages that ask turn k of a question: its context, its turns before k each followed by
+    the model's own answer, then turn k."""
+    messages = list(question.get("context", []))
+    for user, answer in zip(question["turns"][:k], answers):
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": question["turns"][k]})
+    return messages
+
+
+def generate_answers(model, template, questions, model_id, batch_size=8, max_new_tokens=256,
+                     temperature=0.0, top_p=1.0, seed=None):
+    """Multi-turn answers: turn k of every question is asked with the model's OWN answers to turns
+    < k in context; all questions' k-th turns are generated together. Returns (FastChat answer
+    records, stats with tokens/s)."""
     answers = [[] for _ in questions]
-    t0, n_new = time.perf_counter(), 0
+    new_tokens = 0
+    started = time.perf_counter()
     for k in range(max((len(q["turns"]) for q in questions), default=0)):
-        todo = [i for i, q in enumerate(questions) if k < len(q["turns"])]
-        prompts = []
-        for i in todo:
-            msgs = list(questions[i].get("context", []))
-            for u, a in zip(questions[i]["turns"][:k], answers[i]):
-                msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-            prompts.append(template.encode_prompt(msgs + [{"role": "user", "content": questions[i]["turns"][k]}]))
-        texts, n = generate_texts(model, template, prompts, batch_size, max_new_tokens, temperature, top_p, seed)
-        n_new += n
-        for i, t in zip(todo, texts):
-            answers[i].append(t)
-    dt = time.perf_counter() - t0
+        asked = [i for i, q in enumerate(questions) if k < len(q["turns"])]
+        prompts = [template.encode_prompt(dialogue(questions[i], answers[i], k)) for i in asked]
+        texts, n = generate_texts(model, template, prompts, batch_size, max_new_tokens, temperature,
+                                  top_p, seed)
+        new_tokens += n
+        for i, text in zip(asked, texts):
+            answers[i].append(text)
+    seconds = time.perf_counter() - started
     records = [answer_record(q["question_id"], model_id, a) for q, a in zip(questions, answers)]
-    return records, {"new_tokens": n_new, "seconds": dt, "tokens_per_s": n_new / dt if dt > 0 else float("nan")}
+    rate = new_tokens / seconds if seconds > 0 else float("nan")
+    return records, {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": rate}
 
 
-def answer_file(model, template, questions, model_id, out, args):
-    """eval.generate_answers batch_size questions at a time, OUT rewritten (whole, atomically) after each batch: a
-    rerun keeps the answers OUT holds for this model and continues with the same seeds, so the same answers; answers
-    to questions not asked this time stay."""
-    done = {r.get("question_id"): r for _, r in (read_jsonl(out) if os.path.exists(out) else ())}
-    if any(r.get("model_id") != model_id or i is None for i, r in done.items()):
-        raise EvalError(f"{out}: holds records that are not answers of model_id {model_id!r}; give another --out")
+@dataclasses.dataclass
+class Producer:
+    """What makes an answer file's answers: the weights, the prompt format and the generation
+    settings. Every answer line records it; a rerun continues only answers of the same producer."""
+    model_id: str
+    base_fingerprint: str       # model.py's fingerprint of the base model's config and weights
+    adapter_sha256: str | None  # of adapter_model.safetensors; None without an adapter
+    chat_template: str
+    dtype: str
+    batch_size: int             # the seed of each batch of questions depends on it
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+    def short_hash(self):
+        """8 hex digits of the whole producer, for the default answer file's name."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def producer_change(theirs, mine):
+    """What differs between the producer a file records and this run's, in a few words."""
+    if not isinstance(theirs, dict):
+        return "an answer that does not record its producer"
+    changed = []
+    for key in sorted(theirs.keys() | mine.keys()):
+        old = str(theirs.get(key))[:16]
+        new = str(mine.get(key))[:16]
+        if old != new:
+            changed.append(f"{key} {old} in the file, {new} now")
+    return "answers of another producer (" + "; ".join(changed) + ")"
+
+
+def answers_so_far(out, producer):
+    """{question_id: record} of the answers OUT holds ({} without OUT); each must be producer's."""
+    if not os.path.exists(out):
+        return {}
+    mine = dataclasses.asdict(producer)
+    done = {}
+    for where, record in read_jsonl(out):
+        if record.get("producer") != mine:
+            raise EvalError(f"{where}: {producer_change(record.get('producer'), mine)}; "
+                            "give another --out")
+        qid = record.get("question_id")
+        check_question_id(where, qid)
+        if qid in done:
+            raise EvalError(f"{where}: a second answer to question_id {reprlib.repr(qid)}")
+        done[qid] = record
+    return done
+
+
+def answer_file(model, template, questions, out, producer):
+    """generate_answers producer.batch_size questions at a time, OUT rewritten whole (atomically)
+    after each batch. A rerun keeps the answers OUT holds and continues with the same seeds, so the
+    same answers; answers to questions not asked this time stay. Another producer's file is
+    refused."""
+    done = answers_so_far(out, producer)
     order = {q["question_id"]: n for n, q in enumerate(questions)}
     if done:
-        print(f"{out}: {len(order.keys() & done.keys())} of {len(order)} questions answered already, continuing")
-    new, sec = 0, 0.0
-    for j in range(0, len(questions), args.batch_size):
-        part = [q for q in questions[j:j + args.batch_size] if q["question_id"] not in done]
-        if not part:  # this batch was answered before: nothing to generate or write
+        answered = len(order.keys() & done.keys())
+        print(f"{out}: {answered} of {len(order)} questions answered already, continuing")
+    new_tokens = 0
+    seconds = 0.0
+    size = producer.batch_size
+    for start in range(0, len(questions), size):
+        todo = [q for q in questions[start:start + size] if q["question_id"] not in done]
+        if not todo:  # this batch was answered before: nothing to generate or write
             continue
-        recs, st = generate_answers(model, template, part, model_id, args.batch_size, args.max_new_tokens,
-                                    args.temperature, args.top_p, None if args.seed is None else args.seed + j)
-        done.update((r["question_id"], r) for r in recs)
-        new, sec = new + st["new_tokens"], sec + st["seconds"]
-        save_jsonl(sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order))), out)
-    print(f"{len(questions)} answers -> {out}: {new} new tokens in {sec:.1f}s ({new / max(sec, 1e-9):.1f} tokens/s)")
+        records, stats = generate_answers(model, template, todo, producer.model_id, size,
+                                          producer.max_new_tokens, producer.temperature,
+                                          producer.top_p, shifted(producer.seed, start))
+        for record in records:
+            record["producer"] = dataclasses.asdict(producer)
+            done[record["question_id"]] = record
+        new_tokens += stats["new_tokens"]
+        seconds += stats["seconds"]
+        ordered = sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order)))
+        save_jsonl(ordered, out)
+    rate = new_tokens / max(seconds, 1e-9)
+    print(f"{len(questions)} answers -> {out}: {new_tokens} new tokens in {seconds:.1f}s "
+          f"({rate:.1f} tokens/s)")
 
 
 # --- exact-match accuracy on the synthetic benchmark ---
 def normalize_answer(text):
-    """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", " separators."""
-    t = " ".join(str(text).strip().lower().split()).rstrip(".").strip()
-    return ", ".join(p.strip() for p in t.split(","))
+    """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", "
+    separators."""
+    text = " ".join(str(text).strip().lower().split()).rstrip(".").strip()
+    return ", ".join(part.strip() for part in text.split(","))
 
 
 def answer_matches(pred, ref):
     return normalize_answer(pred) == normalize_answer(ref)
 
 
+def with_references(messages):
+    """The messages, each assistant's content replaced by its "reference" (the truth) if any."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and "reference" in m:
+            m = dict(m, content=m["reference"])
+        out.append(m)
+    return out
+
+
+def check_references(path, conversations):
+    """Every "reference" of an assistant turn is a non-blank string."""
+    for n, conversation in enumerate(conversations, 1):
+        for i, m in enumerate(conversation["messages"]):
+            if "reference" not in m:
+                continue
+            ref = m["reference"]
+            if not isinstance(ref, str) or not ref.strip():
+                raise EvalError(f"{path}: conversation {n}, message {i}: reference is "
+                                f"{reprlib.repr(ref)}, expected a non-blank string")
+
 
 def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, max_turn_groups=None):
-    """Exact-match accuracy (answer_matches) per turn depth and overall, greedy. Turn k is predicted with the
-    REFERENCE earlier answers in context (teacher-forced history), so each depth measures that turn alone. A turn's
-    reference is its "reference" field when present (support/synth.py writes the truth there), else its content."""
-    prompts, refs, depths = [], [], []
-    for c in conversations:
-        msgs = [dict(m, content=m.get("reference", m["content"])) if m["role"] == "assistant" else m
-                for m in c["messages"]]
-        k = 0
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant":
-                k += 1
-                prompts.append(template.encode_prompt(msgs[:i]))
-                refs.append(m["content"])
-                depths.append(min(k, max_turn_groups) if max_turn_groups else k)
+    """Exact-match accuracy (answer_matches) per turn depth and overall, greedy. Turn k is predicted
+    with the REFERENCE earlier answers in context (teacher-forced history), so each depth measures
+    that turn alone. A turn's reference is its "reference" field when present (support/synth.py
+    writes the truth there), else its content."""
+    cap = max_turn_groups or math.inf
+    prompts = []
+    refs = []
+    depths = []
+    for conversation in conversations:
+        messages = with_references(conversation["messages"])
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for depth, i in enumerate(replies, 1):
+            prompts.append(template.encode_prompt(messages[:i]))
+            refs.append(messages[i]["content"])
+            depths.append(min(depth, cap))
     preds, _ = generate_texts(model, template, prompts, batch_size, max_new_tokens)
-    per = {}
-    for d, p, r in zip(depths, preds, refs):
-        c = per.setdefault(d, [0, 0])
-        c[0] += bool(answer_matches(p, r))
-        c[1] += 1
-    correct, total = sum(c[0] for c in per.values()), sum(c[1] for c in per.values())
-    return {"overall": correct / total if total else float("nan"), "correct": correct, "total": total,
-            "per_turn": {d: {"accuracy": c[0] / c[1], "correct": c[0], "total": c[1]} for d, c in sorted(per.items())}}
+    correct = defaultdict(int)
+    total = defaultdict(int)
+    for depth, pred, ref in zip(depths, preds, refs):
+        correct[depth] += answer_matches(pred, ref)
+        total[depth] += 1
+    per_turn = {d: {"accuracy": correct[d] / total[d], "correct": correct[d], "total": total[d]}
+                for d in sorted(total)}
+    n_correct = sum(correct.values())
+    n_total = sum(total.values())
+    overall = n_correct / n_total if n_total else float("nan")
+    return {"overall": overall, "correct": n_correct, "total": n_total, "per_turn": per_turn}
 
 
 # --- Spearman (Table 4 analogue), numpy only ---
 def rankdata(a):
     """Ranks 1..n, ties get the mean of the ranks they span (scipy's 'average')."""
-    _, inverse, counts = np.unique(np.asarray(a, dtype=np.float64), return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)                        # the rank of each distinct value's last copy
-    return ((last - counts + 1 + last) / 2.0)[inverse]
+    values = np.asarray(a, dtype=np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the rank of each distinct value's last copy
+    first = last - counts + 1
+    return ((first + last) / 2.0)[inverse]
 
 
 def spearman(x, y):
-    """Spearman's rho: Pearson correlation of the average ranks (nan when either side is constant)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    """Spearman's rho: Pearson correlation of the average ranks (nan when a side is constant)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
-        raise EvalError(f"spearman needs two 1-D sequences of the same length >= 2, got {x.shape} and {y.shape}")
+        raise EvalError(f"spearman needs two 1-D sequences of the same length >= 2, got {x.shape} "
+                        f"and {y.shape}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise EvalError("spearman: values must be finite numbers")
-    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
-    den = math.sqrt((rx @ rx) * (ry @ ry))
-    return float(rx @ ry / den) if den > 0 else float("nan")
+    rx = rankdata(x) - (len(x) + 1) / 2  # centred ranks
+    ry = rankdata(y) - (len(y) + 1) / 2
+    spread = math.sqrt((rx @ rx) * (ry @ ry))
+    if spread == 0:
+        return float("nan")
+    return float(rx @ ry / spread)
 
 
 # --- command line ---
-def _numbers(s, flag):
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"{flag} {s!r}: expected comma-separated numbers") from None
+def numbers(text, flag):
+    """The comma-separated numbers of a flag; an empty or non-numeric value is refused by its
+    position, so that no value is dropped and the rest paired with the wrong partners."""
+    values = []
+    for position, item in enumerate(text.split(","), 1):
+        if not item.strip():
+            raise EvalError(f"{flag} {text!r}: value {position} is empty")
+        try:
+            values.append(float(item))
+        except ValueError:
+            message = f"{flag} {text!r}: value {position} ({item.strip()!r}) is not a number"
+            raise EvalError(message) from None
+    return values
 
 
-def _emit(res, out):
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res))
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are EvalErrors: one line, no usage block."""
+
+    def error(self, message):
+        raise EvalError(f"{message} (see --help)")
 
 
-RANGES = dict(batch_size=(1, 0, 1e6), max_new_tokens=(1, 0, 1e6), temperature=(0, 0, 1e6), top_p=(0, 1, 1),
-              max_len=(2, 0, 1e9), max_turn_groups=(1, 0, 1e9), seed=(0, 0, 2**32 - 1))  # (low, low excluded, high)
+COUNT = num(int, 1, 10**6, hi_ok=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    cmd = {c: sub.add_parser(c).add_argument for c in ("loss", "generate", "accuracy", "spearman")}
-    for c in ("loss", "generate", "accuracy"):
-        add = cmd[c]
+    p = Parser(prog="eval.py", description=__doc__.split("\n")[0])
+    commands = p.add_subparsers(dest="cmd", required=True)
+    names = ("loss", "generate", "accuracy", "spearman")
+    parsers = {name: commands.add_parser(name) for name in names}
+    for name in ("loss", "generate", "accuracy"):
+        add = parsers[name].add_argument
         add("--model", required=True, help="Hugging Face folder")
         add("--adapter", help="LoRA adapter folder (PEFT format)")
         add("--chat-template", help="force a template name (see data.py)")
-        add("--batch-size", type=int, default=8)
-        add("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"])
-        add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        add("--batch-size", type=COUNT, default=8)
+        add("--dtype", default="float32", choices=["float32", "bfloat16", "float16", *DTYPES])
+        add("--device", default=DEVICE)
         add("--out", help="output file (generate: answers .jsonl; others: results .json)")
-    for c in ("loss", "accuracy"):
-        cmd[c]("--data", required=True, help="conversations (loss) or support/synth.py's test.jsonl (accuracy)")
-        cmd[c]("--on-bad-sample", choices=["error", "skip"], default="error")
-    cmd["loss"]("--max-len", type=int, default=2048)
-    cmd["loss"]("--max-turn-groups", type=int, default=None, help="cap the turn depth (default: none)")
-    cmd["accuracy"]("--max-new-tokens", type=int, default=32)
-    add = cmd["generate"]
+    for name in ("loss", "accuracy"):
+        add = parsers[name].add_argument
+        add("--data", required=True, help="conversations (loss) or support/synth.py's test.jsonl")
+        add("--on-bad-sample", choices=["error", "skip"], default="error")
+    add = parsers["loss"].add_argument
+    add("--max-len", type=num(int, 2, 10**9, hi_ok=True), default=2048)
+    add("--max-turn-groups", type=num(int, 1, 10**9, hi_ok=True), help="cap the turn depth")
+    parsers["accuracy"].add_argument("--max-new-tokens", type=COUNT, default=32)
+    add = parsers["generate"].add_argument
     add("--questions", required=True, help="MT-Bench question.jsonl or a conversation file")
-    add("--model-id", help="model_id in the answer file (default: model folder name, + adapter name)")
-    add("--max-new-tokens", type=int, default=512)
-    add("--temperature", type=float, default=0.0)
-    add("--top-p", type=float, default=1.0)
-    add("--seed", type=int, default=None)
-    cmd["spearman"]("--x", required=True, help="settings as ordinal numbers, e.g. 1,2,3 for H, H+N, H+N+L")
-    cmd["spearman"]("--y", required=True, help="scores, same length")
+    add("--model-id", help="model_id in the answer file (default: model + adapter folder names)")
+    add("--max-new-tokens", type=COUNT, default=512)
+    add("--temperature", type=num(float, 0), default=0.0)
+    add("--top-p", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0)
+    add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=None)
+    add = parsers["spearman"].add_argument
+    add("--x", required=True, help="settings as ordinal numbers, e.g. 1,2,3 for H, H+N, H+N+L")
+    add("--y", required=True, help="scores, same length")
     args = p.parse_args(argv)
-    for k, (lo, strict, hi) in RANGES.items():
-        v = getattr(args, k, None)
-        if v is not None and not (math.isfinite(v) and (v > lo if strict else v >= lo) and v <= hi):
-            raise EvalError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {lo} and <= {hi:g}, got {v}")
     if args.cmd != "spearman":
-        check_paths(args.device, args.out, (getattr(args, "data", None), getattr(args, "questions", None)))
+        inputs = (getattr(args, "data", None), getattr(args, "questions", None))
+        check_paths(args.device, args.out, inputs)
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.cmd == "spearman":
-        return print(json.dumps({"spearman": spearman(_numbers(args.x, "--x"), _numbers(args.y, "--y"))}))
-    data = read_questions(args.questions) if args.cmd == "generate" else \
-        load_conversations(args.data, on_bad_sample=args.on_bad_sample)
-    if not data:
-        raise EvalError(f"{args.questions if args.cmd == 'generate' else args.data}: nothing to evaluate")
+def emit(result, out):
+    """Print the result as JSON, and write it to OUT when given."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+
+
+def run_loss(args):
+    conversations = load_conversations(args.data, on_bad_sample=args.on_bad_sample)
+    if not conversations:
+        raise EvalError(f"{args.data}: nothing to evaluate")
     model, template = load(args.model, args.adapter, args.dtype, args.device, args.chat_template)
-    if args.cmd == "generate":
-        model_id = args.model_id or "-".join(os.path.basename(os.path.normpath(d)) for d in (args.model, args.adapter)
-                                             if d)
-        out = args.out or re.sub(r"[^\w.-]", "_", model_id) + ".jsonl"  # a model id is a name, not a path
-        return answer_file(model, template, data, model_id, out, args)
-    if args.cmd == "accuracy":
-        res = accuracy(model, template, data, args.batch_size, args.max_new_tokens)
-        for d, r in list(res["per_turn"].items()) + [("all", {"accuracy": res["overall"], **res})]:
-            print(f"turn {d:>3}  exact match {r['accuracy']:.3f}  ({r['correct']}/{r['total']})")
-        return _emit(res, args.out)
-    examples, report = build_examples(data, template, args.max_len, args.max_turn_groups)
+    examples, report = build_examples(conversations, template, args.max_len, args.max_turn_groups)
     print(f"data: {report.summary()}")
     if not examples:
         raise EvalError(f"{args.data}: nothing to evaluate ({report.summary()})")
-    res = per_turn_loss(model, examples, args.batch_size, template.pad_id, args.max_turn_groups)
-    for d, r in list(res["per_turn"].items()) + [("all", res["overall"])]:
-        print(f"turn {d:>3}  loss {r['loss']:.4f}  ppl {r['ppl']:10.3f}  tokens {r['tokens']}")
-    _emit(res, args.out)
+    result = per_turn_loss(model, examples, args.batch_size, template.pad_id, args.max_turn_groups)
+    for depth, row in [*result["per_turn"].items(), ("all", result["overall"])]:
+        print(f"turn {depth:>3}  loss {row['loss']:.4f}  ppl {row['ppl']:10.3f}  "
+              f"tokens {row['tokens']}")
+    emit(result, args.out)
+
+
+def run_accuracy(args):
+    conversations = load_conversations(args.data, on_bad_sample=args.on_bad_sample)
+    if not conversations:
+        raise EvalError(f"{args.data}: nothing to evaluate")
+    check_references(args.data, conversations)
+    model, template = load(args.model, args.adapter, args.dtype, args.device, args.chat_template)
+    result = accuracy(model, template, conversations, args.batch_size, args.max_new_tokens)
+    overall = dict(result, accuracy=result["overall"])
+    for depth, row in [*result["per_turn"].items(), ("all", overall)]:
+        counts = f"{row['correct']}/{row['total']}"
+        print(f"turn {depth:>3}  exact match {row['accuracy']:.3f}  ({counts})")
+    emit(result, args.out)
+
+
+def run_generate(args):
+    questions = read_questions(args.questions)
+    if not questions:
+        raise EvalError(f"{args.questions}: nothing to evaluate")
+    model, template = load(args.model, args.adapter, args.dtype, args.device, args.chat_template)
+    folders = [args.model]
+    adapter_sha256 = None
+    if args.adapter:
+        folders.append(args.adapter)
+        adapter_sha256 = file_sha256(os.path.join(args.adapter, "adapter_model.safetensors"))
+    model_id = args.model_id or "-".join(os.path.basename(os.path.normpath(d)) for d in folders)
+    producer = Producer(model_id=model_id, base_fingerprint=model.fingerprint,
+                        adapter_sha256=adapter_sha256, chat_template=template.name,
+                        dtype=DTYPES.get(args.dtype, args.dtype), batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed)
+    name = re.sub(r"[^\w.-]", "_", model_id)  # a model id is a name, not a path
+    out = args.out or f"{name}-{producer.short_hash()}.jsonl"  # two producers never share a file
+    answer_file(model, template, questions, out, producer)
+
+
+def run_spearman(args):
+    print(json.dumps({"spearman": spearman(numbers(args.x, "--x"), numbers(args.y, "--y"))}))
+
+
+COMMANDS = {"loss": run_loss, "generate": run_generate, "accuracy": run_accuracy,
+            "spearman": run_spearman}
+
+
+def main(argv=None):
+    """One subcommand; bad input raises an EvalError (or another one-line ValueError)."""
+    args = parse_args(argv)
+    COMMANDS[args.cmd](args)
 
 
 def cli(argv=None):
-    """main() with failures reported in one line: exit code 2 for bad input, 1 when the judge backend fails."""
+    """main() with failures reported in one line; returns the exit code: 0, 2 for bad input, 130
+    when interrupted."""
     try:
         main(argv)
-        return 0
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
-        print(f"eval.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+        lines = str(e).splitlines() or [type(e).__name__]
+        print(f"eval.py: error: {lines[0]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("eval.py: interrupted (generate and judge keep what they wrote; the same command continues)",
-              file=sys.stderr)
+        print("eval.py: interrupted (generate keeps the answers it wrote; the same command "
+              "continues)", file=sys.stderr)
         return 130
+    return 0
 
 
 if __name__ == "__main__":
