@@ -1,10 +1,12 @@
 """A LLaMA / Mistral / Qwen2 / Qwen3 decoder in plain PyTorch, exact to Hugging Face transformers.
 
-In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss at supervised
-positions, loading a checkpoint folder (files read by support/checkpoint.py), the KV cache, generation. Module names
-equal Hugging Face's (`model.layers.0.self_attn.q_proj`): lora.py wraps layers by name; adapters load in PEFT.
+In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss
+at supervised positions, loading a checkpoint folder (files read by support/checkpoint.py), the KV
+cache, generation. Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`): lora.py
+wraps layers by name; adapters load in PEFT.
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -14,11 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
-from support.checkpoint import (CheckpointError, check_config, check_sizes, names as _names,  # noqa: F401
-                              read_json, safetensors_index)
+from support.checkpoint import (CheckpointError, check_config, check_sizes, check_tensors,
+                                read_config, read_tensor, rope_fields, safetensors_index)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -32,7 +33,7 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int              # < num_attention_heads: grouped-query attention (GQA)
-    head_dim: int                         # may differ from hidden_size // num_attention_heads (Qwen3)
+    head_dim: int                         # may differ from hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False     # lm_head.weight IS model.embed_tokens.weight
     qkv_bias: bool = False                # Qwen2 always; Llama/Qwen3 with attention_bias
@@ -46,144 +47,165 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0    # llama3
     rope_original_max_position_embeddings: int = 8192  # llama3
     max_position_embeddings: int = 4096
-    sliding_window: int | None = None     # Mistral / Qwen sliding-window attention, on the layers below
+    sliding_window: int | None = None     # sliding-window attention on these layers:
     sliding_layers: list = field(default_factory=list)
 
     @classmethod
     def from_json(cls, path_or_dict) -> "ModelConfig":
-        """Read a Hugging Face config.json (a folder, the file, or the dict itself), old or new rope style."""
-        c, where = path_or_dict, "config"
-        if not isinstance(c, dict):
-            p = Path(c) / "config.json" if Path(c).is_dir() else Path(c)
-            c, where = read_json(p), str(p)
-        mt = c.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"{where}: model_type {mt!r} is not supported (supported: "
-                                  f"{', '.join(SUPPORTED_MODEL_TYPES)})")
-        if c.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
-        check_config(c, where)  # the raw sizes' types and ranges (support/checkpoint.py)
-        hidden, heads, n_layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
-        # Sliding window as transformers applies it: Mistral on every layer; Qwen per `layer_types`, or (older
-        # configs) with use_sliding_window on the layers from max_window_layers on; Llama never.
-        window, sliding = c.get("sliding_window", 4096 if mt == "mistral" else None), []
-        if mt == "mistral" and window is not None:
-            sliding = list(range(n_layers))
-        elif mt in ("qwen2", "qwen3") and c.get("layer_types"):
-            sliding = [i for i, t in enumerate(c["layer_types"]) if t == "sliding_attention"]
-        elif mt in ("qwen2", "qwen3") and c.get("use_sliding_window") and window is not None:
-            sliding = list(range(c.get("max_window_layers", 28), n_layers))
-        bias = bool(c.get("attention_bias", False)) and mt in ("llama", "qwen3")  # Qwen2: fixed q/k/v bias
-        cfg = cls(
-            model_type=mt, vocab_size=c["vocab_size"], hidden_size=hidden, intermediate_size=c["intermediate_size"],
-            num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads")
-            or heads, head_dim=c.get("head_dim") or (128 if mt == "qwen3" else hidden // heads),
-            rms_norm_eps=_positive(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        """Read a Hugging Face config.json (a folder, the file, or the dict itself), old or new rope
+        style. Refusals (support/checkpoint.py) are one line naming the file."""
+        c, where = read_config(path_or_dict)
+        check_config(c, where, SUPPORTED_MODEL_TYPES)
+        model_type = c["model_type"]
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim")
+        if not head_dim:
+            head_dim = 128 if model_type == "qwen3" else c["hidden_size"] // heads
+        default_window = 4096 if model_type == "mistral" else None
+        window = c.get("sliding_window", default_window)
+        sliding = sliding_layers(c, window)
+        # attention_bias: q/k/v and o biases in Llama and Qwen3; Qwen2 always has q/k/v biases only
+        attention_bias = bool(c.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+        config = cls(
+            model_type=model_type,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings")),
-            qkv_bias=bias or mt == "qwen2", o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)) and mt == "llama",
-            qk_norm=mt == "qwen3", max_position_embeddings=c.get("max_position_embeddings", 4096),
-            sliding_window=window if sliding else None, sliding_layers=sliding, **_rope_config(c, where))
-        return check_sizes(cfg, where)  # what the sizes derived above must satisfy
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(c.get("mlp_bias", False)) and model_type == "llama",
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            sliding_window=window if sliding else None,
+            sliding_layers=sliding,
+            **rope_fields(c, where),
+        )
+        return check_sizes(config, where)
 
 
-def _positive(x, key, where):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1e300:
-        raise CheckpointError(f"{where}: {key!r} must be a positive number, got {x!r}")
-    return float(x)
+def sliding_layers(c, window) -> list:
+    """The layers with sliding-window attention, as transformers applies it: Mistral every layer;
+    Qwen per `layer_types`, or (older configs) with use_sliding_window from max_window_layers on;
+    Llama none."""
+    model_type = c["model_type"]
+    n_layers = c["num_hidden_layers"]
+    if model_type == "mistral" and window is not None:
+        return list(range(n_layers))
+    if model_type not in ("qwen2", "qwen3"):
+        return []
+    if c.get("layer_types"):
+        return [i for i, kind in enumerate(c["layer_types"]) if kind == "sliding_attention"]
+    if c.get("use_sliding_window") and window is not None:
+        return list(range(c.get("max_window_layers", 28), n_layers))
+    return []
 
 
-def _rope_config(c, where) -> dict:
-    """RoPE fields: transformers >= 5 writes `rope_parameters`; Hub checkpoints ship `rope_theta` + `rope_scaling`."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if any(isinstance(v, dict) for v in rope.values()):
-        raise CheckpointError(f"{where}: per-layer-type rope_parameters are not supported")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise CheckpointError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
-    if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
-    out = dict(rope_theta=_positive(rope.get("rope_theta") or c.get("rope_theta") or 10000.0, "rope_theta", where),
-               rope_type=kind)
-    for key in {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")
-                }[kind]:
-        if key not in rope:
-            raise CheckpointError(f"{where}: rope type {kind!r} needs {key!r}")
-        out["rope_" + key] = float(rope[key])
-    if kind == "llama3":
-        out["rope_original_max_position_embeddings"] = int(rope.get("original_max_position_embeddings")
-                                                            or c.get("max_position_embeddings", 8192))
-    return out
-
-
+# ----------------------------------------------------------------------------- rotary embeddings
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] (fp32) of the rotary embeddings, scaled as cfg.rope_type says."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device="cpu") / d))
+    """Inverse frequencies [head_dim/2] (fp32, CPU) of the rotary embeddings, as rope_type says."""
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device="cpu")
+    inv_freq = 1.0 / (cfg.rope_theta ** (dims / cfg.head_dim))
     if cfg.rope_type == "linear":  # positions / factor == frequencies / factor
-        inv_freq = inv_freq / cfg.rope_factor
-    elif cfg.rope_type == "llama3":  # Llama 3.1: slow frequencies / factor, fast ones kept, smooth in between
-        old_len, lo, hi = cfg.rope_original_max_position_embeddings, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / cfg.rope_factor, inv_freq)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        inv_freq = torch.where(medium, (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled, scaled)
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        return llama3_scaled(inv_freq, cfg)
     return inv_freq
 
 
+def llama3_scaled(inv_freq, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's scaling: slow frequencies divided by factor, fast ones kept, smooth between."""
+    old_len = cfg.rope_original_max_position_embeddings
+    low = cfg.rope_low_freq_factor
+    high = cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled, scaled)
+
+
 def apply_rope(x, cos, sin):
-    """Hugging Face's half-split rotation: pairs (i, i + d/2), so checkpoints need no q/k permutation."""
+    """Hugging Face's half-split rotation of pairs (i, i + d/2): no q/k permutation is needed."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# ----------------------------------------------------------------------------- the layers
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
 
-    def forward(self, x):  # normalise in fp32, scale in the input dtype (as transformers does)
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as transformers does)
         h = x.float()
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.hd = layer, cfg.head_dim
-        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        D, q, kv, b = cfg.hidden_size, self.n_head * self.hd, self.n_kv * self.hd, cfg.qkv_bias
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, q, b), nn.Linear(D, kv, b), nn.Linear(D, kv, b)
-        self.o_proj = nn.Linear(q, D, bias=cfg.o_bias)
+        self.layer = layer
+        self.n_head = cfg.num_attention_heads
+        self.n_kv_head = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_dim = self.n_head * self.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
-        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.window = None  # a sliding window of this many slots, on the layers that have one
+        if layer in cfg.sliding_layers:
+            self.window = cfg.sliding_window
 
     def forward(self, x, cos, sin, masks, cache=None):
         B, T, _ = x.shape
-        q, k = self.q_proj(x).view(B, T, self.n_head, self.hd), self.k_proj(x).view(B, T, self.n_kv, self.hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, n_head, T, head_dim]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, n_kv_head, T, head_dim]
+        v = v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)                          # [B, n_kv, past + T, hd]
-        mask = masks[self.window]                                          # None: plain causal, no padding
-        gqa = self.n_kv != self.n_head
-        if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
-            # on CUDA only flash attention (half precision, no mask) takes grouped K/V; give every other kernel
-            # one K/V per query head (head h reads K/V head h // group) rather than fall back to the math path
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
-            gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.update(self.layer, k, v)  # every slot: [B, n_kv_head, max_len, head_dim]
+        mask = masks[self.window]  # None: plain causal attention, no padding
+        group = self.n_head // self.n_kv_head
+        grouped = group > 1
+        if grouped and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+            # On CUDA only flash attention (half precision, no mask) takes grouped K/V. Every
+            # other kernel gets one K/V per query head (head h reads K/V head h // group),
+            # rather than fall back to the math path.
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            grouped = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=grouped)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, H, b), nn.Linear(D, H, b), nn.Linear(H, D, b)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):  # SwiGLU
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -192,12 +214,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Attention(cfg, layer)
-        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, masks, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
 
 
 class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layers, norm
@@ -208,201 +233,305 @@ class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layer
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def attention_mask(query_slots, keys_real, window):
+    """Boolean mask [B, 1, T, S] (True = attend) of queries at slots query_slots [T] over key
+    slots 0..S-1 (keys_real [B, S]: the slot holds a real token): causal, within the sliding
+    window if any, real keys only. A query always sees itself: a padding row's softmax is never
+    empty (no NaN)."""
+    keys = torch.arange(keys_real.shape[1], device=keys_real.device)
+    queries = query_slots[:, None]
+    ok = keys <= queries
+    if window is not None:
+        ok = ok & (keys > queries - window)
+    ok = (ok & keys_real[:, None]) | (keys == queries)
+    return ok[:, None]
+
+
 def gemm_dtype(x) -> torch.dtype:
-    """The dtype a matmul on x runs in: autocast's where autocast is on for x's device, else x's own."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    """The dtype a matmul on x runs in: autocast's where autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
+# ----------------------------------------------------------------------------- the Transformer
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.config, self.path, self.gradient_checkpointing = cfg, None, False
+        self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_inv_freq(cfg)  # fp32, a plain attribute so .to(dtype) cannot round it
+        self.gradient_checkpointing = False  # recompute each block in backward (training only)
+        self.path = None         # the checkpoint folder, set by from_pretrained
+        self.fingerprint = None  # the checkpoint's identity (config, sampled weights), as path
+        self.decode_cache = None  # generate's compiled decode keeps its cache here (None frees it)
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
-        """Final-normed hidden states [B, T, D]. attention_mask [B, T]: 1 = real token. Positions count the real
-        tokens before each one (so left padding is invisible); with a cache they continue where it stopped."""
-        B, T = input_ids.shape
-        dev, start = input_ids.device, cache.length if cache is not None else 0
-        real = None if attention_mask is None else attention_mask[:, -T:].bool()
-        real = None if real is not None and bool(real.all()) else real
-        steps = torch.arange(T, device=dev)[None] if real is None else real.long().cumsum(-1) - 1
-        positions = ((cache.next_pos[:, None] if cache is not None else 0) + steps).clamp(min=0).expand(B, T)
-        keys_real = real
-        if cache is not None:
-            cache.valid[:, start:start + T] = True if real is None else real
-            cache.next_pos += T if real is None else real.sum(-1)
-            cache.padded |= real is not None
-            keys_real = cache.valid[:, :start + T] if cache.padded else None
-        masks = {w: self._mask(keys_real, start, T, w, dev) for w in {None, self.config.sliding_window}}
+        """Final-normed hidden states [B, T, D]. attention_mask [B, T]: 1 = real token. Positions
+        count the real tokens before each one (so left padding is invisible). With a cache the
+        tokens continue it: their K/V are written after the ones it holds, and their positions go
+        on from its rows'."""
+        real = None
+        if attention_mask is not None:
+            real = attention_mask[:, -input_ids.shape[1]:].bool()
+        positions, masks = self.positions_and_masks(input_ids, real, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.model.layers:  # with checkpointing, each block is recomputed in backward
-            x = checkpoint(block, x, cos, sin, masks, cache, use_reentrant=False) if recompute else \
-                block(x, cos, sin, masks, cache)
+        for block in self.model.layers:
+            if recompute:  # keep only the block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, cos, sin, masks, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, masks, cache)
         if cache is not None:
-            cache.length = start + T
+            cache.length += input_ids.shape[1]
         return self.model.norm(x)
 
+    def positions_and_masks(self, input_ids, real, cache=None):
+        """RoPE positions [B, T] (the real tokens before each one) and the attention mask of each
+        window size (None: no window). With a cache the tokens take the slots after cache.length
+        and attend over all of its slots (those not yet filled are masked): every shape is fixed by
+        the batch and the cache's size, and nothing waits on the host, so torch.compile can
+        capture a decode step whole."""
+        B, T = input_ids.shape
+        plain_causal = cache is None and (real is None or bool(real.all()))  # no padding, no cache
+        if real is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        steps = real.long().cumsum(-1) - 1
+        slots = torch.arange(T, device=input_ids.device)
+        keys_real = real
+        if cache is not None:
+            steps = steps + cache.next_pos[:, None]
+            slots = slots + cache.length
+            cache.valid.index_copy_(1, slots, real)
+            cache.next_pos += real.sum(-1)
+            keys_real = cache.valid
+        masks = {}
+        for window in {None, self.config.sliding_window}:
+            if plain_causal and window is None:
+                masks[window] = None  # SDPA's is_causal, which the fastest kernels take
+            else:
+                masks[window] = attention_mask(slots, keys_real, window)
+        return steps.clamp(min=0), masks
+
     def rope(self, positions, dtype):
-        """cos, sin [B, 1, T, hd] for positions [B, T], computed in fp32."""
-        self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * self.inv_freq              # [B, T, hd/2]
+        """cos, sin [B, 1, T, head_dim] for positions [B, T], computed in fp32."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    @staticmethod
-    def _mask(keys_real, start, T, window, dev):
-        """Boolean attention mask [B|1, 1, T, start+T] (True = attend), or None for plain causal attention."""
-        if keys_real is None and window is None and start == 0:
-            return None
-        q = torch.arange(start, start + T, device=dev)[:, None]           # cache slots of the queries
-        k = torch.arange(start + T, device=dev)[None]
-        ok = (k <= q) if window is None else (k <= q) & (k > q - window)
-        if keys_real is not None:
-            ok = (ok[None] & keys_real[:, None]) | (k == q)  # a padding query sees itself: no empty row, no NaN
-        return ok.reshape(-1, 1, T, start + T)
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         """Logits [B, T, V] in the model dtype."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
 
     def token_losses(self, input_ids, labels, attention_mask=None, chunk_size=1024, cache=None):
-        """Per-token cross-entropy [B, T] (fp32), 0 where labels == -100 and at t = 0. labels align with
-        input_ids as in transformers: labels[b, t] is predicted from position t-1. The vocabulary projection
-        runs at supervised positions only, chunk_size rows at a time, so no [B, T, V] logits ever exist.
-        cache: the K/V of a prompt these rows continue (no gradient)."""
+        """Per-token cross-entropy [B, T] (fp32), 0 where labels == -100 and at t = 0. labels align
+        with input_ids as in transformers: labels[b, t] is predicted from position t-1. The
+        vocabulary projection runs at supervised positions only, chunk_size rows at a time, so no
+        [B, T, V] logits ever exist. cache: the K/V of a prompt these rows continue (no grad)."""
         if labels.shape != input_ids.shape:
-            raise ValueError(f"token_losses: labels {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
-        h, target = self.hidden_states(input_ids, attention_mask, cache)[:, :-1], labels[:, 1:]
-        sel = target != -100
-        h, y = h[sel], target[sel]                                         # [N, D], [N]
+            raise ValueError(f"token_losses: labels {tuple(labels.shape)} != "
+                             f"input_ids {tuple(input_ids.shape)}")
+        h = self.hidden_states(input_ids, attention_mask, cache)[:, :-1]
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        h = h[supervised]        # [N, D]
+        y = targets[supervised]  # [N]
         if y.numel() == 0:  # nothing supervised: zeros, still connected to the graph
-            return F.pad(h.new_zeros(sel.shape, dtype=torch.float32) + 0 * h.sum(), (1, 0))
-        w, dt, grad = self.lm_head.weight, gemm_dtype(h), torch.is_grad_enabled()
-        if grad and w.requires_grad:  # a trainable head: each chunk's logits are recomputed in backward
-            ce = lambda hc, yc: row_cross_entropy(F.linear(hc.to(dt), w.to(dt)).float(), yc)  # noqa: E731
-            vals = torch.cat([checkpoint(ce, hc, yc, use_reentrant=False)
-                              for hc, yc in zip(h.split(chunk_size), y.split(chunk_size))])
-        else:  # a frozen head (LoRA, eval): the gradient wrt h is formed in forward, nothing is recomputed
-            vals = LinearCrossEntropy.apply(h, w, y, chunk_size, dt, grad and h.requires_grad)
-        losses = torch.zeros(sel.shape, dtype=torch.float32, device=h.device).masked_scatter(sel, vals)
+            zeros = h.new_zeros(supervised.shape, dtype=torch.float32) + 0 * h.sum()
+            return F.pad(zeros, (1, 0))
+        weight = self.lm_head.weight
+        dtype = gemm_dtype(h)
+        grad = torch.is_grad_enabled()
+        if grad and weight.requires_grad:
+            # a trainable head: each chunk's logits are recomputed in backward
+            chunks = zip(h.split(chunk_size), y.split(chunk_size))
+            values = [checkpoint(chunk_cross_entropy, hc, yc, weight, dtype, use_reentrant=False)
+                      for hc, yc in chunks]
+            values = torch.cat(values)
+        else:
+            # a frozen head (LoRA, eval): the gradient wrt h is formed in forward, none recomputed
+            need_grad = grad and h.requires_grad
+            values = LinearCrossEntropy.apply(h, weight, y, chunk_size, dtype, need_grad)
+        losses = torch.zeros(supervised.shape, dtype=torch.float32, device=h.device)
+        losses = losses.masked_scatter(supervised, values)
         return F.pad(losses, (1, 0))
 
     def new_cache(self, batch, max_len) -> "KVCache":
-        return KVCache(self.config, batch, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+        """An empty KV cache of `batch` rows, max_len slots each, in the model's dtype, device."""
+        return KVCache.empty(self.config, batch, max_len, self.lm_head.weight.dtype,
+                             self.lm_head.weight.device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """A Hugging Face folder in `dtype` on `device`: built on the meta device, each tensor read and assigned in
-        turn (peak memory about the model's size); missing, unexpected, mis-shaped and non-finite tensors refused."""
+        """A Hugging Face folder in `dtype` on `device`: built on the meta device, each tensor read
+        and assigned in turn (peak memory about the model's size); missing, unexpected, mis-shaped
+        and non-finite tensors refused."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
-        found = safetensors_index(path)                                    # name -> (file, open file)
+        found = safetensors_index(path)  # name -> (file, open file)
         expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-        missing = [k for k in expected if k not in found and (k != "lm_head.weight" or not cfg.tie_word_embeddings)]
-        if missing:
-            raise CheckpointError(f"{path}: missing tensor(s) {_names(missing)} ({len(missing)} of {len(expected)})")
-        unexpected = [k for k in found if k not in expected]
-        if unexpected:
-            raise CheckpointError(f"{path}: unexpected tensor(s) {_names(unexpected)} in "
-                                  f"{_names(sorted({found[k][0].name for k in unexpected}))}")
-        for k, (file, st) in found.items():
-            dt, shape = st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape())
-            if dt not in ("F64", "F32", "F16", "BF16") or shape != expected[k]:
-                raise CheckpointError(f"{file}: tensor {k} has " + (f"dtype {dt}, expected a float type" if shape ==
-                                      expected[k] else f"shape {shape}, config.json implies {expected[k]}"))
-        fingerprint = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-        for k, (file, st) in sorted(found.items()):
-            try:
-                t = st.get_tensor(k)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{file}: tensor {k} cannot be read, truncated or corrupt ({e})") from None
-            spots = torch.arange(64) * (t.numel() - 1) // 63  # the base's identity, kept with adapters (lora.py)
-            fingerprint.update(t.flatten()[spots].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-            t = t.to(device=device, dtype=dtype)
-            if not bool(torch.isfinite(t).all()):
-                raise CheckpointError(f"{file}: tensor {k} holds NaN or infinite values (as {dtype})")
-            mod, _, name = k.rpartition(".")
-            setattr(model.get_submodule(mod), name, nn.Parameter(t))
-        if cfg.tie_word_embeddings:  # a tied checkpoint may store lm_head.weight too, but only as a copy
-            if "lm_head.weight" in found and not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight):
-                raise CheckpointError(f"{found['lm_head.weight'][0]}: lm_head.weight differs from "
-                                      "model.embed_tokens.weight but config.json says tie_word_embeddings")
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.path, model.fingerprint = str(path), fingerprint.hexdigest()[:16]
+        optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
+        check_tensors(path, found, expected, optional)
+        config_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        fingerprint = hashlib.sha256(config_json.encode())
+        for name, (file, handle) in sorted(found.items()):
+            tensor = read_tensor(file, handle, name)
+            fingerprint.update(sampled_bytes(tensor))
+            tensor = tensor.to(device=device, dtype=dtype)
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{file}: tensor {name} holds NaN or infinite values "
+                                      f"(as {dtype})")
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, nn.Parameter(tensor))
+        if cfg.tie_word_embeddings:
+            model.tie_head(found)
+        model.path = str(path)
+        model.fingerprint = fingerprint.hexdigest()[:16]
         return model.eval()
+
+    def tie_head(self, found):
+        """Tie lm_head to the loaded embeddings. A tied checkpoint may store lm_head.weight too, but
+        only as a copy of the embeddings."""
+        embeddings = self.model.embed_tokens.weight
+        if "lm_head.weight" in found and not torch.equal(self.lm_head.weight, embeddings):
+            file = found["lm_head.weight"][0]
+            raise CheckpointError(f"{file}: lm_head.weight differs from model.embed_tokens.weight "
+                                  "but config.json says tie_word_embeddings")
+        self.lm_head.weight = embeddings
+
+
+def sampled_bytes(tensor) -> bytes:
+    """64 evenly spaced values of a tensor, rounded to bf16: its part of a model's fingerprint (the
+    base's identity, which lora.py keeps with adapters)."""
+    spots = torch.arange(64) * (tensor.numel() - 1) // 63
+    values = tensor.flatten()[spots].to(torch.bfloat16)
+    return values.view(torch.int16).numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------- the loss
+def row_cross_entropy(logits, y, lse=None):
+    """-log softmax(logits)[y] per row: logsumexp - the target's logit (fp32 logits [n, V], targets
+    [n])."""
+    if lse is None:
+        lse = logits.logsumexp(-1)
+    return lse - logits.gather(1, y[:, None]).squeeze(1)
+
+
+def chunk_cross_entropy(h, y, weight, dtype):
+    """row_cross_entropy of one chunk of rows, logits = h @ weight^T computed in dtype, softmax in
+    fp32."""
+    logits = F.linear(h.to(dtype), weight.to(dtype)).float()
+    return row_cross_entropy(logits, y)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of logits = h @ W^T (fp32 softmax) for a frozen W, chunk rows at a time. Forward also
-    forms d loss_n / d h_n = (softmax_n - onehot_n) W, so no [N, V] logits are kept or recomputed for backward."""
+    """Per-row cross-entropy of logits = h @ W^T (fp32 softmax) for a frozen W, chunk rows at once.
+    Forward also forms d loss_n / d h_n = (softmax_n - onehot_n) W, so no [N, V] logits are kept
+    or recomputed for backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, y, chunk, dt, need_grad):
-        w, losses, grads = weight.to(dt), [], []
+    def forward(ctx, h, weight, y, chunk_size, dtype, need_grad):
+        w = weight.to(dtype)
+        losses = []
+        grads = []
         with torch.autocast(h.device.type, enabled=False):
-            for hc, yc in zip(h.split(chunk), y.split(chunk)):
-                logits = F.linear(hc.to(dt), w).float()                     # [n, V]
+            for hc, yc in zip(h.split(chunk_size), y.split(chunk_size)):
+                logits = F.linear(hc.to(dtype), w).float()  # [n, V]
                 lse = logits.logsumexp(-1)
                 losses.append(row_cross_entropy(logits, yc, lse))
                 if need_grad:
-                    p = logits.sub_(lse[:, None]).exp_()                    # softmax, in place
-                    p[torch.arange(len(yc), device=p.device), yc] -= 1.0
-                    grads.append((p.to(dt) @ w).to(h.dtype))
-        ctx.save_for_backward(torch.cat(grads) if need_grad else None)
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(len(yc), device=probs.device), yc] -= 1.0
+                    grads.append((probs.to(dtype) @ w).to(h.dtype))
+        if need_grad:
+            ctx.save_for_backward(torch.cat(grads))
+        else:
+            ctx.save_for_backward(None)
         return torch.cat(losses)
 
     @staticmethod
     def backward(ctx, grad_losses):
-        (g,) = ctx.saved_tensors
-        return (g.float() * grad_losses[:, None]).to(g.dtype), None, None, None, None, None
+        (grad_h,) = ctx.saved_tensors
+        grad_h = (grad_h.float() * grad_losses[:, None]).to(grad_h.dtype)
+        return grad_h, None, None, None, None, None
 
 
-def row_cross_entropy(logits, y, lse=None):
-    """-log softmax(logits)[y] per row: logsumexp - the target's logit (fp32 logits [n, V], targets [n])."""
-    lse = logits.logsumexp(-1) if lse is None else lse
-    return lse - logits.gather(1, y[:, None]).squeeze(1)
-
-
+# ----------------------------------------------------------------------------- the KV cache
+@dataclass(eq=False)
 class KVCache:
-    """Per-layer K/V buffers [B, n_kv, max_len, hd], filled left to right (`length` slots so far). valid[b, s]:
-    slot s of row b holds a real token (False for left padding); next_pos[b]: row b's next RoPE position."""
+    """Preallocated K/V of every layer, filled left to right. Its size never changes, so a decode
+    step over it has fixed shapes. A slot holds a token, real or left padding, of every row."""
+    k: list          # per layer [B, n_kv_head, max_len, head_dim]
+    v: list          # per layer, the same
+    valid: torch.Tensor     # [B, max_len] bool: the slot holds a real token
+    next_pos: torch.Tensor  # [B] long: each row's next RoPE position
+    length: torch.Tensor    # [] long: slots filled so far, the same in every row
 
-    def __init__(self, cfg: ModelConfig, batch, max_len, dtype, device):
-        shape, n = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim), cfg.num_hidden_layers
-        self.k, self.v = ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)] for _ in "kv")
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length, self.padded = 0, False
-
-    def expand(self, batch):  # a copy of this one-row cache (a prompt that every row shares) for `batch` rows
-        c, rep = object.__new__(KVCache), (lambda t: t.expand(batch, *t.shape[1:]).clone())
-        c.__dict__.update(vars(self), k=[*map(rep, self.k)], v=[*map(rep, self.v)], valid=rep(self.valid),
-                          next_pos=rep(self.next_pos))
-        return c
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch, max_len, dtype, device) -> "KVCache":
+        """A cache of `batch` rows, max_len slots each, with no token in it."""
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+                   valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                   next_pos=torch.zeros(batch, dtype=torch.long, device=device),
+                   length=torch.zeros((), dtype=torch.long, device=device))
 
     def update(self, layer, k, v):
-        s, e = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, s:e], self.v[layer][:, :, s:e] = k, v
-        return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
+        """Write k, v [B, n_kv_head, T, head_dim] in the T slots after `length`; return all."""
+        slots = self.length + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def expand(self, batch) -> "KVCache":
+        """An independent copy of this one-row cache (a prompt all rows share) for `batch` rows."""
+        return KVCache(k=[repeat_row(t, batch) for t in self.k],
+                       v=[repeat_row(t, batch) for t in self.v],
+                       valid=repeat_row(self.valid, batch),
+                       next_pos=repeat_row(self.next_pos, batch),
+                       length=self.length.clone())
+
+    def fits(self, batch, max_len, dtype, device) -> bool:
+        """Whether this cache holds `batch` rows of max_len slots, in dtype on device."""
+        keys = self.k[0]
+        shape_fits = keys.shape[0] == batch and keys.shape[2] == max_len
+        return shape_fits and keys.dtype == dtype and keys.device == device
+
+    def tensors(self) -> list:
+        """Every tensor of the cache."""
+        return [*self.k, *self.v, self.valid, self.next_pos, self.length]
+
+    def reset(self):
+        """Empty the cache again, keeping its buffers (and so their addresses)."""
+        for t in self.tensors():
+            t.zero_()
 
 
+def repeat_row(t, batch):
+    """A copy of t [1, ...] with its one row repeated `batch` times."""
+    return t.expand(batch, *t.shape[1:]).clone()
+
+
+# ----------------------------------------------------------------------------- generation
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
-    """Next token per row of logits [B, V]: argmax if temperature == 0, else a draw from softmax(logits / T)
-    restricted to the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling)."""
+    """Next token per row of logits [B, V]: argmax if temperature == 0, else a draw from
+    softmax(logits / T) restricted to the fewest most likely tokens whose mass reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.double()  # shifted to max 0 and in float64: no inf / inf or x / 0 for a tiny temperature
+    # in float64 and shifted to max 0: no inf / inf or x / 0 for a tiny temperature
+    logits = logits.double()
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
-    if top_p < 1.0:
+    if top_p < 1.0:  # nucleus sampling
         p, idx = probs.sort(-1, descending=True)
         drop = p.cumsum(-1) - p >= top_p  # the mass before this token already reaches top_p
         drop[..., 0] = False               # always keep the most likely token
@@ -410,38 +539,93 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_one_token(model, tok, cache):
+    """Logits [B, V] of one new token per row (tok [B]) after the cache's: the decode step."""
+    return model(tok[:, None], cache=cache)[:, -1]
+
+
+@functools.cache
+def compiled_decode(device_type):
+    """decode_one_token through torch.compile: on CUDA in mode reduce-overhead, which replays it
+    as a CUDA graph (one launch per token), elsewhere as inductor kernels. torch.compile's guards
+    recompile it when what it baked in changes: a batch size, a dtype, a LoRA layer or its merge."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
+
+
+def reusable_cache(model, batch, max_len) -> KVCache:
+    """An empty cache for the compiled decode step, kept on the model for the next call. Its length
+    is rounded up to 256 slots and its buffers are reused (marked static for CUDA graphs), so a
+    call of the same batch size replays the compiled step instead of capturing a new one."""
+    max_len = -(-max_len // 256) * 256
+    weight = model.lm_head.weight
+    cache = model.decode_cache
+    if cache is None or not cache.fits(batch, max_len, weight.dtype, weight.device):
+        model.decode_cache = None  # free the old buffers first
+        cache = model.new_cache(batch, max_len)
+        for t in cache.tensors():
+            torch._dynamo.mark_static_address(t)
+        model.decode_cache = cache
+    cache.reset()
+    return cache
+
+
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0, seed=None,
-             static=None):
-    """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each row stops at its
-    first token in stop_ids, which is NOT returned, or after max_new_tokens. static (default: on CUDA) replays the
-    decode step as a captured CUDA graph, one launch per token (support/cuda_graphs.py; off the reading path)."""
-    if not prompts or not all(prompts) or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need prompts, none empty, max_new_tokens >= 1, temperature >= 0 and "
-                         f"0 < top_p <= 1, got {len(prompts)} prompts, {max_new_tokens}, {temperature}, {top_p}")
-    dev = model.model.embed_tokens.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)
-    real = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
+def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0,
+             seed=None, compile=None):
+    """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each row
+    stops at its first token in stop_ids, which is NOT returned, or after max_new_tokens. compile
+    (default: on CUDA) runs the decode step through torch.compile (compiled_decode)."""
+    valid = all(prompts) and max_new_tokens >= 1 and temperature >= 0 and 0 < top_p <= 1
+    if not prompts or not valid:
+        raise ValueError(f"generate: need prompts, none empty, max_new_tokens >= 1, "
+                         f"temperature >= 0 and 0 < top_p <= 1, got {len(prompts)} prompts, "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    device = model.lm_head.weight.device
+    ids, real = left_padded(prompts, pad_id, device)
+    max_len = ids.shape[1] + max_new_tokens
+    if compile is None:
+        compile = device.type == "cuda"
+    compile = compile and max_new_tokens > 1
     was_training = model.training
     model.eval()
-    if (dev.type == "cuda" if static is None else static) and max_new_tokens > 1:
-        from support.cuda_graphs import static_decoder
-        cache, step = static_decoder(model, B, L + max_new_tokens)
+    if compile:
+        cache = reusable_cache(model, len(prompts), max_len)
+        step = compiled_decode(device.type)
     else:
-        cache = model.new_cache(B, L + max_new_tokens)
-        step = lambda tok: model(tok[:, None], cache=cache)[:, -1]  # noqa: E731
-    logits = model.lm_head(model.hidden_states(ids, real, cache=cache)[:, -1])  # the prefill
-    done, out = torch.zeros(B, dtype=torch.bool, device=dev), []
+        cache = model.new_cache(len(prompts), max_len)
+        step = decode_one_token
+    logits = model.lm_head(model.hidden_states(ids, real, cache)[:, -1])  # the prefill, eager
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out = []
     for i in range(max_new_tokens):
-        tok = sample(logits, temperature, top_p, gen).masked_fill(done, pad_id)
+        tok = sample(logits, temperature, top_p, generator).masked_fill(done, pad_id)
         out.append(tok)
         done |= torch.isin(tok, stops)
         if i == max_new_tokens - 1 or (len(stops) and bool(done.all())):
             break
-        logits = step(tok)
+        if compile:  # the last step's logits are consumed: a CUDA graph may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(model, tok, cache)
     model.train(was_training)
-    return [row[:next((i for i, t in enumerate(row) if t in set(stop_ids)), len(row))]
-            for row in torch.stack(out, 1).tolist()]
+    return [cut_at_stop(row, stop_ids) for row in torch.stack(out, 1).tolist()]
+
+
+def left_padded(prompts, pad_id, device):
+    """ids [B, L] of the prompts left-padded to the longest one, and their attention mask [B, L]."""
+    longest = max(len(p) for p in prompts)
+    ids = [[pad_id] * (longest - len(p)) + list(p) for p in prompts]
+    real = [[0] * (longest - len(p)) + [1] * len(p) for p in prompts]
+    return torch.tensor(ids, device=device), torch.tensor(real, device=device)
+
+
+def cut_at_stop(tokens, stop_ids):
+    """tokens up to (not including) the first one in stop_ids."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens

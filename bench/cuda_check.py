@@ -1,5 +1,5 @@
 """What only a GPU can check: model.py and lora.py on CUDA against transformers + PEFT on the same GPU, and the
-CUDA-graph decoding of model.generate against its eager path.
+compiled decoding of model.generate (torch.compile, CUDA graphs) against its eager path.
 
     python bench/cuda_check.py --like DIR [--out OUT]
 
@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 
 import model as M  # noqa: E402
 from lora import DEFAULT_TARGETS, PEFT_PREFIX, apply_lora  # noqa: E402
-from support.cuda_graphs import DECODE_GRAPHS  # noqa: E402
 from support.export import TOKENIZER_FILES  # noqa: E402
 
 RESULTS = []
@@ -59,26 +58,31 @@ def differ(a, b):
 
 
 def reuse_and_recapture(ours, ids, t_first):
-    """The captured graph is reused by the next call of the same shape, and captured again when module state
-    it has baked in changes (new LoRA layers, their scaling, merging)."""
+    """The compiled decode step (a CUDA graph) and its cache are reused by the next call of the same batch size,
+    and compiled again when module state it has baked in changes (new LoRA layers, their scaling, merging)."""
+    from torch._dynamo.utils import counters
+
     from lora import merge_lora
     other = [ids[1, 50:60].tolist(), ids[2, 10:30].tolist(), ids[0, 70:75].tolist()]
-    key = DECODE_GRAPHS[ours][0]
+    cache = ours.decode_cache
+    graphs = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     base = M.generate(ours, other, max_new_tokens=48)
     t_reuse = time.perf_counter() - t0
-    print(f"  graph generate: first call {t_first:.2f} s, next call {t_reuse:.3f} s", flush=True)
-    check("generate: graph re-captured for a call of the same shape", int(DECODE_GRAPHS[ours][0] is not key), 0)
-    check("generate: reused graph vs eager, tokens differing", differ(base, M.generate(ours, other, 48,
-                                                                                           static=False)), 0)
+    print(f"  compiled generate: first call {t_first:.2f} s, next call {t_reuse:.3f} s", flush=True)
+    check("generate: decode compiled again for a call of the same shape",
+          counters["stats"]["unique_graphs"] - graphs, 0)
+    check("generate: a new decode cache for a call of the same shape", int(ours.decode_cache is not cache), 0)
+    check("generate: reused compiled step vs eager, tokens differing",
+          differ(base, M.generate(ours, other, 48, compile=False)), 0)
     apply_lora(ours, r=8, alpha=16, dropout=0.0, verbose=False)
     with torch.no_grad():
         for n, q in ours.named_parameters():
             if "lora_B" in n:
                 q.normal_(0, 0.05)
     tuned = M.generate(ours, other, 48)
-    check("generate: with LoRA (re-captured) vs eager, tokens differing",
-          differ(tuned, M.generate(ours, other, 48, static=False)), 0)
+    check("generate: with LoRA (compiled again) vs eager, tokens differing",
+          differ(tuned, M.generate(ours, other, 48, compile=False)), 0)
     check("generate: LoRA changed the tokens (else the check above is empty)", int(differ(tuned, base) == 0), 0)
     lora = [m for m in ours.modules() if hasattr(m, "scaling")]
     for m in lora:
@@ -87,15 +91,15 @@ def reuse_and_recapture(ours, ids, t_first):
     for m in lora:
         m.scaling = 2.0
     merge_lora(ours)
-    check("generate: merged LoRA (re-captured) vs eager, tokens differing",
-          differ(M.generate(ours, other, 48), M.generate(ours, other, 48, static=False)), 0)
+    check("generate: merged LoRA (compiled again) vs eager, tokens differing",
+          differ(M.generate(ours, other, 48), M.generate(ours, other, 48, compile=False)), 0)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--like", required=True)
     p.add_argument("--out", default="cuda_check_out")
-    p.add_argument("--device", default="cuda", help="cpu only to dry-run this script (no graph is captured there)")
+    p.add_argument("--device", default="cuda", help="cpu only to dry-run this script (generate runs eagerly there)")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("cuda_check.py: error: torch sees no CUDA device")
@@ -122,14 +126,15 @@ def main():
             lo, lh = ours(ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         real = mask.bool()
         check(f"logits vs transformers, {name}", rel(lo[real], lh[real]), 1e-5 if name == "float32" else 2e-2)
-        # greedy decoding: the CUDA graph against the eager step and transformers (batch 3, left padded)
+        # greedy decoding: the compiled step (CUDA graph) against the eager step and transformers (batch 3, left
+        # padded)
         prompts = [ids[0, :20].tolist(), ids[2, :7].tolist(), ids[3, :13].tolist()]
         t0 = time.perf_counter()
         graph = M.generate(ours, prompts, max_new_tokens=48)
         t_graph = time.perf_counter() - t0
-        eager = M.generate(ours, prompts, max_new_tokens=48, static=False)
+        eager = M.generate(ours, prompts, max_new_tokens=48, compile=False)
         same = sum(x == y for r, s in zip(graph, eager) for x, y in zip(r, s)) / sum(map(len, eager))
-        check(f"generate: CUDA graph vs eager tokens differ, {name}", 1 - same, 0.0 if name == "float32" else 0.1)
+        check(f"generate: compiled vs eager tokens differ, {name}", 1 - same, 0.0 if name == "float32" else 0.1)
         L = max(map(len, prompts))
         pid = torch.tensor([[0] * (L - len(q)) + q for q in prompts], device=dev)
         pm = torch.tensor([[0] * (L - len(q)) + [1] * len(q) for q in prompts], device=dev)
@@ -138,7 +143,7 @@ def main():
                               do_sample=False, pad_token_id=0)[:, L:].tolist()
         first = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r)) for r, s in zip(graph, ref)]
         print(f"  {name}: tokens equal to transformers before the first difference {first} of 48; "
-              f"graph generate {t_graph:.2f} s (capture included)", flush=True)
+              f"compiled generate {t_graph:.2f} s (compilation included)", flush=True)
         if name == "float32":
             check("generate: rows whose first 16 tokens differ from transformers, float32",
                   sum(f < 16 for f in first), 0)

@@ -1,5 +1,6 @@
-"""Merged export: a LoRA-adapted model.py Transformer written as a plain Hugging Face folder (adapters folded into
-the weights), which transformers, vLLM or this project load like any checkpoint.
+"""Merged export: a LoRA-adapted model.py Transformer written as a plain Hugging Face folder
+(adapters folded into the weights), which transformers, vLLM or this project load like any
+checkpoint.
 
     python train.py ... --merge        # OUT/merged at the end of a run
     export_merged(model, base_dir, out_dir)
@@ -14,12 +15,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json")
 
 
 def export_merged(model, base_dir, out_dir, max_shard_bytes=5 * 2**30):
-    """Write a merged Hugging Face folder (config, safetensors shards + index when large, tokenizer files)."""
+    """Write a merged Hugging Face folder: config, safetensors shards (and their index when large),
+    tokenizer files."""
     tie = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     state = {}
     with torch.no_grad():
@@ -50,15 +53,16 @@ def export_merged(model, base_dir, out_dir, max_shard_bytes=5 * 2**30):
 
 
 def _write(state, base_dir, tmp, max_shard_bytes):
-    shards, cur, size = [], {}, 0
+    """The folder's files, written into tmp."""
+    shards = [{}]  # tensors in name order, a new shard when the next would pass max_shard_bytes
+    size = 0
     for k in sorted(state):
         nbytes = state[k].numel() * state[k].element_size()
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = state[k]
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = state[k]
         size += nbytes
-    shards.append(cur)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     else:
