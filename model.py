@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)  # fp32, a plain attribute so .to(dtype) cannot round it
         self.gradient_checkpointing = False  # recompute each block in backward (training only)
         self.path = None         # the checkpoint folder, set by from_pretrained
-        self.fingerprint = None  # the checkpoint's identity (config, sampled weights), as path
+        self.fingerprint = None  # the checkpoint's identity (config, weights as stored), as path
         self.decode_cache = None  # generate's compiled decode keeps its cache here (None frees it)
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
@@ -371,7 +371,8 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
         """A Hugging Face folder in `dtype` on `device`: built on the meta device, each tensor read
         and assigned in turn (peak memory about the model's size); missing, unexpected, mis-shaped
-        and non-finite tensors refused."""
+        and non-finite tensors refused. Its fingerprint hashes the config and every tensor as
+        stored, whatever `dtype` the model computes in."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
@@ -384,7 +385,7 @@ class Transformer(nn.Module):
         fingerprint = hashlib.sha256(config_json.encode())
         for name, (file, handle) in sorted(found.items()):
             tensor = read_tensor(file, handle, name)
-            fingerprint.update(sampled_bytes(tensor))
+            hash_as_stored(fingerprint, name, tensor)
             tensor = tensor.to(device=device, dtype=dtype)
             if not bool(torch.isfinite(tensor).all()):
                 raise CheckpointError(f"{file}: tensor {name} holds NaN or infinite values "
@@ -408,12 +409,13 @@ class Transformer(nn.Module):
         self.lm_head.weight = embeddings
 
 
-def sampled_bytes(tensor) -> bytes:
-    """64 evenly spaced values of a tensor, rounded to bf16: its part of a model's fingerprint (the
-    base's identity, which lora.py keeps with adapters)."""
-    spots = torch.arange(64) * (tensor.numel() - 1) // 63
-    values = tensor.flatten()[spots].to(torch.bfloat16)
-    return values.view(torch.int16).numpy().tobytes()
+def hash_as_stored(digest, name, tensor):
+    """Add one tensor, as its file stores it, to a model's fingerprint (the base's identity, kept
+    with adapters and in a run folder, so a resumed run refuses other weights): its name, dtype
+    and shape, then all of its bytes. A checkpoint rewritten in another dtype, or any value
+    changed, gives another fingerprint; resharding the files does not."""
+    digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 # ----------------------------------------------------------------------------- the loss

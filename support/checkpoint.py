@@ -58,9 +58,7 @@ def check_config(c, where, supported):
     optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
     present = [key for key in optional if c.get(key) is not None]  # absent or null is fine
     for key in required + tuple(present):
-        if type(c.get(key)) is not int or c[key] <= 0:
-            raise CheckpointError(f"{where}: {key!r} must be a positive integer, "
-                                  f"got {c.get(key)!r}")
+        positive_integer(c.get(key), key, where)
     positive(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", where)
     types = c.get("layer_types")
     n = c["num_hidden_layers"]
@@ -70,35 +68,81 @@ def check_config(c, where, supported):
 
 
 def positive(x, key, where) -> float:
-    """x as a float, or a refusal naming `key` unless it is a positive finite number."""
+    """x as a float, or a refusal naming `key` unless it is a positive finite number (a boolean,
+    a string or null is not a number)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1e300:
         raise CheckpointError(f"{where}: {key!r} must be a positive number, got {x!r}")
     return float(x)
 
 
+def positive_integer(x, key, where) -> int:
+    """x, or a refusal naming `key` unless it is a positive integer (not a boolean, not 8192.0)."""
+    if type(x) is not int or x <= 0:
+        raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {x!r}")
+    return x
+
+
+def rope_section(c, where):
+    """(the RoPE settings, their key in config.json): transformers >= 5 writes `rope_parameters`;
+    Hub checkpoints ship `rope_scaling` (null or absent: plain RoPE) beside a top-level
+    `rope_theta`."""
+    for section in ("rope_parameters", "rope_scaling"):
+        rope = c.get(section)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{where}: {section!r} must be an object, got {str(rope)[:80]}")
+        if any(isinstance(v, dict) for v in rope.values()):
+            raise CheckpointError(f"{where}: per-layer-type {section} are not supported")
+        if rope:
+            return rope, section
+    return {}, "rope_parameters"
+
+
 def rope_fields(c, where) -> dict:
-    """ModelConfig's rope_* fields. transformers >= 5 writes `rope_parameters`; Hub checkpoints
-    ship `rope_theta` beside `rope_scaling`, whose oldest spelling says "type" for "rope_type"."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if any(isinstance(v, dict) for v in rope.values()):
-        raise CheckpointError(f"{where}: per-layer-type rope_parameters are not supported")
+    """ModelConfig's rope_* fields, each refused in one line naming its key unless RoPE can work
+    with it: a positive theta and factor, llama3's positive frequency factors with high above low,
+    a positive integer original length. The oldest rope_scaling spelling says "type" for
+    "rope_type"."""
+    rope, section = rope_section(c, where)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise CheckpointError(f"{where}: rope type {kind!r} is not supported "
                               f"(supported: {', '.join(ROPE_TYPES)})")
-    if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
-    theta = rope.get("rope_theta") or c.get("rope_theta") or 10000.0
-    fields = {"rope_theta": positive(theta, "rope_theta", where), "rope_type": kind}
+    partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial is not None and (isinstance(partial, bool) or partial != 1.0):
+        raise CheckpointError(f"{where}: partial_rotary_factor {partial!r} is not supported "
+                              "(only 1: RoPE over the whole head)")
+    fields = {"rope_type": kind, "rope_theta": 10000.0}  # transformers' default theta
+    if "rope_theta" in rope:
+        fields["rope_theta"] = positive(rope["rope_theta"], f"{section}.rope_theta", where)
+    elif "rope_theta" in c:
+        fields["rope_theta"] = positive(c["rope_theta"], "rope_theta", where)
     for key in ROPE_KEYS[kind]:
         if key not in rope:
             raise CheckpointError(f"{where}: rope type {kind!r} needs {key!r}")
-        fields["rope_" + key] = float(rope[key])
+        fields["rope_" + key] = positive(rope[key], f"{section}.{key}", where)
     if kind == "llama3":
-        original = rope.get("original_max_position_embeddings")
-        original = original or c.get("max_position_embeddings", 8192)
-        fields["rope_original_max_position_embeddings"] = int(original)
+        fields.update(llama3_fields(c, rope, section, where))
     return fields
+
+
+def llama3_fields(c, rope, section, where) -> dict:
+    """llama3's checks beyond positive factors: the smooth band between the two wavelength
+    thresholds divides by high_freq_factor - low_freq_factor, so high must exceed low; the
+    original context length (max_position_embeddings when rope_scaling does not say) is a
+    positive integer."""
+    low = rope["low_freq_factor"]
+    high = rope["high_freq_factor"]
+    if high <= low:
+        raise CheckpointError(f"{where}: {section}.high_freq_factor {high!r} must be greater than "
+                              f"low_freq_factor {low!r} (llama3 divides by their difference)")
+    if "original_max_position_embeddings" in rope:
+        key = f"{section}.original_max_position_embeddings"
+        length = positive_integer(rope["original_max_position_embeddings"], key, where)
+    else:  # check_config has checked max_position_embeddings
+        length = c.get("max_position_embeddings") or 8192
+    return {"rope_original_max_position_embeddings": length}
 
 
 def check_sizes(cfg, where):

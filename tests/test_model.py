@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct: its logits and its answer to a chat prompt.
 """
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -503,6 +504,49 @@ def test_loading_refuses_bad_checkpoints(tiny, tmp_path):
     assert "truncated" in _refusal(trunc)
 
 
+def _fingerprint(path, dtype=torch.float32):
+    return Transformer.from_pretrained(path, dtype=dtype).fingerprint
+
+
+def test_fingerprint_hashes_every_tensor_as_stored(tiny, tmp_path):
+    """The base model's fingerprint (kept with adapters and in a run folder) changes with the
+    dtype the weights are stored in and with any one value, and with nothing else: not a second
+    load, not the dtype the model computes in, not how the tensors are sharded."""
+    src = tiny["llama_linear_rope"][1]
+    sd = load_file(src / "model.safetensors")
+    first = _fingerprint(src)
+    assert re.fullmatch("[0-9a-f]{16}", first)
+    assert _fingerprint(src) == first
+    assert _fingerprint(src, dtype=torch.bfloat16) == first
+    assert _fingerprint(src, dtype=torch.float64) == first
+
+    # the same values stored in fp32 and in bf16 load to equal fp32 models, but are other files
+    rounded = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    widened = {k: v.float() for k, v in rounded.items()}
+    in_fp32 = Transformer.from_pretrained(_copy(src, tmp_path / "fp32", widened))
+    in_bf16 = Transformer.from_pretrained(_copy(src, tmp_path / "bf16", rounded))
+    for name, p in in_fp32.state_dict().items():
+        assert torch.equal(p, in_bf16.state_dict()[name]), name
+    fp32 = in_fp32.fingerprint
+    bf16 = in_bf16.fingerprint
+    assert fp32 != bf16
+
+    # the smallest change of one value of one tensor
+    nudged = {k: v.clone() for k, v in sd.items()}
+    up = nudged["model.layers.1.mlp.up_proj.weight"].view(-1)
+    up[1] = torch.nextafter(up[1], torch.tensor(float("inf")))
+    one_value = _fingerprint(_copy(src, tmp_path / "one_value", nudged))
+    assert one_value != first
+
+    # the sharded llama's tensors saved as one file
+    sharded = tiny["llama"][1]
+    whole = {}
+    for shard in sharded.glob("model-*.safetensors"):
+        whole.update(load_file(shard))
+    one_file = _fingerprint(_copy(sharded, tmp_path / "one_file", whole))
+    assert one_file == tiny["llama"][2].fingerprint
+
+
 @pytest.mark.slow
 def test_loads_into_bfloat16_without_a_float32_copy(tmp_path):
     """bf16 checkpoint -> bf16 model: values intact, and peak memory grows by ~ the model's size,
@@ -591,9 +635,12 @@ def test_real_configs_build_the_same_model_as_transformers(fixtures_dir, name):
     assert cfg.head_dim == head_dim
 
 
+SMALL = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8,
+             num_hidden_layers=1, num_attention_heads=2)
+
+
 def test_config_errors_are_one_line(tmp_path):
-    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8,
-                num_hidden_layers=1, num_attention_heads=2)
+    base = SMALL
     cases = [({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
              ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},
               "rope type 'dynamic' is not supported"),
@@ -630,6 +677,94 @@ def test_config_errors_are_one_line(tmp_path):
     # Mistral may have no window
     mistral = ModelConfig.from_json({**base, "model_type": "mistral", "sliding_window": None})
     assert mistral.sliding_window is None
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# a RoPE setting that cannot work, and the refusal naming its key
+BAD_ROPE = [
+    ({"rope_scaling": {"type": "linear", "factor": 0}},
+     "'rope_scaling.factor' must be a positive number, got 0"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}},
+     "'rope_scaling.factor' must be a positive number, got -2.0"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "4"}},
+     "'rope_scaling.factor' must be a positive number, got '4'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": True}},
+     "'rope_scaling.factor' must be a positive number, got True"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": None}},
+     "'rope_scaling.factor' must be a positive number, got None"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": float("nan")}},
+     "'rope_parameters.factor' must be a positive number, got nan"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "factor": 0.0}},
+     "'rope_scaling.factor' must be a positive number, got 0.0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "low_freq_factor": 0}},
+     "'rope_scaling.low_freq_factor' must be a positive number, got 0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": -4.0}},
+     "'rope_scaling.high_freq_factor' must be a positive number, got -4.0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "low_freq_factor": 4.0}},
+     "rope_scaling.high_freq_factor 4.0 must be greater than low_freq_factor 4.0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "low_freq_factor": 5.0}},
+     "rope_scaling.high_freq_factor 4.0 must be greater than low_freq_factor 5.0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "original_max_position_embeddings": 0}},
+     "'rope_scaling.original_max_position_embeddings' must be a positive integer, got 0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "original_max_position_embeddings": 8192.5}},
+     "'rope_scaling.original_max_position_embeddings' must be a positive integer, got 8192.5"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "original_max_position_embeddings": "8192"}},
+     "'rope_scaling.original_max_position_embeddings' must be a positive integer, got '8192'"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "original_max_position_embeddings": True}},
+     "'rope_scaling.original_max_position_embeddings' must be a positive integer, got True"),
+    ({"rope_theta": 0}, "'rope_theta' must be a positive number, got 0"),
+    ({"rope_theta": None}, "'rope_theta' must be a positive number, got None"),
+    ({"rope_theta": "1e4"}, "'rope_theta' must be a positive number, got '1e4'"),
+    ({"rope_theta": True}, "'rope_theta' must be a positive number, got True"),
+    ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
+     "'rope_parameters.rope_theta' must be a positive number, got 0.0"),
+    ({"rope_scaling": "linear"}, "'rope_scaling' must be an object, got linear"),
+    ({"partial_rotary_factor": True}, "partial_rotary_factor True is not supported"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor 0.5 is not supported"),
+]
+
+
+@pytest.mark.parametrize("bad, text", BAD_ROPE)
+def test_rope_settings_that_cannot_work_are_refused(tmp_path, bad, text):
+    """A RoPE setting that would make inv_freq infinite, NaN, negative or meaningless (a factor
+    <= 0, llama3's band with high <= low, an original length that is not a positive integer, a
+    string or a boolean for a number) is one line naming config.json and the key."""
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({**SMALL, **bad}))
+    with pytest.raises(CheckpointError) as e:
+        ModelConfig.from_json(f)
+    msg = str(e.value)
+    assert text in msg
+    assert msg.startswith(f"{f}: ")
+    assert "\n" not in msg
+
+
+def test_rope_refusal_comes_before_the_weights_are_read(tiny, tmp_path):
+    """from_pretrained checks config.json first: a folder with a broken RoPE factor and no weights
+    at all is refused for the factor."""
+    src = tiny["llama_linear_rope"][1]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_parameters"]["factor"] = 0
+    msg = _refusal(_copy(src, tmp_path / "factor0", config=cfg))
+    assert "config.json: 'rope_parameters.factor' must be a positive number, got 0" in msg
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 0.5},  # transformers warns (factor < 1), computes the same
+    {"rope_type": "llama3", "factor": 2, "low_freq_factor": 1, "high_freq_factor": 2},  # ints
+    {**LLAMA3_SCALING, "original_max_position_embeddings": 200},  # above max_position_embeddings
+    {"rope_type": "default", "rope_theta": 500000},
+])
+def test_accepted_rope_settings_give_transformers_frequencies(rope):
+    """Settings at the edge of what is accepted build the RoPE frequencies transformers builds."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    c = {**SMALL, "hidden_size": 64, "max_position_embeddings": 128, "rope_scaling": rope}
+    cfg = ModelConfig.from_json(c)
+    hc = LlamaConfig(**copy.deepcopy(c))
+    assert torch.equal(model.rope_inv_freq(cfg), LlamaRotaryEmbedding(hc).inv_freq)
 
 
 # ---------------------------------------------------------------------------- real SmolLM2-135M
