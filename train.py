@@ -1,130 +1,184 @@
 """LoRA fine-tuning of a LLaMA / Qwen chat model on multi-turn dialogues, with ReSURE reweighting.
 
-    python train.py                                   # the demo: SmolLM2-135M + synthetic noisy dialogues, CPU
+    python train.py                             # the demo: SmolLM2-135M, noisy dialogues, CPU
     python train.py --model DIR --data train.jsonl --out runs/x
     torchrun --nproc_per_node=4 train.py --model DIR --data train.jsonl --out runs/x
 
-One optimizer step = grad_accum micro-batches on every rank. Per micro-batch: per-token losses, per-unit losses (a
-dialogue or one assistant turn), all-gathered so that every rank weighs the same global batch (resure.py), backward on
-this rank's share of Eq. 7 (ReSURELoss below); only the LoRA adapter trains. The run folder (support/runs.py) loses
-nothing: checkpoints are whole or absent, a signal finishes the step and saves, a rerun resumes exactly.
+One optimizer step = grad_accum micro-batches on every rank. Per micro-batch: per-token losses,
+per-unit losses (a dialogue or one assistant turn), all-gathered so that every rank weighs the
+same global batch (resure.py), backward on this rank's share of Eq. 7 (ReSURELoss below); only the
+LoRA adapter trains. The run folder (support/runs.py) loses nothing: checkpoints are whole or
+absent, a signal finishes the step and saves, a rerun resumes exactly.
 """
 import argparse
+import copy
+import gc
 import json
 import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import model as M
 from data import ChatTemplate, build_examples, collate, epoch_batches, rank_slice
-from support.conversations import load_conversations, read_scores
-from lora import apply_lora, save_adapter
-from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter, reweighted_loss, unit_losses
+from eval import accuracy, per_turn_loss
+from lora import apply_lora, disabled, load_adapter, lora_state_dict, save_adapter
+from model import Transformer
+from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter
+from resure import reweighted_loss, unit_losses
 from support import runs
+from support.checkpoint import read_json
 from support.cli import UsageError, num
+from support.conversations import load_conversations, read_scores
+from support.export import export_merged
 from support.report import flag_report, log_line
 
 START = time.time()  # the demo reports its whole time
+BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-# The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README lists deviations.
-PAPER = dict(lora_r=128, lora_alpha=16, lora_dropout=0.3, lr=1e-5, warmup_ratio=0.01, batch_size=4, grad_accum=4,
-             epochs=3, max_len=2048, alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=25,
-             unit="dialogue", stats="welford", stats_update="reliable", grad_checkpointing=True,
-             dtype="bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32")
-# The demo: small enough for 2 CPU cores in minutes, strong enough that the effect shows (printed at start).
-DEMO = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=1e-3, warmup_ratio=0.05, batch_size=8, grad_accum=1,
-            epochs=1, max_len=256, alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10, dtype="fp32",
-            stats="ema", stats_update="winsorized", unit="turn", max_steps=45, grad_checkpointing=False)
+# The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README
+# lists deviations.
+PAPER = dict(
+    lora_r=128, lora_alpha=16, lora_dropout=0.3,
+    lr=1e-5, warmup_ratio=0.01, epochs=3,
+    batch_size=4, grad_accum=4, max_len=2048,  # 4 GPUs x 4 x 4 = 64 dialogues per step
+    unit="dialogue", alpha=1.0, floor_percentile=5.0, warmup_samples=640, ramp_steps=25,
+    stats="welford", stats_update="reliable",
+    grad_checkpointing=True, dtype="bf16" if BF16 else "fp32",
+)
+# The demo: small enough for 2 CPU cores in minutes, strong enough that the effect shows (its
+# settings are printed at the start).
+DEMO = dict(
+    lora_r=16, lora_alpha=32, lora_dropout=0.05,
+    lr=1e-3, warmup_ratio=0.05, epochs=1, max_steps=45,
+    batch_size=8, grad_accum=1, max_len=256,
+    unit="turn", alpha=1.0, floor_percentile=5.0, warmup_samples=64, ramp_steps=10,
+    stats="ema", stats_update="winsorized",
+    grad_checkpointing=False, dtype="fp32",
+)
 # Flags that do not change what a run computes; resuming with any other flag changed is refused.
-NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_every", "save_every", "resume",
-                "no_resume", "allow_changed_config", "merge", "report_top", "demo_eval", "demo")
+NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_every",
+                "save_every", "resume", "no_resume", "allow_changed_config", "merge", "report_top",
+                "demo_eval", "demo")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage block first)
-        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+def print0(message):
+    """Print on rank 0 only (torchrun's RANK; a process started alone is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message)
 
 
-POS, POS_INT, NONNEG, NONNEG_INT = num(float, 0, lo_ok=False), num(int, 1, 10**9, hi_ok=True), num(float, 0), \
-    num(int, 0, 10**9, hi_ok=True)
+# -------------------------------------------------------------------------------------------------
+# The objective: ReSURE's reweighted unit losses
+
+class ReSURELoss:
+    """What train.py minimizes: ReSURE's reweighted unit losses (Eqs. 1-7). A baseline hands
+    main() another object with these four methods (baselines/dpo.py does) and keeps the rest of the
+    loop."""
+
+    def examples(self, convs, template, args):
+        """(training examples, data.Report); with --detector loss+gain each reply also alone."""
+        free = args.detector == "loss+gain"
+        groups = args.max_turn_groups or None
+        return build_examples(convs, template, args.max_len, groups, free=free)
+
+    def collate(self, examples, pad_id):
+        return collate(examples, pad_id)
+
+    def count(self, run, b):
+        """(units, supervised tokens) of micro-batch b, known before its forward pass."""
+        return count_units(b["labels"], b["turn_ids"], run.args.unit)
+
+    def loss(self, run, b, k, totals):
+        """(this rank's share of the step's loss, the global batch's unit losses, their weights)
+        of micro-batch k of a step; totals: the step's (units, tokens) over every rank."""
+        args = run.args
+        with run.autocast:
+            tok = run.ddp(b["input_ids"], b["labels"], b["attention_mask"]).float()
+        units = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], args.unit)  # Eq. 1
+        losses, groups, ntok, sidx, turn = units
+        values = losses.detach()[None]
+        if args.detector == "loss+gain":
+            gains = context_gain(run.net, run.autocast, args.unit, b, values[0], sidx, turn)
+            values = torch.cat([values, gains[None]])
+        values, groups, ids, turns, offsets = gather(values, groups, b["index"][sidx], turn)
+        gains = values[1] if len(values) > 1 else None
+        weights, _ = run.rs.weigh(values[0], groups, ids=ids, turns=turns, new_step=k == 0,
+                                  gains=gains)  # Eqs. 2-6
+        mine = weights[offsets[run.rank]:offsets[run.rank + 1]]
+        loss = reweighted_loss(losses, ntok, mine, args.loss_norm, *totals, run.world)  # Eq. 7
+        return loss, values[0], weights
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); none: the demo's model")
-    add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
-    add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
-    add("--warmup-data", help="high-quality conversations to initialize the statistics from (paper: 640)")
-    add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, report.json")
-    add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
-    add("--on-bad-sample", choices=["error", "skip"], default="error")
-    add("--epochs", type=num(float, 0, 1e6, lo_ok=False, hi_ok=True), help="paper: 3")
-    add("--max-steps", type=POS_INT, help="optimizer steps (overrides --epochs)")
-    add("--batch-size", type=POS_INT, help="per device; paper: 4")
-    add("--grad-accum", type=POS_INT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
-    add("--lr", type=POS, help="paper: 1e-5, cosine")
-    add("--warmup-ratio", type=num(float, 0, 1), help="linear lr warm-up fraction; paper: 0.01")
-    add("--weight-decay", type=NONNEG, default=0.0)
-    add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
-    add("--grad-clip", type=NONNEG, default=1.0, help="max gradient norm; 0: no clipping")
-    add("--max-len", type=num(int, 2, 10**9, hi_ok=True), help="tokens; longer dialogues lose trailing turns")
-    add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
-    add("--dtype", choices=["fp32", "bf16", "fp16"], help="base weights + autocast; adapter stays fp32")
-    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
-    add("--group-by-length", action="store_true", help="batch similar lengths together to cut padding")
-    add("--lora-r", type=num(int, 1, 65536, hi_ok=True), help="paper: 128")
-    add("--lora-alpha", type=POS, help="paper: 16")
-    add("--lora-dropout", type=num(float, 0, 1), help="paper: 0.3")
-    add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
-        help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
-    add("--unit", choices=["dialogue", "turn"], help="what one loss l_s is (paper: dialogue)")
-    add("--loss-norm", choices=["sample", "token"], default="sample", help="mean over units (paper) or tokens")
-    add("--alpha", type=NONNEG, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
-    add("--floor-percentile", type=num(float, 0, 100, hi_ok=True),
-        help="eps = this percentile of the weights of one gathered micro-batch (Eq. 6); paper: 5")
-    add("--warmup-samples", type=NONNEG_INT, help="units seen before detection starts; paper: 640")
-    add("--ramp-steps", type=NONNEG_INT, help="optimizer steps over which down-weighting is blended in")
-    add("--max-turn-groups", type=NONNEG_INT, default=0, help="deeper turns share the last one; 0: one group per depth")
-    add("--stats", choices=["welford", "ema", "window", "mad"], help="running estimator; paper: welford")
-    add("--stats-update", choices=["reliable", "winsorized", "all"],
-        help="which units update the statistics; paper: reliable")
-    add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
-    add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
-    add("--detector", choices=["loss", "loss+gain"], default="loss",
-        help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha sigma_g (ours)")
-    add("--gain-alpha", type=POS, default=2.0, help="the context-gain band's half-width in sigmas")
-    add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
-        help="static baseline: train on this fraction only")
-    add("--prefilter-scores", help="quality scores, one per conversation (higher is better), instead of the "
-        "base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
-    add("--record-units", action="store_true", help="write every unit's loss/tau/weight to units.jsonl")
-    add("--log-every", type=POS_INT, default=10)
-    add("--eval-every", type=NONNEG_INT, default=0, help="0: only at the end")
-    add("--save-every", type=NONNEG_INT, default=0, help="0: only at the end")
-    add("--resume", action="store_true", help="require a checkpoint to continue from (automatic if present)")
-    add("--no-resume", action="store_true", help="start over: an earlier run in --out is moved aside first")
-    add("--allow-changed-config", action="store_true", help="resume although a setting of the run changed")
-    add("--merge", action="store_true", help="also export a merged Hugging Face folder to OUT/merged")
-    add("--report-top", type=NONNEG_INT, default=20, help="most down-weighted samples listed in report.json")
-    add("--demo-eval", type=NONNEG_INT, default=32, help="demo only: clean test dialogues scored before and after")
-    args = p.parse_args(argv)
-    args.demo = args.model is None and args.data is None
-    if args.data is None and args.model is not None:
-        raise UsageError("--model needs --data (the demo's data is made for its own model)")
-    for k, v in (DEMO if args.demo else PAPER).items():  # a flag left out takes the paper's (the demo's) value
-        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
-    if args.resume and args.no_resume:
-        raise UsageError("--resume and --no-resume contradict each other")
-    return args
+@torch.no_grad()
+def context_gain(net, autocast, unit, b, losses, sidx, turn, rows=8):
+    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows
+    of batch b): their common start (the template's empty user turn) runs once, then rows of similar
+    length continue from its K/V. losses, sidx, turn: b's units (resure.unit_losses)."""
+    if "free_ids" not in b:
+        return torch.full_like(losses, math.nan)
+    ids = b["free_ids"]
+    labels = b["free_labels"]
+    mask = b["free_mask"]
+    start = shared_start(ids, labels)
+    lengths = mask.sum(1)
+    tok = torch.zeros(labels[:, start:].shape, device=ids.device)
+    cache = None
+    with autocast:
+        if start:
+            cache = net.new_cache(1, ids.shape[1])
+            net.hidden_states(ids[:1, :start], cache=cache)
+        for r in lengths.argsort(descending=True).split(rows):
+            end = int(lengths[r[0]])
+            span = slice(start, end)
+            rows_cache = cache.expand(len(r)) if start else None
+            scored = net.token_losses(ids[r, span], labels[r, span], mask[r, span],
+                                      cache=rows_cache)
+            tok[r, :end - start] = scored.float()
+    batch = len(b["input_ids"])
+    return gain_of(tok, labels[:, start:], b["free_unit"], losses, sidx, turn, unit, batch)
+
+
+def shared_start(ids, labels):
+    """How many unsupervised tokens every free row starts with, less one (the last of them is where
+    the scoring of each row begins)."""
+    same = (ids == ids[:1]) & (labels == -100)
+    return max(0, int(same.all(0).long().cumprod(0).sum()) - 1)
+
+
+@torch.no_grad()
+def score_units(net, autocast, pad_id, examples, unit, batch_size=8):
+    """Per-unit (losses, groups, context gains or None) of examples under net, without dropout:
+    the warm-up statistics and the static pre-filter."""
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    columns = []
+    for i in range(0, len(examples), batch_size):
+        b = to_device(collate(examples[i:i + batch_size], pad_id), device)
+        with autocast:
+            tok = net.token_losses(b["input_ids"], b["labels"], b["attention_mask"]).float()
+        units = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
+        losses, groups, _, sidx, turn = units
+        gains = context_gain(net, autocast, unit, b, losses, sidx, turn)
+        columns.append(torch.stack([losses.double(), groups.double(), gains.double()]).cpu())
+    net.train(was_training)
+    losses, groups, gains = torch.cat(columns, 1).numpy()
+    if not np.isfinite(gains).any():
+        gains = None
+    return losses, groups.astype(np.int64), gains
+
+
+def to_device(b, device):
+    return {key: value.to(device) for key, value in b.items()}
 
 
 class TokenLoss(torch.nn.Module):
@@ -138,328 +192,690 @@ class TokenLoss(torch.nn.Module):
         return self.net.token_losses(input_ids, labels, attention_mask)
 
 
+# -------------------------------------------------------------------------------------------------
+# The run's state
+
+@dataclass
+class Sampler:
+    """Which examples micro-batch m trains on: epoch e is a permutation seeded by (seed, e), cut
+    into global batches (data.epoch_batches), of which each rank takes its share (data.rank_slice).
+    Nothing else is drawn, so a resumed run sees what the uninterrupted one would have."""
+    n: int                     # training examples
+    global_batch: int          # examples per micro-batch over all ranks: batch_size x world
+    seed: int
+    rank: int
+    world: int
+    lengths: list[int] | None  # each example's tokens, with --group-by-length
+    epochs: dict = field(default_factory=dict)  # epoch -> its global batches, drawn once
+
+    @property
+    def dropped(self):
+        """Examples left out of each epoch: a last batch that would leave a rank empty."""
+        rest = self.n % self.global_batch
+        if rest < self.world:
+            return rest
+        return 0
+
+    @property
+    def per_epoch(self):
+        """Global batches in one epoch."""
+        return -(-self.n // self.global_batch) - (self.dropped > 0)
+
+    def indices(self, m):
+        """The examples of this rank's share of micro-batch m (counted from the run's start)."""
+        epoch = m // self.per_epoch
+        if epoch not in self.epochs:
+            self.epochs[epoch] = epoch_batches(self.n, self.global_batch, self.seed, epoch,
+                                               self.lengths)
+        batch = self.epochs[epoch][m % self.per_epoch]
+        return rank_slice(batch, self.rank, self.world)
+
+
+@dataclass
+class Run:
+    """One training run, as build() makes it. train_step() advances it; support/runs.py keeps it
+    in OUT through save_state() and load_state()."""
+    args: argparse.Namespace          # the command line, resolved (parse_args)
+    rank: int                         # this process among world (torchrun's RANK; 0 alone)
+    world: int                        # processes training together
+    device: torch.device              # where this rank computes
+    objective: ReSURELoss             # what is minimized (or a baseline's, with the same methods)
+    net: Transformer                  # the base model with LoRA applied; only the adapter trains
+    template: ChatTemplate            # renders and tokenizes the conversations
+    autocast: AbstractContextManager  # mixed precision around each forward (a no-op in fp32)
+    rs: ReSURE                        # the running statistics and the weights (Eqs. 2-6)
+    examples: list[dict]              # training examples (data.build_examples), pre-filtered
+    eval_examples: list[dict] | None  # --eval-data's examples
+    params: list[torch.nn.Parameter]  # the adapter's weights: what the optimizer steps
+    opt: torch.optim.AdamW
+    scaler: torch.amp.GradScaler      # loss scaling for fp16 on CUDA, a pass-through otherwise
+    ddp: torch.nn.Module              # TokenLoss(net), in DDP when several ranks train
+    sampler: Sampler                  # micro-batch -> this rank's examples
+    total: int                        # optimizer steps of the whole run
+    warmup: int                       # of them, the steps of linear lr warm-up
+    last_seen: dict = field(default_factory=dict)  # (sample, turn) -> its last record (report)
+
+    def trainer_state(self):
+        return {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def unit_state(self):
+        return {"resure": self.rs.state_dict(), "last_seen": list(self.last_seen.values())}
+
+    def restore(self, trainer, state):
+        """Put what trainer_state() and unit_state() returned back in place."""
+        self.opt.load_state_dict(trainer["optimizer"])
+        self.scaler.load_state_dict(trainer["scaler"])
+        self.rs.load_state_dict(state["resure"])
+        self.last_seen = {(r["sample"], r["turn"]): r for r in state["last_seen"]}
+
+    def save_state(self, path):
+        """This run's part of checkpoint folder `path`: the adapter, trainer.pt (optimizer, scaler)
+        and state.json (ReSURE, the report's table); support/runs.py writes the rest."""
+        save_adapter(self.net, path, self.args.model)
+        torch.save(self.trainer_state(), os.path.join(path, "trainer.pt"))
+        runs.dump(self.unit_state(), os.path.join(path, "state.json"))
+
+    def load_state(self, path):
+        """Restore save_state()'s files. Each is read and checked before anything changes, and a
+        failure half way puts back what was there: a damaged checkpoint leaves a fresh run fresh."""
+        trainer_file = os.path.join(path, "trainer.pt")
+        trainer = torch.load(trainer_file, weights_only=True, map_location="cpu")
+        state = read_json(os.path.join(path, "state.json"), runs.RunError)
+        if not isinstance(state.get("last_seen"), list):
+            raise runs.RunError(f"{path}/state.json: no list of units")
+        adapter = {k: v.detach().clone() for k, v in lora_state_dict(self.net).items()}
+        before = (copy.deepcopy(self.trainer_state()), self.unit_state())
+        try:
+            load_adapter(self.net, path)
+            self.restore(trainer, state)
+        except Exception:
+            with torch.no_grad():
+                for k, v in lora_state_dict(self.net).items():
+                    v.copy_(adapter[k])
+            self.restore(*before)
+            raise
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop."""
+    step: int             # steps done, this one included
+    epoch: float          # passes over the data so far
+    loss: float           # mean unit loss of the step (finite units)
+    weighted_loss: float  # mean of weight x unit loss
+    lr: float
+    grad_norm: float      # before clipping
+    skipped: bool         # the gradient was not finite: nothing changed
+    tokens: int           # this rank's tokens
+    finite_units: int
+    records: list[dict]   # ReSURE's unit records (rank 0), for units.jsonl
+
+
+# -------------------------------------------------------------------------------------------------
+# Training
+
 def cosine_lr(step, total, warmup, base):
-    """Linear warm-up then cosine decay to 0 (what transformers' get_cosine_schedule_with_warmup computes)."""
+    """Linear warm-up then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
     if step < warmup:
         return base * step / max(1, warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def score_units(run, examples, unit, batch_size=8):
-    """Per-unit (losses, groups, context gains or None) of examples under run.net, without dropout: the warm-up
-    statistics and static pre-filtering."""
-    was_training, out = run.net.training, []
-    run.net.eval()
-    for i in range(0, len(examples), batch_size):
-        b = {k: v.to(run.device) for k, v in collate(examples[i:i + batch_size], run.template.pad_id).items()}
-        with run.amp():
-            tok = run.net.token_losses(b["input_ids"], b["labels"], b["attention_mask"]).float()
-        losses, groups, _, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], unit)
-        gains = context_gain(run, b, losses, sidx, turn)
-        out.append(torch.stack([losses.double(), groups.double(), gains.double()]).cpu())
-    run.net.train(was_training)
-    losses, groups, gains = torch.cat(out, 1).numpy()
-    return losses, groups.astype(np.int64), gains if np.isfinite(gains).any() else None
+def train_step(run, step):
+    """One optimizer step of grad_accum micro-batches on every rank. A step whose gradient is not
+    finite is skipped: counted, and its units leave no trace in the statistics or the report."""
+    lr = cosine_lr(step, run.total, run.warmup, run.args.lr)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    first = step * run.args.grad_accum
+    batches = [micro_batch(run, m) for m in range(first, first + run.args.grad_accum)]
+    counts = np.sum([run.objective.count(run, b) for b in batches], axis=0)
+    totals = all_reduce_sum(*counts)
+    statistics = run.rs.state_dict()  # put back if the step is skipped
+    sums, records, tokens = accumulate(run, batches, totals)
+    grad_norm = optimizer_step(run)
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        run.rs.load_state_dict(statistics)
+    for r in records:
+        r.update(step=step, skipped=skipped)
+        if not skipped:
+            run.last_seen[(r["sample"], r["turn"])] = r
+    loss_sum, weighted_sum, finite = sums
+    epoch = (step + 1) * run.args.grad_accum / run.sampler.per_epoch
+    return StepResult(step=step + 1, epoch=epoch, loss=mean(loss_sum, finite),
+                      weighted_loss=mean(weighted_sum, finite), lr=lr, grad_norm=grad_norm,
+                      skipped=skipped, tokens=tokens, finite_units=int(finite), records=records)
 
 
-@torch.no_grad()
-def context_gain(run, b, losses, sidx, turn, rows=8):
-    """Each unit's context gain (resure.gain_of) from its replies scored alone (data.py's free rows): their common
-    start (the template's empty user turn) runs once, then rows of similar length continue from its K/V."""
-    if "free_ids" not in b:
-        return torch.full_like(losses, math.nan)
-    ids, labels, mask = b["free_ids"], b["free_labels"], b["free_mask"]
-    P = max(0, int(((ids == ids[:1]) & (labels == -100)).all(0).long().cumprod(0).sum()) - 1)  # that start, less one
-    n, tok, cache = mask.sum(1), torch.zeros(labels[:, P:].shape, device=ids.device), run.net.new_cache(1, ids.shape[1])
-    with run.amp():
-        if P:
-            run.net.hidden_states(ids[:1, :P], cache=cache)
-        for r in n.argsort(descending=True).split(rows):
-            T, c = int(n[r[0]]), cache.expand(len(r)) if P else None
-            tok[r, :T - P] = run.net.token_losses(ids[r, P:T], labels[r, P:T], mask[r, P:T], cache=c).float()
-    return gain_of(tok, labels[:, P:], b["free_unit"], losses, sidx, turn, run.args.unit, len(b["input_ids"]))
+def micro_batch(run, m):
+    examples = [run.examples[i] for i in run.sampler.indices(m)]
+    return run.objective.collate(examples, run.template.pad_id)
 
 
-class ReSURELoss:
-    """What train.py minimizes: ReSURE's reweighted unit losses (Eqs. 1-7). A baseline hands train.main another
-    object with these four methods (baselines/dpo.py does) and keeps the rest of the loop."""
-
-    def examples(self, run, convs):
-        return build_examples(convs, run.template, run.args.max_len, run.args.max_turn_groups or None,
-                              free=run.args.detector == "loss+gain")
-
-    def collate(self, run, examples):
-        return collate(examples, run.template.pad_id)
-
-    def count(self, run, b):  # (units, supervised tokens) of a micro-batch, known before its forward pass
-        return count_units(b["labels"], b["turn_ids"], run.args.unit)
-
-    def loss(self, run, b, k, totals):
-        """(this rank's share of the step's loss, the global batch's unit losses, their weights)."""
-        args = run.args
-        with run.amp():
-            tok = run.ddp(b["input_ids"], b["labels"], b["attention_mask"]).float()
-        losses, groups, ntok, sidx, turn = unit_losses(tok, b["labels"], b["turn_ids"], b["group"], args.unit)  # Eq. 1
-        vals = losses.detach()[None]
-        if args.detector == "loss+gain":
-            vals = torch.cat([vals, context_gain(run, b, losses.detach(), sidx, turn)[None]])
-        vals, groups, ids, turns, offsets = gather(vals, groups, b["index"][sidx], turn)
-        weights, _ = run.rs.weigh(vals[0], groups, ids=ids, turns=turns, new_step=k == 0,       # Eqs. 2-6
-                                  gains=vals[1] if len(vals) > 1 else None)
-        mine = weights[offsets[run.rank]:offsets[run.rank + 1]]
-        return reweighted_loss(losses, ntok, mine, args.loss_norm, *totals, run.world), vals[0], weights  # Eq. 7
+def accumulate(run, batches, totals):
+    """Forward and backward of each micro-batch, the gradients synchronized on the last one.
+    Returns (sum of unit losses, of weighted unit losses, finite units), ReSURE's records and this
+    rank's tokens."""
+    sums = np.zeros(3)
+    records = []
+    tokens = 0
+    for k, b in enumerate(batches):
+        b = to_device(b, run.device)
+        last = k == len(batches) - 1
+        sync = nullcontext() if run.world == 1 or last else run.ddp.no_sync()
+        with sync:
+            loss, losses, weights = run.objective.loss(run, b, k, totals)
+            run.scaler.scale(loss).backward()
+        ok = np.isfinite(losses)
+        sums += [losses[ok].sum(), (weights[ok] * losses[ok]).sum(), ok.sum()]
+        records += run.rs.pop_records()
+        tokens += int(b["attention_mask"].sum())
+    return sums, records, tokens
 
 
-Run = argparse.Namespace  # everything one training run holds: args, rank/world/device, net, opt, rs, examples, ...
+def optimizer_step(run):
+    """Clip, step, zero; returns the gradient norm. A norm that is not finite (a NaN loss, an fp16
+    overflow) means a poisoned gradient: the optimizer does not step."""
+    run.scaler.unscale_(run.opt)
+    max_norm = run.args.grad_clip or math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    if math.isfinite(grad_norm):
+        run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
-def load_examples(run, path, label, convert=None):
+def mean(total, n):
+    if n == 0:
+        return math.nan
+    return total / n
+
+
+def train(run, folder, step, stop):
+    """Steps from `step` to run.total with their logs, evaluations and checkpoints; after SIGINT
+    or SIGTERM the step is finished and checkpointed, and the process exits (130 / 143)."""
+    args = run.args
+    t0 = time.time()
+    tokens = 0
+    skipped = 0
+    blind = 0  # steps in a row without one finite unit loss
+    while step < run.total:
+        result = train_step(run, step)
+        step = result.step
+        tokens += result.tokens
+        skipped += result.skipped
+        blind = blind + 1 if result.finite_units == 0 else 0
+        if blind >= min(5, run.total):
+            raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the "
+                             "model produces NaN or inf (check its weights and --dtype: some "
+                             "models overflow in fp16)")
+        if run.rank == 0 and args.record_units:
+            append_jsonl(os.path.join(args.out, "units.jsonl"), result.records)
+        if step % args.log_every == 0 or step == run.total:
+            log_step(run, result, tokens, time.time() - t0, skipped)
+            t0 = time.time()
+            tokens = 0
+        for warning in run.rs.warnings():
+            print0(warning)
+        if args.eval_every and step % args.eval_every == 0:
+            log_eval(run, step)
+        if stop.requested():
+            save_checkpoint(run, folder, step)
+            print0(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint "
+                   f"step-{step:07d} written: the same command continues the run")
+            raise SystemExit(stop.exit_code)
+        if args.save_every and step % args.save_every == 0 and step < run.total:
+            save_checkpoint(run, folder, step)
+    if blind:  # the last steps' every loss was NaN: the adapter diverged, nothing final is written
+        raise UsageError(f"the last {blind} steps had no finite unit loss: the adapter diverged "
+                         "(is --lr too high?)")
+    save_checkpoint(run, folder, step)
+
+
+def log_step(run, result, tokens, seconds, skipped):
+    """(rank 0) The step's line on stdout and its record in metrics.jsonl; tokens: this rank's
+    since the last record, `seconds` ago."""
+    if run.rank != 0:
+        return
+    eta = seconds / run.args.log_every * (run.total - result.step)
+    record = dict(step=result.step, epoch=result.epoch, loss=result.loss,
+                  weighted_loss=result.weighted_loss, lr=result.lr, grad_norm=result.grad_norm,
+                  tokens_per_s=tokens * run.world / seconds, eta_s=eta, skipped_steps=skipped,
+                  **run.rs.summary())
+    append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [record])
+    print(log_line(record))
+
+
+def log_eval(run, step):
+    """(rank 0) The per-turn loss of --eval-data (eval.per_turn_loss), in metrics.jsonl and on
+    stdout."""
+    if run.rank != 0 or not run.eval_examples:
+        return
+    res = per_turn_loss(run.net, run.eval_examples, pad_id=run.template.pad_id)  # eval mode
+    append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [{"step": step, "eval": res}])
+    print(f"eval step {step}: " + json.dumps(res, default=float))
+
+
+def append_jsonl(path, records):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r, default=float) + "\n" for r in records)
+
+
+def save_checkpoint(run, folder, step):
+    """Checkpoint step-NNNNNNN (support/runs.py writes it whole or not at all); an adapter that
+    became NaN or infinite is refused before anything is written."""
+    if all(bool(torch.isfinite(p).all()) for p in run.params):
+        folder.save(step, run.save_state)
+        return
+    previous = folder.checkpoints()
+    last = f"the last good checkpoint is {previous[-1]}" if previous else "nothing was saved"
+    raise runs.RunError(f"the adapter's weights are NaN or infinite after step {step} (is --lr "
+                        f"too high?); {last}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Building the run
+
+def build(args, rank, world, device, objective):
+    """The run: seeds, model, template, ReSURE, data (pre-filtered, statistics warmed up when
+    asked), LoRA, optimizer, sampler and schedule. The order fixes every random draw."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    net = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
+    net.gradient_checkpointing = args.grad_checkpointing
+    template = ChatTemplate.from_pretrained(args.model, name=args.chat_template)
+    print0(f"model: {args.model} ({net.config.model_type}), chat template {template.name}")
+    autocast = autocast_context(device, dtype)
+    rs = new_resure(args, record=rank == 0)
+    examples, eval_examples = load_data(args, objective, template, net, autocast, rs)
+    apply_lora(net, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+               verbose=rank == 0)
+    params = [p for p in net.parameters() if p.requires_grad]
+    betas = (0.9, args.beta2)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+    fp16_cuda = dtype == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16_cuda)
+    sampler = make_sampler(args, examples, rank, world)
+    epoch_steps = int(args.epochs * sampler.per_epoch) // args.grad_accum
+    total = args.max_steps or max(1, epoch_steps)
+    return Run(args=args, rank=rank, world=world, device=device, objective=objective, net=net,
+               template=template, autocast=autocast, rs=rs, examples=examples,
+               eval_examples=eval_examples, params=params, opt=opt, scaler=scaler,
+               ddp=token_loss(net, world, device), sampler=sampler, total=total,
+               warmup=math.ceil(args.warmup_ratio * total))
+
+
+def autocast_context(device, dtype):
+    """Autocast to dtype around each forward pass, nothing in fp32: one object, entered again and
+    again, never nested."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def new_resure(args, record):
+    """ReSURE as the flags set it; record: keep per-unit records (rank 0 writes them)."""
+    gain_alpha = args.gain_alpha if args.detector == "loss+gain" else None
+    return ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile,
+                  floor_over=args.floor_over, warmup_samples=args.warmup_samples,
+                  ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups or None,
+                  mode=args.method, stats=args.stats, stats_update=args.stats_update,
+                  ema_decay=args.ema_decay, window=args.window, gain_alpha=gain_alpha,
+                  record=record)
+
+
+def token_loss(net, world, device):
+    """What the backward runs through: TokenLoss(net), in DDP when several ranks train."""
+    module = TokenLoss(net)
+    if world == 1:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=device_ids)
+
+
+def load_data(args, objective, template, net, autocast, rs):
+    """Training examples (pre-filtered when asked) and held-out examples; ReSURE's statistics are
+    warmed up on --warmup-data when it is given."""
+    make = objective.examples
+    examples, report, convs = read_examples(args.data, "--data", template, args, make)
+    print0(f"data: {args.data}: {report.summary()}")
+    eval_examples = None
+    if args.eval_data:
+        held_out = read_examples(args.eval_data, "--eval-data", template, args, plain_examples)
+        eval_examples = held_out[0]
+    if args.prefilter_keep < 1 or args.prefilter_scores:
+        examples = prefilter_examples(args, examples, convs, net, autocast, template.pad_id)
+    if args.warmup_data:
+        make = ReSURELoss().examples
+        warm = read_examples(args.warmup_data, "--warmup-data", template, args, make)[0]
+        n = rs.warmup_from(*score_units(net, autocast, template.pad_id, warm, args.unit))
+        print0(f"warm-up: statistics initialized from {n} units of {len(warm)} samples of "
+               f"{args.warmup_data}")
+    elif args.method != "sft":
+        print0(f"warm-up: statistics from the first {args.warmup_samples} units of the "
+               "unfiltered training stream (the paper warms up on 640 high-quality samples: "
+               "give them with --warmup-data)")
+    return examples, eval_examples
+
+
+def read_examples(path, flag, template, args, make):
+    """(examples, data.Report, conversations) of one file, the examples by make(convs, template,
+    args); one line naming the flag or the file when it is missing or yields nothing."""
     if not os.path.isfile(path):
-        raise UsageError(f"{label} {path}: no such file")
-    convs = load_conversations(path, on_bad_sample=run.args.on_bad_sample)
-    examples, report = (convert or ReSURELoss().examples)(run, convs)
+        raise UsageError(f"{flag} {path}: no such file")
+    convs = load_conversations(path, on_bad_sample=args.on_bad_sample)
+    examples, report = make(convs, template, args)
     if not examples:
         raise UsageError(f"{path}: no usable conversation ({report.summary()})")
     return examples, report, convs
 
 
-def prepare_data(run):
-    """Training examples (pre-filtered when asked), held-out examples, and the statistics' warm-up."""
-    args = run.args
-    run.examples, report, convs = load_examples(run, args.data, "--data", run.objective.examples)
-    run.log(f"data: {args.data}: {report.summary()}")
-    plain = lambda r, c: build_examples(c, r.template, args.max_len, args.max_turn_groups or None)  # noqa: E731
-    run.eval_examples = load_examples(run, args.eval_data, "--eval-data", plain)[0] if args.eval_data else None
-    if args.prefilter_keep < 1 or args.prefilter_scores:  # the paper's static pre-filtering (Sec. 5.2)
-        scores = -read_scores(args.prefilter_scores, convs)[[e["conv_index"] for e in run.examples]] if \
-            args.prefilter_scores else score_units(run, run.examples, "dialogue")[0]  # ours: the base model's loss
-        keep = prefilter(scores, keep=args.prefilter_keep)
-        run.log(f"prefilter: kept {len(keep)} of {len(run.examples)} samples (the best by "
-                f"{args.prefilter_scores or 'base-model loss, our stand-in for the paper reward model'})")
-        run.examples = [dict(run.examples[i], index=j) for j, i in enumerate(keep)]
-    if args.warmup_data:
-        wex = load_examples(run, args.warmup_data, "--warmup-data")[0]
-        n = run.rs.warmup_from(*score_units(run, wex, args.unit))
-        run.log(f"warm-up: statistics initialized from {n} units of {len(wex)} samples of {args.warmup_data}")
-    elif args.method != "sft":
-        run.log(f"warm-up: statistics from the first {args.warmup_samples} units of the unfiltered training stream "
-                "(the paper warms up on 640 high-quality samples: give them with --warmup-data)")
+def plain_examples(convs, template, args):
+    """Held-out examples: every reply in its dialogue, none alone."""
+    return build_examples(convs, template, args.max_len, args.max_turn_groups or None)
 
 
-def build(run):
-    """Model, template, data, ReSURE, LoRA, optimizer, scaler and schedule; False when OUT holds this run, done."""
-    args = run.args
+def prefilter_examples(args, examples, convs, net, autocast, pad_id):
+    """The paper's static pre-filter (Sec. 5.2): the best --prefilter-keep of the examples by
+    --prefilter-scores, or (ours, a stand-in for the paper's reward model) by the base model's
+    loss. The kept examples are numbered anew."""
+    if args.prefilter_scores:
+        rows = [e["conv_index"] for e in examples]
+        scores = -read_scores(args.prefilter_scores, convs)[rows]
+    else:
+        scores = score_units(net, autocast, pad_id, examples, "dialogue")[0]
+    keep = prefilter(scores, keep=args.prefilter_keep)
+    by = args.prefilter_scores or "base-model loss, our stand-in for the paper reward model"
+    print0(f"prefilter: kept {len(keep)} of {len(examples)} samples (the best by {by})")
+    return [dict(examples[i], index=j) for j, i in enumerate(keep)]
+
+
+def make_sampler(args, examples, rank, world):
+    """The sampler of the examples over world ranks; data that leaves a rank nothing is refused."""
+    lengths = None
+    if args.group_by_length:
+        lengths = [len(e["input_ids"]) for e in examples]
+    n = len(examples)
+    sampler = Sampler(n, args.batch_size * world, args.seed, rank, world, lengths)
+    if sampler.per_epoch < 1:
+        raise UsageError(f"--data {args.data}: {n} examples cannot feed {world} ranks")
+    if sampler.dropped:
+        print0(f"sampler: dropping the last {sampler.dropped} samples of each epoch (fewer than "
+               f"{world} ranks)")
+    return sampler
+
+
+# -------------------------------------------------------------------------------------------------
+# The job: one process, or one of torchrun's
+
+def setup_distributed():
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, one per LOCAL_RANK, gloo on
+    CPUs; a process started alone trains by itself, on the GPU if there is one."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
+    if not cuda:
+        dist.init_process_group("gloo")
+        return rank, world, torch.device("cpu")
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    return rank, world, torch.device("cuda", local)
+
+
+def teardown(run, folder):
+    """The end of main, also on an error: the lock given back, then DDP, then the process group.
+    DDP sits in reference cycles, so it is unwrapped and collected here: a DDP reducer that
+    outlives the gloo process group makes torch 2.13 abort at interpreter exit now and then
+    ("terminate called without an active exception")."""
+    folder.release()
+    if run is not None and isinstance(run.ddp, DDP):
+        run.ddp = run.ddp.module
+    gc.collect()
+    if dist.is_initialized():  # torchrun, also with one rank
+        dist.destroy_process_group()
+
+
+def main(argv=None, objective=None):
+    """Train; returns the finished Run, None when --out already held this run, finished.
+    objective: ReSURELoss() unless a baseline brings its own."""
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    folder = runs.Folder(args.out, rank, world, device, require_checkpoint=args.resume,
+                         fresh=args.no_resume, allow_changed=args.allow_changed_config)
+    run = None
+    try:
+        demo_test = resolve_model(args)
+        check_inputs(args)
+        if not folder.claim(run_identity(args, world), final_outputs(args)):
+            return None
+        run = build(args, rank, world, device, objective or ReSURELoss())
+        folder.start(getattr(run.net, "fingerprint", None))
+        with runs.Stop(folder) as stop:  # a signal is answered after a step, or at the end
+            step = folder.resume(run.load_state)
+            print0(f"training {run.total} steps x {args.grad_accum} micro-batches x "
+                   f"{args.batch_size} x {world} ranks; method={args.method} unit={args.unit} "
+                   f"stats={args.stats}/{args.stats_update}")
+            run.net.train()
+            train(run, folder, step, stop)
+            if rank == 0:
+                finish(run, folder, demo_test)
+            folder.barrier()  # the other ranks wait for rank 0's last writes
+        if stop.signum:
+            raise SystemExit(stop.exit_code)
+        return run
+    finally:
+        teardown(run, folder)
+
+
+def resolve_model(args):
+    """The demo fills --model and --data with its own (support/demo.py) and returns its clean
+    test file; --data alone trains the demo's model with the paper's settings."""
+    if args.demo:
+        from support.demo import prepare  # the demo's files, made on first use
+        args.model, args.data, test = prepare(args.seed)
+        print0("demo: SmolLM2-135M-Instruct + LoRA + ReSURE on the synthetic noisy multi-turn "
+               "benchmark (tier N)")
+        print0("demo settings: " + " ".join(f"{k}={getattr(args, k)}" for k in DEMO))
+        return test
+    if args.model is None:
+        from support.smollm2 import prepare_smollm2  # converted from its GGUF on first use
+        args.model = prepare_smollm2()
+    return None
+
+
+def check_inputs(args):
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a folder")
     if not os.path.isfile(args.data):
         raise UsageError(f"--data {args.data}: no such file")
-    run.identity = runs.identity(args, [k for k in vars(args) if k not in NOT_RUN_KEYS], run.world)
-    if not runs.claim(run):
-        return False
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    run.amp = (lambda: torch.autocast(run.device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
-    run.net = M.Transformer.from_pretrained(args.model, dtype=dtype, device=run.device)
-    run.net.gradient_checkpointing = args.grad_checkpointing
-    run.template = ChatTemplate.from_pretrained(args.model, name=args.chat_template)
-    run.log(f"model: {args.model} ({run.net.config.model_type}), chat template {run.template.name}")
-    run.rs = ReSURE(alpha=args.alpha, floor_percentile=args.floor_percentile, warmup_samples=args.warmup_samples,
-                    ramp_steps=args.ramp_steps, max_turn_groups=args.max_turn_groups or None, mode=args.method,
-                    stats=args.stats, stats_update=args.stats_update, ema_decay=args.ema_decay, window=args.window,
-                    gain_alpha=args.gain_alpha if args.detector == "loss+gain" else None, record=run.rank == 0)
-    prepare_data(run)
-    apply_lora(run.net, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, verbose=run.rank == 0)
-    run.params = [p for p in run.net.parameters() if p.requires_grad]
-    run.opt = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
-    run.scaler = torch.amp.GradScaler(run.device.type, enabled=dtype == torch.float16 and run.device.type == "cuda")
-    cuda = [run.device.index] if run.device.type == "cuda" else None
-    run.ddp = DDP(TokenLoss(run.net), device_ids=cuda) if run.world > 1 else TokenLoss(run.net)
-    n, G = len(run.examples), args.batch_size * run.world
-    run.per_epoch = -(-n // G) - (0 < n % G < run.world)  # a last batch that would leave a rank empty is dropped
-    if run.per_epoch < 1:
-        raise UsageError(f"--data {args.data}: {n} examples cannot feed {run.world} ranks")
-    if 0 < n % G < run.world:
-        run.log(f"sampler: dropping the last {n % G} samples of each epoch (fewer than {run.world} ranks)")
-    run.total = args.max_steps or max(1, int(args.epochs * run.per_epoch) // args.grad_accum)
-    run.warmup = math.ceil(args.warmup_ratio * run.total)
-    lengths = [len(e["input_ids"]) for e in run.examples] if args.group_by_length else None
-    run.epochs = {}  # epoch -> its global batches: (epoch, position) is all the sampler's state
-    run.batches = lambda m: rank_slice(run.epochs.setdefault(m // run.per_epoch, epoch_batches(
-        n, G, args.seed, m // run.per_epoch, lengths))[m % run.per_epoch], run.rank, run.world)
-    return True
 
 
-def train_step(run, step):
-    """One optimizer step of grad_accum micro-batches on every rank; returns what the log needs."""
-    args, rs = run.args, run.rs
-    lr = cosine_lr(step, run.total, run.warmup, args.lr)
-    for g in run.opt.param_groups:
-        g["lr"] = lr
-    batches = [run.objective.collate(run, [run.examples[i] for i in run.batches(step * args.grad_accum + k)])
-               for k in range(args.grad_accum)]
-    totals = all_reduce_sum(*np.sum([run.objective.count(run, b) for b in batches], axis=0))
-    rs_before, sums, recs, tokens = rs.state_dict(), np.zeros(3), [], 0  # rs_before: restored if skipped
-    for k, b in enumerate(batches):
-        b = {key: v.to(run.device) for key, v in b.items()}
-        with nullcontext() if run.world == 1 or k == len(batches) - 1 else run.ddp.no_sync():
-            loss, losses, weights = run.objective.loss(run, b, k, totals)
-            run.scaler.scale(loss).backward()
-        ok = np.isfinite(losses)
-        sums += [losses[ok].sum(), (weights[ok] * losses[ok]).sum(), ok.sum()]
-        recs += rs.pop_records()
-        tokens += int(b["attention_mask"].sum())
-    run.scaler.unscale_(run.opt)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip or math.inf))
-    ok = math.isfinite(gnorm)  # a non-finite loss or an fp16 overflow poisoned the gradient: skip the step
-    if ok:
-        run.scaler.step(run.opt)
-    run.scaler.update()
-    run.opt.zero_grad(set_to_none=True)
-    if not ok:  # counted, and this step's units leave no trace in the statistics
-        rs.load_state_dict(rs_before)
-    for r in recs:  # logged as skipped, and left out of the report, when the step was undone
-        r.update(step=step, skipped=not ok)
-        run.last_seen.update({(r["sample"], r["turn"]): r} if ok else {})
-    n = sums[2]
-    return dict(step=step + 1, epoch=(step + 1) * args.grad_accum / run.per_epoch, loss=sums[0] / n if n else math.nan,
-                weighted_loss=sums[1] / n if n else math.nan, lr=lr, grad_norm=gnorm, ok=ok, tokens=tokens,
-                finite_units=int(n), records=recs)
+def run_identity(args, world):
+    """run.json's record of the settings that change what the run computes, and of its inputs."""
+    keys = [k for k in vars(args) if k not in NOT_RUN_KEYS]
+    return runs.identity(args, keys, world)
 
 
-def train(run, step, stop):
-    """Steps from `step` to run.total: logs, evaluation, checkpoints; SIGINT / SIGTERM stop after a step."""
-    args, master = run.args, run.rank == 0
-    metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if master else None
-    units = open(os.path.join(run.out, "units.jsonl"), "a") if master and args.record_units else None
-    t0, tokens, skipped, blind = time.time(), 0, 0, 0
-    while step < run.total:
-        r = train_step(run, step)
-        step, tokens, skipped = step + 1, tokens + r["tokens"], skipped + (not r["ok"])
-        blind = blind + 1 if r["finite_units"] == 0 else 0
-        if blind >= min(5, run.total):
-            raise UsageError(f"no finite unit loss in the last {blind} steps (step {step}): the model produces "
-                             "NaN or inf (check its weights and --dtype: some models overflow in fp16)")
-        if units:
-            units.writelines(json.dumps(x) + "\n" for x in r["records"])
-            units.flush()
-        if master and (step % args.log_every == 0 or step == run.total):
-            dt = time.time() - t0
-            rec = dict(step=step, epoch=r["epoch"], loss=r["loss"], weighted_loss=r["weighted_loss"], lr=r["lr"],
-                       grad_norm=r["grad_norm"], tokens_per_s=tokens * run.world / dt,
-                       eta_s=dt / args.log_every * (run.total - step), skipped_steps=skipped, **run.rs.summary())
-            t0, tokens = time.time(), 0
-            metrics.write(json.dumps(rec, default=float) + "\n")
-            metrics.flush()
-            run.log(log_line(rec))
-        for w in run.rs.warnings():
-            run.log(w)
-        if master and run.eval_examples and args.eval_every and step % args.eval_every == 0:
-            log_eval(run, metrics, step)
-        if stop.requested():
-            runs.save(run, step)
-            run.log(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint step-{step:07d} "
-                    "written: the same command continues the run")
-            raise SystemExit(stop.exit_code)
-        if args.save_every and step % args.save_every == 0 and step < run.total:
-            runs.save(run, step)
-    if blind:  # the run ends on steps whose every loss was NaN: the adapter diverged, so nothing final is written
-        raise UsageError(f"the last {blind} steps had no finite unit loss: the adapter diverged (is --lr too high?)")
-    runs.save(run, step)
-    return metrics
+def final_outputs(args):
+    """What a finished run leaves in OUT, relative to it."""
+    outputs = [os.path.join("adapter", "adapter_model.safetensors")]
+    if args.merge:
+        outputs.append("merged")
+    return outputs
 
 
-def main(argv=None, objective=None):
-    """Train; returns the model (None when --out already held this finished run). objective: ReSURELoss() unless
-    a baseline brings its own."""
-    args = parse_args(argv)
-    rank, world, device = runs.setup_distributed()
-    run = Run(args=args, rank=rank, world=world, device=device, out=args.out, last_seen={}, demo_test=None,
-              objective=objective or ReSURELoss(), log=print if rank == 0 else (lambda *a, **k: None))
-    try:
-        if args.demo:
-            from support.demo import prepare
-            run.demo_test = prepare(args, DEMO, run.log)
-        elif args.model is None:  # --data alone: the demo's model, the paper's settings
-            from support.smollm2 import prepare_smollm2
-            args.model = prepare_smollm2()
-        if not build(run):
-            return None
-        runs.start(run)
-        with runs.Stop(run) as stop:  # from here on a signal is answered after a step, or once the run is done
-            step = runs.resume(run)
-            run.log(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x {world} "
-                    f"ranks; method={args.method} unit={args.unit} stats={args.stats}/{args.stats_update}")
-            run.net.train()
-            metrics = train(run, step, stop)
-            if rank == 0:
-                finish(run, metrics)
-            runs.barrier(run)  # the other ranks wait for rank 0's final writes before the group goes away
-        if stop.signum:
-            raise SystemExit(stop.exit_code)
-        return run.net
-    finally:
-        runs.teardown(run)
-
-
-def log_eval(run, metrics, step):
-    from eval import per_turn_loss
-    res = per_turn_loss(run.net, run.eval_examples, pad_id=run.template.pad_id)  # in eval mode, then back
-    metrics.write(json.dumps({"step": step, "eval": res}, default=float) + "\n")
-    metrics.flush()
-    run.log(f"eval step {step}: " + json.dumps(res, default=float))
-
-
-def finish(run, metrics):
-    """The adapter, resure_state.json, report.json (the most down-weighted units; flagging against noise labels
-    where the data has them, per view), the final evaluation, the merged export; then the run is finished."""
-    args, step = run.args, run.total
-    adapter = os.path.join(run.out, "adapter")
+def finish(run, folder, demo_test):
+    """(rank 0) The adapter, resure_state.json, report.json (the most down-weighted units;
+    flagging against noise labels where the data has them, per view), the final evaluation, the
+    merged export; then run.json says finished, and the demo scores its test dialogues."""
+    args = run.args
+    adapter = os.path.join(args.out, "adapter")
     try:
         save_adapter(run.net, adapter, args.model)
-    except runs.WRITE_ERRORS as e:  # a full disk: the final checkpoint is intact, the same command writes it again
-        raise UsageError(f"cannot write {adapter} ({runs.one_line(e)}); rerun the same command") from None
-    runs.dump(run.rs.state_dict(), os.path.join(run.out, "resure_state.json"))
-    report = {"steps": step, **flag_report(run.last_seen.values(), run.examples, run.template, args.report_top,
-                                           ("loss", "gain") if args.detector == "loss+gain" else (), run.log)}
-    runs.dump(report, os.path.join(run.out, "report.json"))
-    if run.eval_examples:
-        log_eval(run, metrics, step)
+    except runs.WRITE_ERRORS as e:  # a full disk: the final checkpoint is intact
+        raise UsageError(f"cannot write {adapter} ({runs.one_line(e)}); rerun the same "
+                         "command") from None
+    runs.dump(run.rs.state_dict(), os.path.join(args.out, "resure_state.json"))
+    views = ("loss", "gain") if args.detector == "loss+gain" else ()
+    units = run.last_seen.values()
+    table = flag_report(units, run.examples, run.template, args.report_top, views)
+    runs.dump({"steps": run.total, **table}, os.path.join(args.out, "report.json"))
+    log_eval(run, run.total)
     if args.merge:
-        from support.export import export_merged
-        run.log(f"merged model written to {export_merged(run.net, args.model, os.path.join(run.out, 'merged'))}")
-    runs.finished(run, step)
-    run.log(f"adapter written to {adapter}")
-    if run.demo_test:
-        demo_report(run)
+        merged = export_merged(run.net, args.model, os.path.join(args.out, "merged"))
+        print(f"merged model written to {merged}")
+    folder.finish(run.total)
+    print(f"adapter written to {adapter}")
+    if demo_test:
+        demo_report(run, demo_test)
 
 
-
-def demo_report(run):
-    """The demo's last lines: exact-match accuracy on the first --demo-eval clean test dialogues, before (adapter
-    off) and after."""
-    from eval import accuracy
-    from lora import disabled
+def demo_report(run, test_file):
+    """The demo's last lines: exact-match accuracy on the first --demo-eval clean test dialogues,
+    before (adapter off) and after."""
     t0 = time.time()
-    convs = load_conversations(run.demo_test)[:run.args.demo_eval]
+    convs = load_conversations(test_file)[:run.args.demo_eval]
     if not convs:
         return
     run.net.eval()
     after = accuracy(run.net, run.template, convs)
     with disabled(run.net):  # the base model
         before = accuracy(run.net, run.template, convs)
-    run.log(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, {time.time() - t0:.0f} s): "
-            f"before {before['overall']:.3f} -> after {after['overall']:.3f}")
-    run.log(f"demo done in {time.time() - START:.0f} s")
+    print(f"clean-test exact match ({len(convs)} dialogues, {before['total']} turns, "
+          f"{time.time() - t0:.0f} s): before {before['overall']:.3f} -> after "
+          f"{after['overall']:.3f}")
+    print(f"demo done in {time.time() - START:.0f} s")
+
+
+# -------------------------------------------------------------------------------------------------
+# The command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print its usage block first)
+        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+POSITIVE = num(float, 0, lo_ok=False)
+COUNT = num(int, 1, 10**9, hi_ok=True)
+NONNEGATIVE = num(float, 0)
+NONNEGATIVE_INT = num(int, 0, 10**9, hi_ok=True)
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); "
+        "none: the demo's model")
+    add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
+    add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
+    add("--warmup-data", help="high-quality conversations to initialize the statistics from "
+        "(paper: 640)")
+    add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, "
+        "report.json")
+    add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
+    add("--on-bad-sample", choices=["error", "skip"], default="error")
+    # the schedule and the optimizer
+    add("--epochs", type=num(float, 0, 1e6, lo_ok=False, hi_ok=True), help="paper: 3")
+    add("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
+    add("--batch-size", type=COUNT, help="per device; paper: 4")
+    add("--grad-accum", type=COUNT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
+    add("--lr", type=POSITIVE, help="paper: 1e-5, cosine")
+    add("--warmup-ratio", type=num(float, 0, 1), help="linear lr warm-up fraction; paper: 0.01")
+    add("--weight-decay", type=NONNEGATIVE, default=0.0)
+    add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
+    add("--grad-clip", type=NONNEGATIVE, default=1.0, help="max gradient norm; 0: no clipping")
+    add("--max-len", type=num(int, 2, 10**9, hi_ok=True),
+        help="tokens; longer dialogues lose trailing turns")
+    add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
+    add("--dtype", choices=["fp32", "bf16", "fp16"],
+        help="base weights + autocast; the adapter stays fp32")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
+    add("--group-by-length", action="store_true",
+        help="batch similar lengths together to cut padding")
+    # LoRA
+    add("--lora-r", type=num(int, 1, 65536, hi_ok=True), help="paper: 128")
+    add("--lora-alpha", type=POSITIVE, help="paper: 16")
+    add("--lora-dropout", type=num(float, 0, 1), help="paper: 0.3")
+    # ReSURE
+    add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
+        help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
+    add("--unit", choices=["dialogue", "turn"], help="what one loss l_s is (paper: dialogue)")
+    add("--loss-norm", choices=["sample", "token"], default="sample",
+        help="mean over units (paper) or tokens")
+    add("--alpha", type=NONNEGATIVE, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
+    add("--floor-percentile", type=num(float, 0, 100, hi_ok=True),
+        help="eps = this percentile of one gathered micro-batch's weights (Eq. 6); paper: 5")
+    add("--floor-over", choices=["all", "flagged"], default="all",
+        help="the weights eps is a percentile of: every unit's, or the flagged units' only")
+    add("--warmup-samples", type=NONNEGATIVE_INT,
+        help="units seen before detection starts; paper: 640")
+    add("--ramp-steps", type=NONNEGATIVE_INT,
+        help="optimizer steps over which down-weighting is blended in")
+    add("--max-turn-groups", type=NONNEGATIVE_INT, default=0,
+        help="deeper turns share the last one; 0: one group per depth")
+    add("--stats", choices=["welford", "ema", "window", "mad"],
+        help="running estimator; paper: welford")
+    add("--stats-update", choices=["reliable", "winsorized", "all"],
+        help="which units update the statistics; paper: reliable")
+    add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
+    add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
+    add("--detector", choices=["loss", "loss+gain"], default="loss",
+        help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha "
+        "sigma_g (ours)")
+    add("--gain-alpha", type=POSITIVE, default=2.0,
+        help="the context-gain band's half-width in sigmas")
+    add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
+        help="static baseline: train on this fraction only")
+    add("--prefilter-scores", help="quality scores, one per conversation (higher is better), "
+        "instead of the base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
+    # the run folder and the reports
+    add("--record-units", action="store_true",
+        help="write every unit's loss/tau/weight to units.jsonl")
+    add("--log-every", type=COUNT, default=10)
+    add("--eval-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
+    add("--save-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
+    add("--resume", action="store_true",
+        help="require a checkpoint to continue from (automatic if present)")
+    add("--no-resume", action="store_true",
+        help="start over: an earlier run in --out is moved aside first")
+    add("--allow-changed-config", action="store_true",
+        help="resume although a setting of the run changed")
+    add("--merge", action="store_true",
+        help="also export a merged Hugging Face folder to OUT/merged")
+    add("--report-top", type=NONNEGATIVE_INT, default=20,
+        help="most down-weighted samples listed in report.json")
+    add("--demo-eval", type=NONNEGATIVE_INT, default=32,
+        help="demo only: clean test dialogues scored before and after")
+    args = p.parse_args(argv)
+    args.demo = args.model is None and args.data is None
+    if args.data is None and args.model is not None:
+        raise UsageError("--model needs --data (the demo's data is made for its own model)")
+    defaults = DEMO if args.demo else PAPER
+    for key, value in defaults.items():  # a flag left out takes the paper's (the demo's) value
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.resume and args.no_resume:
+        raise UsageError("--resume and --no-resume contradict each other")
+    return args
+
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad input of every kind: one line, exit 2
-        print(f"train.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad input: one line, exit 2
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"train.py: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before training started (then a signal finishes the step and checkpoints)
+    except KeyboardInterrupt:  # before training started (then a signal finishes the step)
         print("train.py: interrupted before training started; nothing to lose", file=sys.stderr)
         sys.exit(130)

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 import train  # noqa: E402
 from eval import generate_texts, load  # noqa: E402
 from lora import merge_lora  # noqa: E402
+from support.cli import UsageError  # noqa: E402
 
 COMPUTE_KEYS = ("trainings", "optimizer_steps", "train_tokens", "generated_tokens", "forward_tokens", "comparisons")
 
@@ -72,7 +73,7 @@ def training_args(model, data, rest, method="sft"):
         msg = err.getvalue().strip().splitlines()[-1].removeprefix("train.py: error: ")
         raise BaselineError(f"training flags: {msg.removesuffix(' (see --help)')} (see python train.py --help)") \
             from None
-    except train.UsageError as e:
+    except UsageError as e:
         raise BaselineError(f"training flags: {e}") from None
     return argv, args
 
@@ -128,12 +129,12 @@ def train_run(argv, data, out, compute, objective=None, log=print):
     adapter merged, in eval mode (loaded from out/adapter when `out` already held this run, finished)."""
     objective = objective or CountedSFT()
     argv = set_flag(argv, "--data", data)
-    net = train.main([*argv, "--out", str(out)], objective=objective)
+    run = train.main([*argv, "--out", str(out)], objective=objective)
     steps = json.loads((Path(out) / "report.json").read_text())["steps"]
     record = Path(out) / "compute.json"
-    if net is not None:
+    if run is not None:
         write_json({"optimizer_steps": steps, **objective.compute}, record)
-        merge_lora(net).eval()
+        net = merge_lora(run.net).eval()
     else:
         net = load(argv[argv.index("--model") + 1], Path(out) / "adapter", device=device())[0]
     done = json.loads(record.read_text()) if record.is_file() else {"optimizer_steps": steps}

@@ -84,16 +84,16 @@ class DPOLoss:
     def __init__(self, beta=0.1):
         self.beta, self.compute, self.history = beta, {"train_tokens": 0, "forward_tokens": 0}, []
 
-    def examples(self, run, convs):
-        rep, out = PairReport(pairs=len(convs), examples=0, dropped=0, max_len=run.args.max_len), []
+    def examples(self, convs, template, args):
+        rep, out = PairReport(pairs=len(convs), examples=0, dropped=0, max_len=args.max_len), []
         for i, c in enumerate(convs):
             msgs, rejected = c["messages"], c.get("rejected")
             if msgs[-1]["role"] != "assistant" or not isinstance(rejected, str) or not rejected.strip():
-                raise BaselineError(f"{run.args.data}: pair {i} needs a final assistant message (chosen) and a "
+                raise BaselineError(f"{args.data}: pair {i} needs a final assistant message (chosen) and a "
                                     "non-empty 'rejected' reply")
-            ch = encode_final(run.template, msgs)
-            rj = encode_final(run.template, msgs[:-1] + [dict(msgs[-1], content=rejected)])
-            if max(len(ch["input_ids"]), len(rj["input_ids"])) > run.args.max_len or \
+            ch = encode_final(template, msgs)
+            rj = encode_final(template, msgs[:-1] + [dict(msgs[-1], content=rejected)])
+            if max(len(ch["input_ids"]), len(rj["input_ids"])) > args.max_len or \
                     all(x == -100 for x in ch["labels"]) or all(x == -100 for x in rj["labels"]):
                 rep["dropped"] += 1
                 continue
@@ -101,8 +101,8 @@ class DPOLoss:
         rep["examples"] = len(out)
         return out, rep
 
-    def collate(self, run, examples):
-        b = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], run.template.pad_id)
+    def collate(self, examples, pad_id):
+        b = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
         return {k: b[k] for k in ("input_ids", "labels", "attention_mask")}
 
     def count(self, run, b):  # (pairs, supervised tokens)
@@ -110,9 +110,9 @@ class DPOLoss:
 
     def loss(self, run, b, k, totals):
         ids, labels, mask, n = b["input_ids"], b["labels"], b["attention_mask"], len(b["input_ids"]) // 2
-        with torch.no_grad(), disabled(run.net), run.amp():  # the reference first: nothing toggles during backward
+        with torch.no_grad(), disabled(run.net), run.autocast:  # the reference first: nothing toggles in backward
             ref = sequence_logps(run.net.token_losses(ids, labels, mask).float())
-        with run.amp():
+        with run.autocast:
             pi = sequence_logps(run.ddp(ids, labels, mask).float())
         losses = dpo_losses(pi[:n], pi[n:], ref[:n], ref[n:], self.beta)
         tokens = int(mask.sum())
@@ -233,7 +233,6 @@ def main(argv=None):
     feedback = Feedback(make(a.feedback, targs.seed, str(out)))
     check_references(convs, targets, feedback, a.data)
     template = ChatTemplate.from_pretrained(a.model, name=targs.chat_template)
-    log = lambda msg: print(f"dpo: {msg}", flush=True)  # noqa: E731
     compute = new_compute()
     if a.sft_adapter:
         sft_adapter, net = Path(a.sft_adapter), load(a.model, a.sft_adapter, device=device())[0]
@@ -273,6 +272,10 @@ def main(argv=None):
     write_json(report, out / "report.json")
     log(f"done in {report['seconds']:.0f} s: adapter {out / 'adapter'} (on {a.model}), report {out / 'report.json'}")
     return report
+
+
+def log(message):
+    print(f"dpo: {message}", flush=True)
 
 
 def sample_correct(samples, convs):

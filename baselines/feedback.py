@@ -151,7 +151,9 @@ def make(spec, seed=0, out_dir=None, device="cpu"):
         from eval import load
         from scripts.judge import LocalJudge
         net, template = load(arg, device=device)
-        count = lambda messages: len(template.encode_prompt(messages))  # noqa: E731
+
+        def count(messages):  # the prompt tokens one judgment reads
+            return len(template.encode_prompt(messages))
         return Judge(LocalJudge(net, template, os.path.basename(os.path.normpath(arg))), cache, count)
     if kind == "http" and arg:
         from scripts.judge import HTTPJudge

@@ -127,19 +127,23 @@ def refine(convs, proposals, feedback, alpha, round_k, rng=None):
     return out, records, counts
 
 
+def is_right(text, turn):
+    """Whether text matches the reference answer of assistant message `turn`."""
+    return answer_matches(text, reference(turn))
+
+
 def label_changes(before, after, records, proposals):
     """Evaluation of one round against the references (None without them): accuracy before / after, fixed,
     damaged, changed (wrong -> another wrong), the proposals' accuracy, the comparator's realized accuracy."""
     acc0, acc1 = label_accuracy(before), label_accuracy(after)
     if acc0 is None:
         return None
-    ok = lambda text, turn: answer_matches(text, reference(turn))  # noqa: E731
     moved = [(before[r["conversation"]]["messages"][r["message"]], r) for r in records if r["replaced"]]
-    right = [ok(r["label"], turn) for turn, r in moved], [ok(r["proposal"], turn) for turn, r in moved]
-    props = [ok(text, before[ci]["messages"][mi]) for (ci, mi), text in proposals.items() if text.strip()
+    right = [is_right(r["label"], turn) for turn, r in moved], [is_right(r["proposal"], turn) for turn, r in moved]
+    props = [is_right(text, before[ci]["messages"][mi]) for (ci, mi), text in proposals.items() if text.strip()
              and reference(before[ci]["messages"][mi]) is not None]
-    fixable = sum(ok(r["proposal"], before[r["conversation"]]["messages"][r["message"]]) and
-                  not ok(r["label"], before[r["conversation"]]["messages"][r["message"]]) for r in records)
+    fixable = sum(is_right(r["proposal"], before[r["conversation"]]["messages"][r["message"]]) and
+                  not is_right(r["label"], before[r["conversation"]]["messages"][r["message"]]) for r in records)
     return {"label_accuracy_before": acc0, "label_accuracy_after": acc1,
             "fixed": sum(p and not x for x, p in zip(*right)), "damaged": sum(x and not p for x, p in zip(*right)),
             "changed": sum(not x and not p for x, p in zip(*right)),
@@ -165,7 +169,6 @@ def main(argv=None):
     if feedback:
         check_references(convs, targets, feedback, a.data)
     template = ChatTemplate.from_pretrained(a.model, name=targs.chat_template)
-    log = lambda msg: print(f"ilr: {msg}", flush=True)  # noqa: E731
     compute = new_compute()
     rounds = [{"round": 0, "labels": len(targets), "label_accuracy": label_accuracy(convs), "compute": new_compute()}]
     last = None
@@ -215,6 +218,10 @@ def main(argv=None):
     write_json(report, out / "report.json")
     log(f"done in {report['seconds']:.0f} s: adapter {out / 'adapter'}, report {out / 'report.json'}")
     return report
+
+
+def log(message):
+    print(f"ilr: {message}", flush=True)
 
 
 def total_comparator(rounds):

@@ -269,28 +269,19 @@ def entropies(net, template, chats, replies, batch_size, compute):
 # ---------------------------------------------------------------------------------------------------------------
 # training through the core, counted
 
-class CountedObjective(train.ReSURELoss):
-    """train.py's own objective, remembering its run so that the training's steps and tokens can be counted."""
-    run = None
-
-    def examples(self, run, convs):
-        self.run = run
-        return super().examples(run, convs)
-
-
 def train_counted(argv, out):
     """train.main(argv) -> (optimizer steps, tokens of every training batch, seconds), saved beside the run."""
-    obj, t0 = CountedObjective(), time.time()
-    net = train.main(argv, objective=obj)
+    t0 = time.time()
+    run = train.main(argv)
     path = os.path.join(out, "train_compute.json")
-    if net is None:  # this very run was already finished: what it cost was written then
+    if run is None:  # this very run was already finished: what it cost was written then
         if not os.path.isfile(path):
             raise RobustFTError(f"{out}: a finished run without train_compute.json; use another --out")
         c = json.loads(Path(path).read_text())
         return c["optimizer_steps"], c["train_tokens"], c["seconds"]
-    run = obj.run
     steps = run.total
-    tokens = sum(len(run.examples[i]["input_ids"]) for m in range(steps * run.args.grad_accum) for i in run.batches(m))
+    micro_batches = range(steps * run.args.grad_accum)
+    tokens = sum(len(run.examples[i]["input_ids"]) for m in micro_batches for i in run.sampler.indices(m))
     dt = round(time.time() - t0, 1)
     Path(path).write_text(json.dumps({"optimizer_steps": steps, "train_tokens": tokens, "seconds": dt}))
     return steps, tokens, dt
@@ -403,7 +394,12 @@ def report(turns, convs, refined, compute):
                relabeled=sum(r["entropy"] is not None for r in noisy),
                selected=sum(r.get("selected", False) for r in noisy),
                dropped=sum(not r.get("selected", False) for r in noisy))
-    msg = (lambda r: convs[r["conv"]]["messages"][r["msg"]])  # noqa: E731
+
+    def msg(r):  # the message a turn record stands for
+        return convs[r["conv"]]["messages"][r["msg"]]
+
+    def right(text, r):  # whether text matches the turn's reference
+        return bool(answer_matches(text, msg(r)["reference"]))
     lab = [(not r["clean"], bool(msg(r)["noisy"]), msg(r).get("noise_type")) for r in turns if "noisy" in msg(r)]
     tp = sum(d and n for d, n, _ in lab)
     rep.update(precision=tp / sum(d for d, _, _ in lab) if any(d for d, _, _ in lab) else None,
@@ -411,7 +407,6 @@ def report(turns, convs, refined, compute):
                recall_by_type={k: rate(d for d, n, t in lab if n and t == k)
                                for k in sorted({t for _, n, t in lab if n and t})} if lab else None)
     ref = [r for r in turns if "reference" in msg(r)]
-    right = (lambda text, r: bool(answer_matches(text, msg(r)["reference"])))  # noqa: E731
     sup = [m for c in refined for m in c["messages"] if m["role"] == "assistant" and m.get("train", True)
            and "reference" in m]
     rep.update(  # label_accuracy first: the key a reader looking for "the final set's label accuracy" meets first
@@ -466,11 +461,17 @@ def main(argv=None):
                        if k != "most_down_weighted"}  # a list of per-unit records; train.py's report keeps it
     rep["wall_s"] = {"refine": t_refine, "train": t_train}
     Path(args.out, "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
-    fmt = (lambda x: "-" if x is None else f"{x:.3f}")  # noqa: E731
     log(f"robustft: detection precision {fmt(rep['precision'])} recall {fmt(rep['recall'])}; label accuracy "
         f"{fmt(rep['original_label_accuracy'])} -> {fmt(rep['label_accuracy'])}; adapter in "
         f"{os.path.join(args.out, 'adapter')}")
     return rep
+
+
+def fmt(x):
+    """x to three decimals, "-" for None."""
+    if x is None:
+        return "-"
+    return f"{x:.3f}"
 
 
 def cli(argv=None):

@@ -1,53 +1,84 @@
-"""train.py's report.json: the most down-weighted units, and how ReSURE's flags match the data's noise labels
-(the per-turn "noisy" fields that support/synth.py and bench/real_noise.py write), overall and per detector view."""
+"""train.py's report.json: the most down-weighted units, and how ReSURE's flags match the data's
+noise labels (the per-turn "noisy" fields that support/synth.py and bench/real_noise.py write),
+overall and per detector view."""
 
 
 def unit_noisy(ex, turn):
-    """Noise label of a unit: its own turn (unit=turn) or any supervised turn of the dialogue (unit=dialogue)."""
+    """Noise label of a unit: its own turn (unit=turn) or any supervised turn of the dialogue
+    (unit=dialogue); None where the data has no noise labels."""
     flags = ex.get("meta", {}).get("noisy")
     if flags is None:
         return None
     flags = [bool(x) for x in flags[:ex.get("n_turns", len(flags))]]
-    return flags[turn - 1] if turn > 0 else any(flags)
+    if turn > 0:
+        return flags[turn - 1]
+    return any(flags)
+
+
+def flagged_by(record, view):
+    """Whether a unit record was flagged: at all (view None), or by one detector view ("loss" or
+    "gain")."""
+    if view is None:
+        return record["flagged"]
+    return view in (record.get("view") or "").split("+")
 
 
 def flag_quality(recs, examples, view=None):
-    """Precision and recall of the flags (of one detector view: "loss" or "gain") against the noise labels."""
-    pairs = [(r["flagged"] if view is None else view in (r.get("view") or "").split("+"),
-              unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
+    """Precision and recall of the flags (of one detector view) against the noise labels."""
+    pairs = [(flagged_by(r, view), unit_noisy(examples[r["sample"]], r["turn"])) for r in recs]
     pairs = [(f, n) for f, n in pairs if n is not None]
     if not pairs:
         return None
-    tp, nf, nn_ = sum(f and n for f, n in pairs), sum(f for f, _ in pairs), sum(n for _, n in pairs)
-    return dict(units=len(pairs), flagged=nf, noisy=nn_, precision=tp / nf if nf else None,
-                recall=tp / nn_ if nn_ else None)
+    hits = sum(f and n for f, n in pairs)
+    flagged = sum(f for f, _ in pairs)
+    noisy = sum(n for _, n in pairs)
+    return dict(units=len(pairs), flagged=flagged, noisy=noisy,
+                precision=hits / flagged if flagged else None,
+                recall=hits / noisy if noisy else None)
+
+
+def snippet(template, ex, turn):
+    """The start of a unit's supervised text."""
+    tokens = zip(ex["input_ids"], ex["labels"], ex["turn_ids"])
+    return template.decode([t for t, label, k in tokens if label != -100 and turn in (0, k)])[:80]
+
+
+def number(x, spec=".2f"):
+    """x formatted, "-" for None."""
+    if x is None:
+        return "-"
+    return format(x, spec)
 
 
 def flag_report(records, examples, template, top=20, views=(), log=print):
-    """train.py's report.json: the `top` most down-weighted units (last sighting of each) with a snippet of their
-    reply, and the flags' precision / recall against the data's noise labels, overall and per detector view."""
+    """train.py's report.json: the `top` most down-weighted units (last sighting of each) with a
+    snippet of their reply, and the flags' precision / recall against the data's noise labels,
+    overall and per detector view."""
     recs = sorted(records, key=lambda r: r["weight"])
-    def snippet(ex, turn):  # the start of the unit's supervised text
-        return template.decode([t for t, lab, k in zip(ex["input_ids"], ex["labels"], ex["turn_ids"])
-                                if lab != -100 and turn in (0, k)])[:80]
-    out = {"most_down_weighted": [dict(r, id=examples[r["sample"]].get("meta", {}).get("id", r["sample"]),
-                                       snippet=snippet(examples[r["sample"]], r["turn"])) for r in recs[:top]]}
+    lowest = []
+    for r in recs[:top]:
+        ex = examples[r["sample"]]
+        lowest.append(dict(r, id=ex.get("meta", {}).get("id", r["sample"]),
+                           snippet=snippet(template, ex, r["turn"])))
+    out = {"most_down_weighted": lowest}
     for view in (None, *views):
         pr = flag_quality(recs, examples, view)
-        if pr:
-            out["flagging" if view is None else f"flagging_{view}"] = pr
-            fmt = (lambda x: "-" if x is None else f"{x:.2f}")
-            log(f"flagging{' by ' + view if view else ''} vs noise labels: precision {fmt(pr['precision'])} recall "
-                f"{fmt(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of {pr['units']} units, last "
-                "sighting of each)")
+        if not pr:
+            continue
+        out["flagging" if view is None else f"flagging_{view}"] = pr
+        by = f" by {view}" if view else ""
+        log(f"flagging{by} vs noise labels: precision {number(pr['precision'])} recall "
+            f"{number(pr['recall'])} ({pr['flagged']} flagged, {pr['noisy']} noisy of "
+            f"{pr['units']} units, last sighting of each)")
     return out
 
 
 def log_line(r):
-    """One metrics.jsonl record as the line train.py prints: the step's numbers, then each turn group's."""
-    f = (lambda x, fmt=".3f": "-" if x is None else format(x, fmt))
-    groups = " ".join(f"b{g}:loss={f(s['batch_loss'])},mu={f(s['mu'])},tau={f(s['tau'])},flag={f(s['flagged'], '.2f')}"
+    """One metrics.jsonl record as the line train.py prints: the step's numbers, then each turn
+    group's."""
+    groups = " ".join(f"b{g}:loss={number(s['batch_loss'], '.3f')},mu={number(s['mu'], '.3f')},"
+                      f"tau={number(s['tau'], '.3f')},flag={number(s['flagged'])}"
                       for g, s in sorted(r.get("groups", {}).items()))
-    return (f"step {r['step']:5d} ep {r['epoch']:.2f} loss {r['loss']:.4f} wloss {r['weighted_loss']:.4f} "
-            f"lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} tok/s {r['tokens_per_s']:.0f} "
-            f"eta {r['eta_s'] / 60:.1f}m | {groups}")
+    return (f"step {r['step']:5d} ep {r['epoch']:.2f} loss {r['loss']:.4f} "
+            f"wloss {r['weighted_loss']:.4f} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
+            f"tok/s {r['tokens_per_s']:.0f} eta {r['eta_s'] / 60:.1f}m | {groups}")

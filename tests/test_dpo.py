@@ -20,6 +20,7 @@ from baselines.dpo import DPOLoss, sample_pairs
 from baselines.feedback import Feedback, Oracle
 from eval import load
 from lora import apply_lora, lora_modules, save_adapter
+from resure import ReSURE
 from conftest import tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,19 @@ def hand_logp(logits, row):
     return sum(lp[t - 1, row["input_ids"][t]] for t, y in enumerate(row["labels"]) if y != -100)
 
 
+def dpo_run(net, objective, examples):
+    """The train.Run that DPOLoss.loss sees in one process on the CPU: net with its adapter, no
+    autocast, a plain forward; the batch is made by hand, so there is no template."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    args = train.parse_args(["--model", "small", "--data", "pairs.jsonl", "--method", "sft"])
+    sampler = train.Sampler(len(examples), 2, seed=0, rank=0, world=1, lengths=None)
+    return train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), objective=objective,
+                     net=net, template=None, autocast=nullcontext(), rs=ReSURE(mode="sft"),
+                     examples=examples, eval_examples=None, params=params,
+                     opt=torch.optim.AdamW(params), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                     ddp=train.TokenLoss(net), sampler=sampler, total=1, warmup=0)
+
+
 def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
     import peft
     import transformers
@@ -70,10 +84,9 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
                 w.copy_(w.float().double())
     net.train()
     obj = DPOLoss(beta)
-    run = train.Run(net=net, ddp=train.TokenLoss(net), amp=nullcontext, template=SimpleNamespace(pad_id=0),
-                    args=SimpleNamespace(), world=1, rank=0)
     examples = pair_batch()
-    b = obj.collate(run, examples)
+    run = dpo_run(net, obj, examples)
+    b = obj.collate(examples, pad_id=0)
     assert obj.count(run, b) == (2, 4 + 3 + 6 + 2)
     loss, unit_losses, weights = obj.loss(run, b, 0, (2, 15))
     loss.backward()
@@ -118,7 +131,15 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
         for m in lora_modules(net).values():
             m.lora_B.weight.zero_()
     assert float(obj.loss(run, b, 0, (2, 15))[0]) == pytest.approx(math.log(2), abs=1e-7)  # log 2 in fp32
-    assert obj.history[-1]["margin"] == 0 and obj.history[-1]["reward_accuracy"] == 0
+    assert obj.history[-1]["margin"] == 0
+    assert obj.history[-1]["reward_accuracy"] == 0
+
+
+class ThreeTokensAMessage:
+    """A template stub whose prompts are three tokens per message."""
+
+    def encode_prompt(self, messages):
+        return [1] * (3 * len(messages))
 
 
 def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch):
@@ -127,27 +148,39 @@ def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch)
                          {"role": "user", "content": "Add 2."},
                          {"role": "assistant", "content": "8", "reference": "7"}]}
     it = iter(())
-    monkeypatch.setattr(dpo, "generate", lambda net, tpl, prompts, *a, **k: [next(it) for _ in prompts])
-    tpl = SimpleNamespace(encode_prompt=lambda msgs: [1] * (3 * len(msgs)))
+
+    def generate(net, tpl, prompts, *args, **kwargs):  # the next canned answers, one per prompt
+        return [next(it) for _ in prompts]
+    monkeypatch.setattr(dpo, "generate", generate)
+    tpl = ThreeTokensAMessage()
     args = SimpleNamespace(samples=2, gen_batch_size=4, max_new_tokens=4, temperature=1.0, top_p=1.0,
                            max_comparisons=0)
     fb = Feedback(Oracle())
     it = iter(["5", "6", "9", "9"])  # turn 1: one right, one wrong; turn 2: one distinct answer, no pair
     pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb, args, 100, 0, {})
-    assert counts["pairs"] == 1 and counts["compared"] == 1 and counts["with_two_distinct"] == 1
-    assert pairs[0]["messages"][-1]["content"] == "5" and pairs[0]["rejected"] == "6" and pairs[0]["p"] == 1.0
-    assert pairs[0]["messages"][:-1] == conv["messages"][:1] and fb.queries == 2
+    assert counts["pairs"] == 1
+    assert counts["compared"] == 1
+    assert counts["with_two_distinct"] == 1
+    assert pairs[0]["messages"][-1]["content"] == "5"
+    assert pairs[0]["rejected"] == "6"
+    assert pairs[0]["p"] == 1.0
+    assert pairs[0]["messages"][:-1] == conv["messages"][:1]
+    assert fb.queries == 2
     args.samples = 3
     it = iter(["5", "6", "5", "9", "7", "8"])  # turn 1: 5, 6 (5 again dropped); turn 2: 9, 7, 8 -> 3 pairs
     pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb, args, 100, 0, {})
-    assert counts["compared"] == 4 and counts["ties"] == 1 and counts["pairs"] == 3   # 9 vs 8: both wrong
+    assert counts["compared"] == 4
+    assert counts["ties"] == 1
+    assert counts["pairs"] == 3  # 9 vs 8: both wrong
     assert sorted((p["messages"][-1]["content"], p["rejected"]) for p in pairs) == [("5", "6"), ("7", "8"),
                                                                                      ("7", "9")]
     fb2 = Feedback(Oracle())
     args.max_comparisons = 4  # two pairs' worth of queries
     it = iter(["5", "6", "5", "9", "7", "8"])
     pairs, counts, _, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb2, args, 100, 0, {})
-    assert fb2.queries == 4 and counts["compared"] == 2 and counts["over_budget"] == 2
+    assert fb2.queries == 4
+    assert counts["compared"] == 2
+    assert counts["over_budget"] == 2
     it = iter(["5", "6", "7"])
     _, counts, _, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], Feedback(Oracle()), args, 8, 0, {})
     assert counts["too_long"] == 1  # the turn-2 prompt (9 ids) is over max_len 8
@@ -173,18 +206,29 @@ def test_cli_end_to_end(tiny):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
     pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
-    assert len(pairs) == rep["pairs"] > 0 and rep["compared"] == rep["pairs"] + rep["ties"]
-    assert all(x["messages"][-1]["content"] != x["rejected"] and x["p"] > 0.5 for x in pairs)
+    assert len(pairs) == rep["pairs"] > 0
+    assert rep["compared"] == rep["pairs"] + rep["ties"]
+    assert all(x["messages"][-1]["content"] != x["rejected"] for x in pairs)
+    assert all(x["p"] > 0.5 for x in pairs)
     c = rep["compute"]
-    assert all(type(v) is int for v in c.values()) and len(c) == 6
-    assert c["trainings"] == 2 and c["optimizer_steps"] == 5 and c["comparisons"] == 2 * rep["compared"]
-    assert 0 < c["generated_tokens"] <= 4 * rep["sampled"] and c["forward_tokens"] > 0 and c["train_tokens"] > 0
+    assert all(type(v) is int for v in c.values())
+    assert len(c) == 6
+    assert c["trainings"] == 2
+    assert c["optimizer_steps"] == 5
+    assert c["comparisons"] == 2 * rep["compared"]
+    assert 0 < c["generated_tokens"] <= 4 * rep["sampled"]
+    assert c["forward_tokens"] > 0
+    assert c["train_tokens"] > 0
     steps = [json.loads(x) for x in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 3 and steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert steps[0]["lr"] == 0 and steps[1]["lr"] == pytest.approx(1e-2, rel=1e-6)  # --dpo-lr, warm-up first
-    assert rep["label_accuracy"] and len(rep["label_accuracy"]) == 1
+    assert len(steps) == 3
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[0]["lr"] == 0
+    assert steps[1]["lr"] == pytest.approx(1e-2, rel=1e-6)  # --dpo-lr, warm-up first
+    assert rep["label_accuracy"]
+    assert len(rep["label_accuracy"]) == 1
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["lora_alpha"] == 8
+    assert cfg["r"] == 8
+    assert cfg["lora_alpha"] == 8
     stacked, _ = load(tiny / "tiny", out / "adapter")                  # eval.py reads it on the base model
     two, _ = load(out / "sft-merged", out / "dpo" / "adapter")          # the two stages as trained
     sft, _ = load(tiny / "tiny", out / "sft" / "adapter")
@@ -199,7 +243,8 @@ def test_errors_are_one_line(tiny):
             str(tiny / "err"), "--feedback", "oracle"]
     p = subprocess.run([sys.executable, "baselines/dpo.py", *base, "--samples", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip() == \
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == \
         "baselines/dpo.py: error: --samples must be >= 2 (a pair needs two answers), got 1", p.stderr
     for args, needle in [(["--method", "resure"], "--method other than sft"), (["--beta", "0"], "--beta"),
                          (["--temperature", "0"], "--temperature"), (["--sft-adapter", str(tiny)], "--sft-adapter"),

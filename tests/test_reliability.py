@@ -27,8 +27,10 @@ def cli(script, *args, timeout=300):
 
 def one_line_error(p, needle, code=2):
     err = p.stderr.strip().splitlines()
-    assert p.returncode == code and len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, \
-        (p.returncode, p.stderr[-2000:])
+    assert p.returncode == code, (p.returncode, p.stderr[-2000:])
+    assert len(err) == 1, (p.returncode, p.stderr[-2000:])
+    assert needle in err[0], (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, (p.returncode, p.stderr[-2000:])
 
 
 def snapshot(folder):
@@ -46,13 +48,17 @@ def test_rerun_of_a_finished_run_changes_nothing_and_no_resume_starts_clean(setu
     run(setup, out, "--max-steps", "2")
     before = snapshot(out)
     p = run(setup, out, "--max-steps", "2")
-    assert "already holds this run, finished (2 steps): nothing to do" in p.stdout and snapshot(out) == before
+    assert "already holds this run, finished (2 steps): nothing to do" in p.stdout
+    assert snapshot(out) == before
     (out / "notes.txt").write_text("the user's own file")
     p = run(setup, out, "--max-steps", "2", "--lr", "1e-2", "--no-resume")
     aside = [d for d in out.iterdir() if d.name.startswith("previous-")]
-    assert len(aside) == 1 and "were moved to" in p.stdout and (out / "notes.txt").is_file()
+    assert len(aside) == 1
+    assert "were moved to" in p.stdout
+    assert (out / "notes.txt").is_file()
     assert {k: v for k, v in snapshot(aside[0]).items()} == {k: v for k, v in before.items() if k != ".lock"}
-    assert json.loads((out / "run.json").read_text())["run"]["lr"] == 1e-2 and len(steps(out / "metrics.jsonl")) == 2
+    assert json.loads((out / "run.json").read_text())["run"]["lr"] == 1e-2
+    assert len(steps(out / "metrics.jsonl")) == 2
     (out / "adapter" / "adapter_model.safetensors").unlink()  # a finished run missing an output writes it again
     assert "nothing to do" not in run(setup, out, "--max-steps", "2", "--lr", "1e-2").stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -120,8 +126,11 @@ def test_a_signal_finishes_the_step_checkpoints_and_the_same_command_continues(s
     out = tmp_path / "run"
     p = _signal_after(setup, out, 2, sig)
     text = p.communicate(timeout=300)[0]
-    assert p.returncode == 128 + sig and "stopped by signal" in text and "Traceback" not in text, text[-2000:]
-    assert [d.name for d in out.iterdir() if d.name.startswith("step-")] and not (out / "adapter").exists()
+    assert p.returncode == 128 + sig, text[-2000:]
+    assert "stopped by signal" in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    assert [d.name for d in out.iterdir() if d.name.startswith("step-")]
+    assert not (out / "adapter").exists()
     assert "resumed from step-" in run(setup, out, *SIGNAL_RUN).stdout
     _same_run(ref, out)
 
@@ -138,8 +147,10 @@ def test_a_damaged_run_json_names_both_ways_on_and_one_keeps_the_checkpoints(set
                    "Expecting value: line 1 column 9 (char 8)); --allow-changed-config continues from the newest "
                    "checkpoint with this command's settings, --no-resume starts over")
     text = run(setup, out, *SIGNAL_RUN, "--allow-changed-config").stdout
-    assert "run.json: not a valid JSON file" in text and "rewritten from this command's settings" in text
-    assert "resumed from step-" in text and json.loads((out / "run.json").read_text())["finished"]
+    assert "run.json: not a valid JSON file" in text
+    assert "rewritten from this command's settings" in text
+    assert "resumed from step-" in text
+    assert json.loads((out / "run.json").read_text())["finished"]
     _same_run(ref, out)
 
 
@@ -173,14 +184,17 @@ def test_a_damaged_only_checkpoint_leaves_a_fresh_start_fresh(setup, tmp_path):
     (ckpt,) = [d for d in out.iterdir() if d.name.startswith("step-")]
     (ckpt / "state.json").write_text('{"resure": {"config": {}}, "last_seen": []}')
     text = run(setup, out, *SIGNAL_RUN).stdout
-    assert f"checkpoint {ckpt.name} skipped" in text and "resumed from" not in text
+    assert f"checkpoint {ckpt.name} skipped" in text
+    assert "resumed from" not in text
     _same_run(ref, out)
 
 
 def test_an_adapter_that_diverges_is_never_written(setup, tmp_path):
     p = run(setup, tmp_path / "run", "--max-steps", "4", "--lr", "1e30", "--warmup-ratio", "0", check=False)
-    assert p.returncode == 2 and ("NaN or infinite" in p.stderr or "no finite unit loss" in p.stderr), p.stderr
-    assert not (tmp_path / "run" / "adapter").exists() and not list((tmp_path / "run").glob("step-*"))
+    assert p.returncode == 2, p.stderr
+    assert ("NaN or infinite" in p.stderr or "no finite unit loss" in p.stderr), p.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert not list((tmp_path / "run").glob("step-*"))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -196,7 +210,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_resumes_exactl
     p.wait()
     DAMAGE[damage](out / "step-0000004", flag)
     text = run(setup, out, *common).stdout
-    assert "checkpoint step-0000004 skipped: incomplete or damaged" in text and "resumed from step-0000002" in text
+    assert "checkpoint step-0000004 skipped: incomplete or damaged" in text
+    assert "resumed from step-0000002" in text
     assert not flag.exists()  # the planted payload never ran
     _same_run(ref, out)
 
@@ -218,7 +233,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(setup, tmp_path
     assert sorted(d.name for d in out.iterdir() if "step-" in d.name) == ["step-0000002", "step-0000004"]
     monkeypatch.setattr(torch, "save", real)
     p = run(setup, out, "--max-steps", "8", "--save-every", "2")
-    assert "resumed from step-0000004" in p.stdout and (out / "adapter").is_dir()
+    assert "resumed from step-0000004" in p.stdout
+    assert (out / "adapter").is_dir()
 
 
 def test_every_numeric_flag_has_a_range(setup, tmp_path):
@@ -271,7 +287,8 @@ def test_bad_models_and_adapters(setup, tmp_path):
     other.save_pretrained(tmp_path / "other")
     p = cli("eval.py", "loss", "--model", tmp_path / "other", "--adapter", tmp_path / "a" / "adapter", "--data",
             setup / "data" / "test.jsonl")
-    assert p.returncode == 0 and "was trained on base model 'tiny'" in p.stderr
+    assert p.returncode == 0
+    assert "was trained on base model 'tiny'" in p.stderr
     (tmp_path / "a" / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
     one_line_error(cli("eval.py", "loss", "--model", setup / "tiny", "--adapter", tmp_path / "a" / "adapter",
                        "--data", data), "not a readable safetensors file")
@@ -292,7 +309,9 @@ def test_bad_data_files_are_one_line_and_skippable(setup, tmp_path):
     mixed = tmp_path / "mixed.jsonl"  # an undecodable line in skip mode is one bad sample, not a lost file
     mixed.write_bytes("\n".join(good[:20]).encode() + b"\n\xff\xfe broken\n" + "\n".join(good[20:30]).encode())
     p = cli("data.py", "check", mixed, "--on-bad-sample", "skip")
-    assert p.returncode == 0 and "30 valid conversations" in p.stdout and "not utf-8 1" in p.stderr
+    assert p.returncode == 0
+    assert "30 valid conversations" in p.stdout
+    assert "not utf-8 1" in p.stderr
 
 
 def test_output_paths_are_checked_before_the_work(setup, tmp_path):
@@ -317,7 +336,9 @@ def test_ramp_counts_optimizer_steps_whatever_the_accumulation(setup, tmp_path):
         "--warmup-samples", "10", "--unit", "dialogue")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     active = [r["ramp"] for r in rows if not r["warmup"]]
-    assert active[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0]) and rows[0]["warmup"] and len(active) >= 4
+    assert active[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert rows[0]["warmup"]
+    assert len(active) >= 4
 
 
 def test_prefilter_scores_from_a_file(setup, tmp_path):

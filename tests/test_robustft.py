@@ -127,7 +127,8 @@ def test_cli_end_to_end_base_detector(tiny):
         if r["clean"]:
             assert m == m0
         elif r.get("selected"):
-            assert m["content"] == r["relabel"] and m["original_content"] == m0["content"]
+            assert m["content"] == r["relabel"]
+            assert m["original_content"] == m0["content"]
         else:
             assert m == {**m0, "train": False, "robustft": "dropped"}
         changed.add((r["conv"], r["msg"]))
@@ -148,7 +149,9 @@ def test_cli_end_to_end_base_detector(tiny):
     tokens = build_examples(got, tpl, 128)[1]["tokens"]
     c = rep["compute"]
     assert (c["trainings"], c["optimizer_steps"], c["train_tokens"], c["comparisons"]) == (1, 2, 2 * tokens, 0)
-    assert all(isinstance(v, int) for v in c.values()) and c["generated_tokens"] > 0 and c["forward_tokens"] > 0
+    assert all(isinstance(v, int) for v in c.values())
+    assert c["generated_tokens"] > 0
+    assert c["forward_tokens"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     p = run_cli(tiny, out)  # a rerun reuses the refinement and the finished training
     assert p.returncode == 0, p.stderr[-2000:]
@@ -188,15 +191,20 @@ def test_bad_input_one_line(tiny, tmp_path, monkeypatch, capsys, extra, says):
     except SystemExit as e:  # argparse's own errors, one line and exit 2 like train.py's
         code = e.code
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert code == 2, err
+    assert err.count("\n") == 1, err
+    assert says in err, err
 
 
 def test_cli_bad_input_no_traceback(tiny, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "baselines" / "robustft.py"), "--model", str(tiny / "tiny"),
                         "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.startswith("robustft.py: error: ") and p.stderr.count("\n") == 1
-    assert "Traceback" not in p.stderr and "no such file" in p.stderr
+    assert p.returncode == 2
+    assert p.stderr.startswith("robustft.py: error: ")
+    assert p.stderr.count("\n") == 1
+    assert "Traceback" not in p.stderr
+    assert "no such file" in p.stderr
 
 
 def test_ctrl_c_is_one_line_and_exit_130_in_every_baseline_command(monkeypatch, capsys):

@@ -7,8 +7,8 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,7 +51,8 @@ def test_loss_goes_down_and_outputs_reload(setup):
         "--eval-data", str(setup / "data" / "test.jsonl"), "--record-units", "--stats", "ema",
         "--stats-update", "winsorized")  # an estimator that keeps up with the falling loss, so units get flagged
     m = metrics(out)
-    assert len(m) == 30 and [r["step"] for r in m] == list(range(1, 31))
+    assert len(m) == 30
+    assert [r["step"] for r in m] == list(range(1, 31))
     first, last = sum(r["loss"] for r in m[:5]) / 5, sum(r["loss"] for r in m[-5:]) / 5
     assert last < first - 0.5, (first, last)
     net = M.Transformer.from_pretrained(setup / "tiny")
@@ -68,7 +69,8 @@ def test_loss_goes_down_and_outputs_reload(setup):
     # flagging quality by hand: the last sighting of each unit in units.jsonl against the noise labels of the
     # conversation it came from (unit = dialogue: noisy if any turn the example kept is noisy; no example dropped)
     units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
-    assert len(units) == 30 * 8 and all(u["turn"] == 0 for u in units)
+    assert len(units) == 30 * 8
+    assert all(u["turn"] == 0 for u in units)
     last = {u["sample"]: u for u in units}
     convs = [json.loads(line) for line in (setup / "data" / "train_N.jsonl").read_text().splitlines()]
     kept = {i: u["group"] for i, u in last.items()}  # depth of the last kept turn (< 8 here): truncation counted
@@ -76,7 +78,8 @@ def test_loss_goes_down_and_outputs_reload(setup):
              for i in last}
     tp = sum(last[i]["flagged"] and noisy[i] for i in last)
     n_flag, n_noisy = sum(u["flagged"] for u in last.values()), sum(noisy.values())
-    assert n_flag > 0 and n_noisy > 0
+    assert n_flag > 0
+    assert n_noisy > 0
     assert report["flagging"] == {"units": len(last), "flagged": n_flag, "noisy": n_noisy,
                                   "precision": pytest.approx(tp / n_flag), "recall": pytest.approx(tp / n_noisy)}
     assert report["most_down_weighted"][0]["weight"] == min(u["weight"] for u in last.values())
@@ -106,7 +109,8 @@ def test_skipped_step_leaves_no_trace(setup, monkeypatch):
     assert metrics(out)[-1]["skipped_steps"] == 1
     assert json.loads((out / "resure_state.json").read_text())["seen"] == 4 * 8
     units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
-    assert [u["step"] for u in units if u["skipped"]] == [2] * 8 and len(units) == 5 * 8
+    assert [u["step"] for u in units if u["skipped"]] == [2] * 8
+    assert len(units) == 5 * 8
     assert json.loads((out / "report.json").read_text())["flagging"]["units"] == 4 * 8
 
 
@@ -150,9 +154,40 @@ def test_context_gain_of_hand_made_replies_equals_transformers(setup):
             [float(torch.cat([free[1][0], free[2][0]]).mean() - torch.cat([full[1][0], full[2][0]]).mean())]
         assert gains.tolist() == pytest.approx(want, rel=1e-5), unit  # token_losses is fp32
         # what train.py runs: the rows' shared start once, then each reply (padded to the longest) from its K/V
-        assert (b["free_ids"][0, :4] == b["free_ids"][1, :4]).all() and b["free_mask"][0].sum() != b["free_mask"][1].sum()
-        run = SimpleNamespace(net=net, amp=nullcontext, args=SimpleNamespace(unit=unit))
-        assert train.context_gain(run, b, losses, sidx, turn).tolist() == pytest.approx(want, rel=1e-5), unit
+        assert (b["free_ids"][0, :4] == b["free_ids"][1, :4]).all()
+        assert b["free_mask"][0].sum() != b["free_mask"][1].sum()
+        gains = train.context_gain(net, nullcontext(), unit, b, losses, sidx, turn)
+        assert gains.tolist() == pytest.approx(want, rel=1e-5), unit
+
+
+def test_sampler_shares_each_epoch_between_the_ranks():
+    """13 examples, a global batch of 6 on 2 ranks: two batches an epoch, each split 3 + 3, every
+    example once an epoch but one (a third batch of one would leave a rank empty); a new sampler (a
+    resumed run) draws what the used one did."""
+    import train
+    ranks = [train.Sampler(13, 6, seed=5, rank=r, world=2, lengths=None) for r in (0, 1)]
+    assert ranks[0].per_epoch == 2
+    assert ranks[0].dropped == 1
+    for epoch in (0, 1):
+        order = np.random.default_rng([5, epoch]).permutation(13).tolist()
+        shares = [s.indices(2 * epoch + k) for k in (0, 1) for s in ranks]
+        assert [len(x) for x in shares] == [3, 3, 3, 3]
+        assert sum(shares, []) == order[:12]
+    fresh = train.Sampler(13, 6, seed=5, rank=1, world=2, lengths=None)
+    assert fresh.indices(3) == ranks[1].indices(3)
+
+
+def test_floor_over_reaches_resure_and_the_run_identity(setup):
+    """--floor-over is handed to ReSURE and recorded in run.json's settings, so that a rerun with
+    the other value is a different run."""
+    import train
+    argv = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl")]
+    default = train.parse_args(argv)
+    flagged = train.parse_args([*argv, "--floor-over", "flagged"])
+    assert default.floor_over == "all"
+    assert train.new_resure(flagged, record=False).config.floor_over == "flagged"
+    assert train.run_identity(default, 1)["floor_over"] == "all"
+    assert train.run_identity(flagged, 1)["floor_over"] == "flagged"
 
 
 @pytest.mark.slow
@@ -167,14 +202,17 @@ def test_torchrun_two_ranks_equal_one_process(setup, stats, update, detector):
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
-        assert a["units"] == b["units"] and a["flagged_units"] == b["flagged_units"]
+        assert a["units"] == b["units"]
+        assert a["flagged_units"] == b["flagged_units"]
     s1 = json.loads((one / "resure_state.json").read_text())
     s2 = json.loads((two / "resure_state.json").read_text())
-    assert s1["seen"] == s2["seen"] and s1["flagged_total"] == s2["flagged_total"]
+    assert s1["seen"] == s2["seen"]
+    assert s1["flagged_total"] == s2["flagged_total"]
     assert_close_tree(s1["stats"], s2["stats"], 1e-6)
     if detector == "loss+gain":  # the context gains, gathered from both ranks, make the same statistics
         assert_close_tree(s1["gain_stats"], s2["gain_stats"], 1e-5)
-        assert s1["gain_stats"]["groups"] and s1["config"]["gain_alpha"] == 2.0
+        assert s1["gain_stats"]["groups"]
+        assert s1["config"]["gain_alpha"] == 2.0
     a1 = load_file(one / "adapter" / "adapter_model.safetensors")
     a2 = load_file(two / "adapter" / "adapter_model.safetensors")
     for k in a1:  # the gradient all-reduce sums in another order, and each rank pads its free rows otherwise:
@@ -196,7 +234,8 @@ def test_sigkill_and_resume_is_bitwise_exact(setup, stats, update, detector):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert (cut / f"step-{kill_after:07d}").exists() and not (cut / "adapter").exists()
+    assert (cut / f"step-{kill_after:07d}").exists()
+    assert not (cut / "adapter").exists()
     # a kill in the middle of writing the next checkpoint leaves only a temporary folder behind
     (cut / ".tmp-step-0000099").mkdir(exist_ok=True)
     (cut / ".tmp-step-0000099" / "trainer.pt").write_bytes(b"partial")
@@ -229,7 +268,9 @@ def test_bad_input_one_line_errors(setup, tmp_path):
                            text=True, timeout=120)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2, (extra, p.stderr[-2000:])
-        assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, (extra, p.stderr)
+        assert len(err) == 1, (extra, p.stderr)
+        assert needle in err[0], (extra, p.stderr)
+        assert "Traceback" not in p.stderr, (extra, p.stderr)
 
 
 @pytest.mark.slow
@@ -244,9 +285,11 @@ def test_demo_shortened_prints_numbers_from_the_run(smollm2_dir, tmp_path):
                         "--demo-eval", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.splitlines()
-    assert lines[0].startswith("demo:") and lines[1].startswith("demo settings:")
+    assert lines[0].startswith("demo:")
+    assert lines[1].startswith("demo settings:")
     acc = [line for line in lines if line.startswith("clean-test exact match")]
-    assert len(acc) == 1 and any(line.startswith("flagging vs noise labels") for line in lines)
+    assert len(acc) == 1
+    assert any(line.startswith("flagging vs noise labels") for line in lines)
     after = float(acc[0].split("-> after ")[1])
     before = float(acc[0].split("before ")[1].split(" ->")[0])
     cache = Path(os.environ.get("RESURE_CACHE", Path.home() / ".cache" / "resure"))
@@ -266,11 +309,15 @@ def test_data_alone_trains_the_demo_model_with_the_paper_settings(smollm2_dir, t
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}))
     args = train.parse_args(["--data", str(f)])
-    assert not args.demo and args.model is None and (args.lora_alpha, args.lora_dropout) == (16, 0.3)
-    net = train.main(["--data", str(f), "--out", str(tmp_path / "out"), "--max-steps", "1", "--max-len", "64",
+    assert not args.demo
+    assert args.model is None
+    assert (args.lora_alpha, args.lora_dropout) == (16, 0.3)
+    run = train.main(["--data", str(f), "--out", str(tmp_path / "out"), "--max-steps", "1", "--max-len", "64",
                       "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--method", "sft"])
     cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert Path(cfg["base_model_name_or_path"]) == smollm2_dir and (cfg["r"], cfg["lora_alpha"]) == (4, 16)
-    assert net.config.num_hidden_layers == 30 and net.config.hidden_size == 576
+    assert Path(cfg["base_model_name_or_path"]) == smollm2_dir
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 16)
+    assert run.net.config.num_hidden_layers == 30
+    assert run.net.config.hidden_size == 576
     with pytest.raises(UsageError, match=r"^--model needs --data \(the demo's data is made for its own model\)$"):
         train.parse_args(["--model", str(smollm2_dir)])
