@@ -1,5 +1,5 @@
-"""Evaluation: per-turn loss, multi-turn generation in FastChat's answer format, exact-match
-accuracy, Spearman.
+"""Evaluation: per-turn loss, multi-turn answers in FastChat's format, exact match, Spearman's rho.
+Each is a function and a subcommand:
 
     python eval.py loss     --model M [--adapter A] --data convs.jsonl [--out loss.json]
     python eval.py generate --model M [--adapter A] --questions question.jsonl [--out answers.jsonl]
@@ -7,15 +7,13 @@ accuracy, Spearman.
     python eval.py spearman --x 1,2,3,1,2,3 --y 6.1,5.8,5.2,6.0,5.9,5.0
     python scripts/judge.py ...   (LLM judges on answer files, see its --help)
 
-An answer file line is FastChat's model answer with what produced it:
-{"question_id": 81, "answer_id": "..", "model_id": "m", "choices": [{"index": 0, "turns": [".."]}],
-"tstamp": 1700000000.0, "producer": {"base_fingerprint": "..", "adapter_sha256": "..", ...}}.
-A rerun of `generate` continues only answers of the same producer (weights, chat template, dtype,
-generation settings); the default file name carries a short hash of the producer.
+Reading order: load, per_turn_loss, generation (generate_texts, question files,
+generate_answers), accuracy, spearman, the command line. `generate` keeps its answers in a
+resumable answer file (support/answers.py): a rerun continues only answers of the same producer,
+and the default file name carries a short hash of the producer.
 Errors are one line on stderr: exit code 2 for bad input, 130 on Ctrl-C.
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -32,22 +30,21 @@ import torch
 from data import ChatTemplate, build_examples, collate
 from lora import load_adapter, merge_lora
 from model import Transformer, generate
+from support.answers import Producer, answer_file, conversation_question, file_question
+from support.answers import file_sha256, read_objects
 from support.cli import UsageError, check_paths, num
-from support.conversations import BadSample, iter_json_records, normalize_record
-from support.conversations import load_conversations, save_jsonl
+from support.conversations import load_conversations
 
 
 class EvalError(UsageError):
     """Bad input to an evaluation: a missing or malformed file or field; the message is one line."""
 
 
-# train.py's names for the same dtypes
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.py's names for them
 
 
 def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=None):
-    """model.py Transformer (+ LoRA adapter, merged for speed) and data.py ChatTemplate, ready for
-    inference."""
+    """model.py Transformer (+ LoRA adapter, merged for speed) and data.py ChatTemplate."""
     if not os.path.isdir(model_dir):
         raise EvalError(f"--model {model_dir}: not a folder")
     dtype = getattr(torch, DTYPES.get(dtype, dtype))
@@ -61,9 +58,8 @@ def load(model_dir, adapter=None, dtype="float32", device="cpu", chat_template=N
 # --- per-turn loss ---
 @torch.no_grad()
 def per_turn_loss(model, examples, batch_size=8, pad_id=0, max_turn_groups=None):
-    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall.
-    A supervised token belongs to depth turn_ids[t], capped at max_turn_groups when given (as turn
-    groups are)."""
+    """Mean token loss, token count and perplexity per turn depth (assistant turn 1..N) and overall;
+    a depth is capped at max_turn_groups when given, as turn groups are."""
     sums = defaultdict(float)
     counts = defaultdict(int)
     device = next(model.parameters()).device
@@ -124,85 +120,11 @@ def generate_texts(model, template, prompts, batch_size=8, max_new_tokens=256, t
 
 
 def read_jsonl(path):
-    """(where, object) for each record of a .jsonl file (or a JSON array; .gz too), read as data.py
-    reads them; a line that is not a JSON object is refused."""
+    """(where, object) for each record of a .jsonl file (or a JSON array; .gz too); a missing file,
+    bad JSON or a record that is not a JSON object is refused."""
     if not os.path.isfile(path):
         raise EvalError(f"{path}: no such file")
-    rows = []
-    for where, obj in iter_json_records(path):
-        if isinstance(obj, BadSample):
-            raise EvalError(f"{where}: invalid JSON ({obj.detail})")
-        if not isinstance(obj, dict):
-            raise EvalError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        rows.append((where, obj))
-    return rows
-
-
-def check_question_id(where, qid):
-    """A question_id is an integer or a non-empty string, as in FastChat's files."""
-    if qid is None:
-        raise EvalError(f"{where}: question_id is missing")
-    if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-        raise EvalError(f"{where}: question_id {reprlib.repr(qid)} is not an integer or a string")
-    if isinstance(qid, str) and not qid.strip():
-        raise EvalError(f"{where}: question_id is an empty string")
-
-
-def check_texts(where, field, value, blank_ok=False):
-    """`field` is a non-empty list of strings, none of them blank unless blank_ok."""
-    if value is None:
-        raise EvalError(f"{where}: {field} is missing")
-    if not isinstance(value, list) or not value:
-        found = reprlib.repr(value)
-        raise EvalError(f"{where}: {field} is {found}, expected a non-empty list of strings")
-    for i, text in enumerate(value):
-        if not isinstance(text, str):
-            raise EvalError(f"{where}: {field}[{i}] is {reprlib.repr(text)}, expected a string")
-        if not blank_ok and not text.strip():
-            raise EvalError(f"{where}: {field}[{i}] is blank")
-
-
-ROLES = ("system", "user", "assistant")
-
-
-def is_message(obj):
-    """A {role, content} message, as a question's context holds them."""
-    if not isinstance(obj, dict):
-        return False
-    return obj.get("role") in ROLES and isinstance(obj.get("content"), str)
-
-
-def file_question(where, record):
-    """An MT-Bench question ({"question_id", "turns", "category"?, "reference"?, "context"?}) with
-    every field checked, category and context filled in."""
-    check_question_id(where, record.get("question_id"))
-    check_texts(where, "turns", record.get("turns"))
-    category = record.get("category", "")
-    if not isinstance(category, str):
-        raise EvalError(f"{where}: category is {reprlib.repr(category)}, expected a string")
-    if record.get("reference") is not None:  # MT-Bench leaves some turns' reference blank
-        check_texts(where, "reference", record["reference"], blank_ok=True)
-    context = record.get("context", [])
-    if not isinstance(context, list) or not all(is_message(m) for m in context):
-        raise EvalError(f"{where}: context must be a list of {{role, content}} messages")
-    return {"category": "", "context": [], **record}
-
-
-def conversation_question(where, record, index):
-    """A conversation as a question: the user turn before its final assistant turn (or its last
-    message, a user's), with the dialogue before it as context; its id is "id", else its index."""
-    conversation = normalize_record(record, where)
-    messages = conversation["messages"]
-    end = len(messages)
-    if messages[-1]["role"] == "assistant":
-        end -= 1
-    category = conversation.get("category", "dialogue")
-    if not isinstance(category, str):
-        raise EvalError(f"{where}: category is {reprlib.repr(category)}, expected a string")
-    question_id = conversation.get("id", index)
-    check_question_id(where, question_id)
-    return {"question_id": question_id, "category": category,
-            "turns": [messages[end - 1]["content"]], "context": messages[:end - 1]}
+    return read_objects(path, EvalError)
 
 
 def read_questions(path):
@@ -214,9 +136,9 @@ def read_questions(path):
     question_file = bool(rows) and "turns" in rows[0][1]
     for index, (where, record) in enumerate(rows):
         if question_file:
-            question = file_question(where, record)
+            question = file_question(where, record, EvalError)
         else:
-            question = conversation_question(where, record, index)
+            question = conversation_question(where, record, index, EvalError)
         qid = question["question_id"]
         if qid in seen:
             raise EvalError(f"{where}: question_id {reprlib.repr(qid)} is repeated")
@@ -226,8 +148,7 @@ def read_questions(path):
 
 
 def answer_record(question_id, model_id, turns):
-    """One FastChat model-answer line; answer_id is a hash of its content, so reruns give the same
-    ids."""
+    """One FastChat model-answer line; answer_id hashes its content, so reruns give the same ids."""
     content = json.dumps([question_id, model_id, turns]).encode()
     answer_id = hashlib.sha256(content).hexdigest()[:22]
     return {"question_id": question_id, "answer_id": answer_id, "model_id": model_id,
@@ -247,9 +168,8 @@ def dialogue(question, answers, k):
 
 def generate_answers(model, template, questions, model_id, batch_size=8, max_new_tokens=256,
                      temperature=0.0, top_p=1.0, seed=None):
-    """Multi-turn answers: turn k of every question is asked with the model's OWN answers to turns
-    < k in context; all questions' k-th turns are generated together. Returns (FastChat answer
-    records, stats with tokens/s)."""
+    """(FastChat answer records, stats): turn k of every question is asked with the model's OWN
+    answers to turns < k in context; all questions' k-th turns are generated together."""
     answers = [[] for _ in questions]
     new_tokens = 0
     started = time.perf_counter()
@@ -267,102 +187,9 @@ def generate_answers(model, template, questions, model_id, batch_size=8, max_new
     return records, {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": rate}
 
 
-@dataclasses.dataclass
-class Producer:
-    """What makes an answer file's answers: the weights, the prompt format and the generation
-    settings. Every answer line records it; a rerun continues only answers of the same producer."""
-    model_id: str
-    base_fingerprint: str       # model.py's fingerprint of the base model's config and weights
-    adapter_sha256: str | None  # of adapter_model.safetensors; None without an adapter
-    chat_template: str
-    dtype: str
-    batch_size: int             # the seed of each batch of questions depends on it
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-
-    def short_hash(self):
-        """8 hex digits of the whole producer, for the default answer file's name."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def producer_change(theirs, mine):
-    """What differs between the producer a file records and this run's, in a few words."""
-    if not isinstance(theirs, dict):
-        return "an answer that does not record its producer"
-    changed = []
-    for key in sorted(theirs.keys() | mine.keys()):
-        old = str(theirs.get(key))[:16]
-        new = str(mine.get(key))[:16]
-        if old != new:
-            changed.append(f"{key} {old} in the file, {new} now")
-    return "answers of another producer (" + "; ".join(changed) + ")"
-
-
-def answers_so_far(out, producer):
-    """{question_id: record} of the answers OUT holds ({} without OUT); each must be producer's."""
-    if not os.path.exists(out):
-        return {}
-    mine = dataclasses.asdict(producer)
-    done = {}
-    for where, record in read_jsonl(out):
-        if record.get("producer") != mine:
-            raise EvalError(f"{where}: {producer_change(record.get('producer'), mine)}; "
-                            "give another --out")
-        qid = record.get("question_id")
-        check_question_id(where, qid)
-        if qid in done:
-            raise EvalError(f"{where}: a second answer to question_id {reprlib.repr(qid)}")
-        done[qid] = record
-    return done
-
-
-def answer_file(model, template, questions, out, producer):
-    """generate_answers producer.batch_size questions at a time, OUT rewritten whole (atomically)
-    after each batch. A rerun keeps the answers OUT holds and continues with the same seeds, so the
-    same answers; answers to questions not asked this time stay. Another producer's file is
-    refused."""
-    done = answers_so_far(out, producer)
-    order = {q["question_id"]: n for n, q in enumerate(questions)}
-    if done:
-        answered = len(order.keys() & done.keys())
-        print(f"{out}: {answered} of {len(order)} questions answered already, continuing")
-    new_tokens = 0
-    seconds = 0.0
-    size = producer.batch_size
-    for start in range(0, len(questions), size):
-        todo = [q for q in questions[start:start + size] if q["question_id"] not in done]
-        if not todo:  # this batch was answered before: nothing to generate or write
-            continue
-        records, stats = generate_answers(model, template, todo, producer.model_id, size,
-                                          producer.max_new_tokens, producer.temperature,
-                                          producer.top_p, shifted(producer.seed, start))
-        for record in records:
-            record["producer"] = dataclasses.asdict(producer)
-            done[record["question_id"]] = record
-        new_tokens += stats["new_tokens"]
-        seconds += stats["seconds"]
-        ordered = sorted(done.values(), key=lambda r: order.get(r["question_id"], len(order)))
-        save_jsonl(ordered, out)
-    rate = new_tokens / max(seconds, 1e-9)
-    print(f"{len(questions)} answers -> {out}: {new_tokens} new tokens in {seconds:.1f}s "
-          f"({rate:.1f} tokens/s)")
-
-
 # --- exact-match accuracy on the synthetic benchmark ---
 def normalize_answer(text):
-    """Canonical form for exact match: trimmed, lower case, no trailing period, single spaces, ", "
-    separators."""
+    """Canonical form for exact match: lower case, single spaces, no final period, ", " between."""
     text = " ".join(str(text).strip().lower().split()).rstrip(".").strip()
     return ", ".join(part.strip() for part in text.split(","))
 
@@ -382,22 +209,18 @@ def with_references(messages):
 
 
 def check_references(path, conversations):
-    """Every "reference" of an assistant turn is a non-blank string."""
+    """Every "reference" is non-blank (support/conversations.py checks that it is a string)."""
     for n, conversation in enumerate(conversations, 1):
         for i, m in enumerate(conversation["messages"]):
-            if "reference" not in m:
-                continue
-            ref = m["reference"]
-            if not isinstance(ref, str) or not ref.strip():
+            if "reference" in m and not m["reference"].strip():
                 raise EvalError(f"{path}: conversation {n}, message {i}: reference is "
-                                f"{reprlib.repr(ref)}, expected a non-blank string")
+                                f"{reprlib.repr(m['reference'])}, expected a non-blank string")
 
 
 def accuracy(model, template, conversations, batch_size=8, max_new_tokens=32, max_turn_groups=None):
-    """Exact-match accuracy (answer_matches) per turn depth and overall, greedy. Turn k is predicted
-    with the REFERENCE earlier answers in context (teacher-forced history), so each depth measures
-    that turn alone. A turn's reference is its "reference" field when present (support/synth.py
-    writes the truth there), else its content."""
+    """Greedy exact-match accuracy per turn depth and overall. Turn k is predicted with the
+    REFERENCE earlier answers in context, so each depth measures that turn alone; a turn's
+    reference is its "reference" field (support/synth.py writes the truth there), else content."""
     cap = max_turn_groups or math.inf
     prompts = []
     refs = []
@@ -572,7 +395,13 @@ def run_generate(args):
                         top_p=args.top_p, seed=args.seed)
     name = re.sub(r"[^\w.-]", "_", model_id)  # a model id is a name, not a path
     out = args.out or f"{name}-{producer.short_hash()}.jsonl"  # two producers never share a file
-    answer_file(model, template, questions, out, producer)
+
+    def answer(batch, start):
+        """The batch that starts at question `start`, seeded by that place: a rerun repeats it."""
+        return generate_answers(model, template, batch, model_id, args.batch_size,
+                                args.max_new_tokens, args.temperature, args.top_p,
+                                shifted(args.seed, start))
+    answer_file(questions, out, producer, answer)
 
 
 def run_spearman(args):
@@ -590,8 +419,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with failures reported in one line; returns the exit code: 0, 2 for bad input, 130
-    when interrupted."""
+    """main() with failures reported in one line; exit code 2 for bad input, 130 on Ctrl-C."""
     try:
         main(argv)
     except (ValueError, OSError, RuntimeError, MemoryError) as e:

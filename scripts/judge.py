@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval import check_question_id, check_texts, load, read_jsonl, read_questions  # noqa: E402
+from eval import load, read_jsonl, read_questions  # noqa: E402
+from support.answers import check_question_id, check_texts  # noqa: E402
 from support.cli import check_paths  # noqa: E402
 
 
@@ -432,12 +433,13 @@ def read_answers(path):
     answers = {}
     for where, record in read_jsonl(path):
         qid = record.get("question_id")
-        check_question_id(where, qid)
+        check_question_id(where, qid, JudgeSetupError)
         choices = record.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise JudgeSetupError(f"{where}: not a model answer: choices must be a non-empty list "
                                   "of objects")
-        check_texts(where, "choices[0].turns", choices[0].get("turns"), blank_ok=True)
+        check_texts(where, "choices[0].turns", choices[0].get("turns"), JudgeSetupError,
+                    blank_ok=True)
         if qid in answers:
             raise JudgeSetupError(f"{where}: a second answer to question_id {qid!r}")
         answers[qid] = choices[0]["turns"]

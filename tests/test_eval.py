@@ -13,6 +13,7 @@ import torch
 
 import eval as E
 from scripts import judge as J
+from support import answers as A
 from support.conversations import save_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -790,7 +791,14 @@ def producer(model_id="tiny", **changes):
     settings = dict(model_id=model_id, base_fingerprint="0123456789abcdef", adapter_sha256=None,
                     chat_template="chatml", dtype="float32", batch_size=2, max_new_tokens=5, temperature=0.0,
                     top_p=1.0, seed=None)
-    return E.Producer(**{**settings, **changes})
+    return A.Producer(**{**settings, **changes})
+
+
+def answering(model, template):
+    """The function `eval.py generate` gives answer_file, on producer()'s settings (unseeded)."""
+    def answer(batch, start):
+        return E.generate_answers(model, template, batch, "tiny", batch_size=2, max_new_tokens=5)
+    return answer
 
 
 def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixtures_dir, monkeypatch, capsys):
@@ -810,7 +818,7 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
         return real(*a, **k)
     monkeypatch.setattr(E, "generate_answers", stops_at_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        E.answer_file(model, template, questions, str(out), producer())
+        A.answer_file(questions, str(out), producer(), answering(model, template))
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert without(kept, "tstamp", "producer") == without(want[:4], "tstamp")  # two finished batches, whole
     calls.clear()
@@ -819,7 +827,7 @@ def test_generate_saves_each_batch_and_a_rerun_continues(tiny, tmp_path, fixture
         calls.append(len(a[2]))
         return real(*a, **k)
     monkeypatch.setattr(E, "generate_answers", counted)
-    E.answer_file(model, template, questions, str(out), producer())
+    A.answer_file(questions, str(out), producer(), answering(model, template))
     assert "a.jsonl: 4 of 5 questions answered already, continuing" in capsys.readouterr().out
     assert calls == [1]  # only the fifth question was asked again; answered batches are not even called
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -852,12 +860,12 @@ def test_answer_file_of_another_producer_is_refused(tiny, tmp_path, change, name
     questions = [{"question_id": 1, "turns": ["Hi."], "context": []},
                  {"question_id": 2, "turns": ["Bye."], "context": []}]
     out = tmp_path / "a.jsonl"
-    E.answer_file(model, template, questions[:1], str(out), producer())
+    A.answer_file(questions[:1], str(out), producer(), answering(model, template))
     before = out.read_bytes()
     calls = []
     monkeypatch.setattr(E, "generate_answers", lambda *a, **k: calls.append(a))
-    with pytest.raises(E.EvalError) as e:
-        E.answer_file(model, template, questions, str(out), producer(**change))
+    with pytest.raises(A.AnswerFileError) as e:
+        A.answer_file(questions, str(out), producer(**change), answering(model, template))
     assert str(e.value) == f"{out}:1: answers of another producer ({named}); give another --out"
     assert calls == []
     assert out.read_bytes() == before
@@ -869,8 +877,8 @@ def test_answer_file_without_producers_is_refused(tiny, tmp_path, fixtures_dir):
     out = tmp_path / "gpt-4.jsonl"
     out.write_bytes((fixtures_dir / "mt_bench/reference_answer/gpt-4.jsonl").read_bytes())
     questions = E.read_questions(str(fixtures_dir / "mt_bench/question.jsonl"))[:1]
-    with pytest.raises(E.EvalError) as e:
-        E.answer_file(model, template, questions, str(out), producer())
+    with pytest.raises(A.AnswerFileError) as e:
+        A.answer_file(questions, str(out), producer(), answering(model, template))
     assert str(e.value) == f"{out}:1: an answer that does not record its producer; give another --out"
 
 
