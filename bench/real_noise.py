@@ -141,10 +141,7 @@ def step_overhead(model_dir, files, plan, out, steps=6, seed=0):
         argv = train_argv(plan, model_dir, files, Path(out) / f"speed-{det}", seed,
                           ["--method", "resure", "--detector", det, "--no-resume"])
         args = train.parse_args(argv)
-        r = train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), out=args.out,
-                      last_seen={}, demo_test=None, objective=train.ReSURELoss(),
-                      log=lambda *a, **k: None)
-        train.build(r)
+        r = train.build(args, 0, 1, torch.device("cpu"), train.ReSURELoss())
         r.net.train()
         made[det] = r
     times = {det: {"cpu": [], "wall": []} for det in made}
@@ -181,7 +178,7 @@ def free_row_cost(run, files, steps):
     out = {k: {"cpu_s": 0.0, "tokens": 0, "real_tokens": 0}
            for k in ("padded", "sorted", "sorted_short")}
     for s in steps:
-        exs = [run.examples[i] for i in run.batches(s)]
+        exs = [run.examples[i] for i in run.sampler.indices(s)]
         padded = [(f[1], f[2]) for e in exs for f in e["free"]]
         short = sorted((short_row(convs, tpl, e, f[0]) for e in exs for f in e["free"]), key=len_0)
         rows = {"padded": [padded], "sorted": chunks(sorted(padded, key=len_0)),

@@ -3,7 +3,6 @@ loaded the same way, a batch of chat-like token spans, one LoRA training step ea
 to ours, and the useful FLOPs of a step. The one place bench/ calls train.context_gain."""
 from contextlib import nullcontext
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -157,12 +156,13 @@ class ContextGain:
     batch's free rows scored alone."""
 
     def __init__(self, net, free, amp):
-        self.run = SimpleNamespace(net=net, amp=amp, args=SimpleNamespace(unit="turn"))
+        self.net = net
+        self.amp = amp
         self.free = free
 
     def __call__(self, losses, sidx, turn, batch):
         rows = dict(self.free, input_ids=range(batch))
-        return train.context_gain(self.run, rows, losses, sidx, turn)
+        return train.context_gain(self.net, self.amp(), "turn", rows, losses, sidx, turn)
 
 
 def resure_step(net, opt, b, rs, amp, free=None):
