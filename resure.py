@@ -1,35 +1,21 @@
 """ReSURE (arXiv 2508.19996, Sec. 3): down-weight supervision whose loss is unusually high for its
-turn depth.
-
-  Eq. 1     a unit's loss l is the mean cross-entropy over its supervised tokens; a unit is a
-            dialogue (the paper) or one assistant turn (ours)        unit_losses, count_units
+turn depth. The file follows the paper:
+  Eq. 1     unit_losses: a unit's loss l is the mean cross-entropy of its supervised tokens; a unit
+            is a dialogue (the paper) or one assistant turn (ours)
   groups    units are grouped by turn depth b; deeper turns may share the last group
-  Eqs. 2-4  each group keeps a running mean mu_b and std sigma_b of its reliable losses (welford.py)
-  Eq. 5     tau_b = mu_b + alpha * sigma_b, as the statistics stood before the batch   ReSURE.tau
-  Eq. 6     l <= tau_b: reliable, w = 1; l > tau_b: w = max(eps, exp(-(l - tau_b) / tau_b)), eps
-            the floor_percentile-th percentile (numpy, linear) of the batch's weights  ReSURE.weigh
-  update    only reliable losses enter their group's statistics, in batch order  ReSURE._update
-  Eq. 7     l~ = w * l, w a constant; the objective is the mean of l~ over the step's units
-                                                                             reweighted_loss
-
-Eq. 6's "5th percentile of the current batch's weights" reads two ways; floor_over picks one:
-  "all"      (default: the literal reading) over every finite weight of the batch, the reliable
-             units' 1.0s included: while k <= p/100 * (n - 1) of the n units are flagged, eps = 1
-             and no unit is down-weighted.
-  "flagged"  over the flagged units' Eq. 6 weights only: eps bounds how far the lowest of them
-             fall below the others; a lone flagged unit keeps its Eq. 6 weight.
-Warm-up: a batch is a warm-up batch (every w = 1, every loss enters) while fewer than
-warmup_samples units were seen before it, or the statistics come from a separate high-quality
-set (warmup_from, the paper's 640 samples); a group with fewer than min_count values has no
-usable sigma, so its units are reliable.
-Ramp (our reading of "gradually increased filtering weight"): in the s-th optimizer step after
-warm-up (s = 1, 2, ...) w_eff = 1 - r * (1 - w) with r = min(1, s / ramp_steps); ramp_steps = 0:
-r = 1 at once.
-Beyond the paper (README): modes sft (every w = 1), global (one group), hard (flagged w = 0);
-stats_update winsorized (flagged units enter as tau) or all; other estimators (welford.py); the
-context-gain view (gain_alpha: a unit whose context gain leaves its group's band is flagged too);
-the lag / collapse watch (Observer). Non-finite losses get w = 0, are counted and never enter the
-statistics. Another weighting rule: edit weight_rule().
+  Eqs. 2-5  each group keeps a running mean mu_b and std sigma_b of its reliable losses
+            (welford.py); ReSURE.tau: tau_b = mu_b + alpha * sigma_b, before the batch
+  Eq. 6     ReSURE.weigh: l <= tau_b is reliable, w = 1; else w = max(eps, exp(-(l - tau) / tau)),
+            eps the floor_percentile-th percentile of the batch's weights (ReSURE._floor)
+  update    only reliable losses enter their group's statistics, in batch order (ReSURE._update)
+  Eq. 7     reweighted_loss: the mean of l~ = w * l over the step's units, w a constant
+Warm-up: every w = 1 while fewer than warmup_samples units were seen, or after warmup_from filled
+the statistics from a separate clean set (the paper's 640 samples); a group with fewer than
+min_count values judges nothing. Ramp (our reading of "gradually increased filtering weight"):
+w_eff = 1 - r * (1 - w), r = min(1, s / ramp_steps) in the s-th optimizer step after warm-up.
+Beyond the paper (README): modes sft, global, hard; stats_update winsorized or all; other
+estimators; the context-gain view (gain_alpha); the lag / collapse watch (Observer). Non-finite
+losses get w = 0 and never enter the statistics. Another weighting rule: edit weight_rule().
 """
 import copy
 import math
@@ -38,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from support.distributed import column
 from welford import GroupedStats
 
 MODES = ("resure", "sft", "global", "hard")
@@ -51,30 +38,13 @@ class ReSUREError(ValueError):
 
 
 def _np(x, dtype, name):
-    """x (a tensor, array or list) as a 1-D numpy array of dtype; an integer dtype takes whole
-    numbers only."""
-    if torch.is_tensor(x):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()
-        x = x.numpy()
-    x = np.asarray(x)
-    if x.ndim != 1:
-        raise ReSUREError(f"resure: {name} must be 1-D, got shape {tuple(x.shape)}")
-    if dtype == np.int64 and x.dtype.kind not in "iu" and x.size:
-        fractional = np.mod(x, 1) != 0
-        if fractional.any():
-            raise ReSUREError(f"resure: {name} must be integers, got {x.dtype} values such as "
-                              f"{x[fractional][0]}")
-    return x.astype(dtype)
+    return column(x, dtype, f"resure: {name}", ReSUREError)
 
 
 def _num(x):
     """x as a JSON-safe float: None for NaN and infinities."""
     x = float(x)
-    if math.isfinite(x):
-        return x
-    return None
+    return x if math.isfinite(x) else None
 
 
 # --- Eq. 1: units and their losses ---------------------------------------------------------------
@@ -90,26 +60,24 @@ def _unit_masks(labels, turn_ids, unit):
     orphans = sup & (turn_ids < 1)
     if orphans.any():
         b = int(orphans.any(1).nonzero()[0])
-        raise ReSUREError(f"resure: sample {b} of the batch has a supervised token with turn id "
-                          "< 1")
+        raise ReSUREError(f"resure: sample {b} of the batch has a supervised token with turn "
+                          "id < 1")
     last = int(turn_ids[sup].max()) if sup.any() else 0
     turns = torch.arange(1, last + 1, device=labels.device)
     return sup.unsqueeze(1) & (turn_ids.unsqueeze(1) == turns[None, :, None]), turns
 
 
 def count_units(labels, turn_ids=None, unit="dialogue"):
-    """(units, supervised tokens) that unit_losses will return for this batch, known before the
-    forward pass."""
+    """(units, supervised tokens) that unit_losses will return, known before the forward pass."""
     masks, _ = _unit_masks(labels, turn_ids, unit)
     return int((masks.sum(-1) > 0).sum()), int(masks.sum())
 
 
 def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
-    """Eq. 1 per unit, from token_losses [B, T] as model.token_losses returns it (entry t = CE of
-    labels[t], 0 where -100 and at t = 0). A unit is a dialogue (its group: its depth groups[b]) or
-    an assistant turn with >= 1 supervised token (its group: its 1-based turn id). Units come
-    sample-major, turns ascending. Returns losses [U] (with grad), groups [U], tokens [U],
-    sample_index [U] and turn [U] (0 for dialogue units)."""
+    """Eq. 1 per unit from token_losses [B, T] (model.token_losses: entry t is the CE of labels[t],
+    0 where -100 and at t = 0). A unit is a dialogue (group: its depth groups[b]) or an assistant
+    turn with supervised tokens (group: its turn id), sample-major, turns ascending. Returns
+    losses [U] (with grad), groups, tokens, sample_index and turn (0 for dialogue units)."""
     shapes = {"token_losses": token_losses.shape, "labels": labels.shape}
     if turn_ids is not None:
         shapes["turn_ids"] = turn_ids.shape
@@ -130,10 +98,9 @@ def unit_losses(token_losses, labels, turn_ids, groups, unit="dialogue"):
 
 def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, unit="dialogue",
             batch=None):
-    """Context gain of each unit (beyond the paper): the mean loss of its reply tokens scored
-    alone, after an empty user turn (free_token_losses [R, T] of the R rows free_unit = (batch row,
-    turn)), minus its loss in the dialogue, in nats per token: how much the dialogue helps predict
-    the reply. A dialogue unit pools the tokens of its replies."""
+    """Each unit's context gain (beyond the paper), in nats per token: the mean loss of its reply
+    tokens scored alone after an empty user turn (free_token_losses [R, T] of the R rows
+    free_unit = (batch row, turn)) minus its loss in the dialogue. A dialogue pools its replies."""
     positions = torch.arange(free_labels.shape[1], device=free_labels.device)
     sup = (free_labels != -100) & (positions > 0)
     row, k = free_unit.unbind(1)
@@ -152,31 +119,27 @@ def gain_of(free_token_losses, free_labels, free_unit, losses, sample, turn, uni
 
 
 # --- turn groups ---------------------------------------------------------------------------------
-def _checked_losses(losses):
-    """Unit losses as float64: NaN and infinities pass (they get w = 0), negative losses do not."""
+def _units(losses, groups, config):
+    """The units' losses as float64 (NaN and infinities pass: they get w = 0; negative losses do
+    not) and their turn groups b >= 1: each its depth, capped at max_turn_groups; mode global puts
+    every unit in group 1."""
     l = _np(losses, np.float64, "losses")
     negative = np.isfinite(l) & (l < 0)
     if negative.any():
         i = int(np.argmax(negative))
         raise ReSUREError(f"resure: unit {i} has negative loss {float(l[i])}; "
                           "Eqs. 5-7 assume non-negative (cross-entropy) losses")
-    return l
-
-
-def _turn_groups(groups, n, config):
-    """The n units' turn groups b >= 1: each its depth, capped at max_turn_groups (deeper turns
-    share the last group; None or 0: no cap); mode global puts every unit in group 1."""
     g = _np(groups, np.int64, "groups")
-    if len(g) != n:
-        raise ReSUREError(f"resure: {n} losses but {len(g)} groups")
+    if len(g) != len(l):
+        raise ReSUREError(f"resure: {len(l)} losses but {len(g)} groups")
     if (g < 1).any():
         i = int(np.argmax(g < 1))
         raise ReSUREError(f"resure: unit {i} has turn group {g[i]}; groups are >= 1")
     if config.mode == "global":
-        return np.ones_like(g)
+        return l, np.ones_like(g)
     if config.max_turn_groups:
-        return np.minimum(g, config.max_turn_groups)
-    return g
+        return l, np.minimum(g, config.max_turn_groups)
+    return l, g
 
 
 # --- Eqs. 2-5: the settings, the statistics, the thresholds --------------------------------------
@@ -198,7 +161,6 @@ class ReSUREConfig:
     floor_over: str = "all"             # the weights Eq. 6's percentile is over, one of FLOOR_OVER
 
     def __post_init__(self):
-        """Refuse the first setting out of range, in one line that names it."""
         rules = [("mode", self.mode in MODES, f"one of {MODES}"),
                  ("stats_update", self.stats_update in UPDATES, f"one of {UPDATES}"),
                  ("floor_over", self.floor_over in FLOOR_OVER, f"one of {FLOOR_OVER}"),
@@ -226,7 +188,6 @@ class Counters:
     nonfinite_total: int = 0
 
     def count(self, units, finite, flagged):
-        """One weigh() call of units units, finite of them finite and flagged of them flagged."""
         self.calls += 1
         self.seen += finite
         self.units_total += units
@@ -245,9 +206,8 @@ class Standing:
 
 @dataclass
 class GainView:
-    """The context-gain view of one batch (beyond the paper): a unit whose gain lies outside its
-    group's band [lo, hi] is flagged and weighs exp(-d / h), d its distance outside the band and h
-    the band's half-width (Eq. 6's shape with the band's own scale, as a gain can be negative)."""
+    """The context-gain view of a batch: a unit whose gain lies d outside its group's band [lo, hi]
+    is flagged and weighs exp(-d / h), h the band's half-width (Eq. 6's shape, the band's scale)."""
     gains: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
@@ -256,8 +216,7 @@ class GainView:
 
 
 def weight_rule(l, tau):
-    """Eq. 6 before the floor: the weight of units whose loss l exceeds their threshold tau
-    (tau = 0 gives w = 0)."""
+    """Eq. 6 before the floor, for losses l above their thresholds tau (tau = 0 gives w = 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         positive_tau = np.where(tau > 0, tau, 1.0)
         return np.where(tau > 0, np.exp(-(l - tau) / positive_tau), 0.0)
@@ -290,10 +249,6 @@ class ReSURE:
         return self.counters.seen
 
     @property
-    def calls(self):
-        return self.counters.calls
-
-    @property
     def gain_alpha(self):
         return self.config.gain_alpha
 
@@ -323,13 +278,10 @@ class ReSURE:
 
     # --- Eq. 6 and its floor ---------------------------------------------------------------------
     def weigh(self, losses, groups, ids=None, turns=None, new_step=True, gains=None):
-        """(weights float64, flagged bool) for one batch in batch order, then the conditional
-        update in that order. new_step: this batch starts an optimizer step (False for the later
-        micro-batches of an accumulated step: the ramp moves once per optimizer step). gains: each
-        unit's context gain (with gain_alpha set). ids / turns (per unit: sample index, turn) only
-        label the records."""
-        l = _checked_losses(losses)
-        g = _turn_groups(groups, len(l), self.config)
+        """(weights float64, flagged bool) for one batch, then the conditional update in batch
+        order. new_step: this batch starts an optimizer step (the ramp moves once per step).
+        gains: each unit's context gain (with gain_alpha). ids / turns only label the records."""
+        l, g = _units(losses, groups, self.config)
         finite = np.isfinite(l)
         before = {b: self._standing(b) for b in sorted(set(g.tolist()))}
         tau = np.array([before[b].tau for b in g.tolist()], dtype=np.float64)  # Eq. 5
@@ -366,18 +318,17 @@ class ReSURE:
         return w, flagged
 
     def _floor(self, weights, finite, flagged):
-        """Eq. 6's eps: the floor_percentile-th percentile (numpy, linear) of the batch's weights
-        before the floor, over every finite unit (floor_over "all") or the flagged ones only."""
-        if self.config.floor_over == "flagged":
-            pool = weights[flagged]
-        else:
-            pool = weights[finite]
+        """Eq. 6's eps, the floor_percentile-th percentile (numpy, linear) of the weights before
+        the floor. The paper's "5th percentile of the current batch's weights" reads two ways:
+        floor_over "all" (the literal reading) takes every finite unit's, the reliable 1.0s
+        included, so while k <= p/100 * (n - 1) of n units are flagged eps = 1; "flagged" takes the
+        flagged units' only, so eps bounds how far the lowest fall below the others."""
+        pool = weights[flagged] if self.config.floor_over == "flagged" else weights[finite]
         return float(np.percentile(pool, self.config.floor_percentile))
 
     def _ramp(self, active, new_step):
         """r, the share of the down-weighting applied: 0 while nothing is judged, then
-        min(1, s / ramp_steps) in the s-th optimizer step (ramp_steps = 0: 1 at once). The first
-        judged batch starts step 1."""
+        min(1, s / ramp_steps) in the s-th optimizer step (the first judged batch starts step 1)."""
         if not active:
             return 0.0
         if new_step or self.counters.ramp_pos == 0:
@@ -411,8 +362,7 @@ class ReSURE:
     # --- the conditional update ------------------------------------------------------------------
     def _update(self, stats, g, x, ok, flagged, clipped):
         """Reliable values enter their group's statistics in batch order; flagged ones as
-        stats_update says (all: as they are; winsorized: clipped to tau or the band; reliable: not
-        at all)."""
+        stats_update says (all: as they are; winsorized: clipped to tau or the band)."""
         for i in np.flatnonzero(ok):
             if not flagged[i] or self.config.stats_update == "all":
                 stats.update(g[i], x[i])
@@ -420,10 +370,9 @@ class ReSURE:
                 stats.update(g[i], clipped[i])
 
     def warmup_from(self, losses, groups, gains=None):
-        """Fill the statistics from a separate high-quality set (the paper: 640 dialogues); its
-        finite units count as seen. Returns their number."""
-        l = _checked_losses(losses)
-        g = _turn_groups(groups, len(l), self.config)
+        """Fill the statistics from a separate clean set (the paper: 640 dialogues); its finite
+        units count as seen. Returns their number."""
+        l, g = _units(losses, groups, self.config)
         finite = np.isfinite(l)
         none = np.zeros(len(l), dtype=bool)
         self._update(self.stats, g, l, finite, none, l)
@@ -437,9 +386,8 @@ class ReSURE:
 
     # --- what the run shows, and checkpoints -----------------------------------------------------
     def summary(self):
-        """The last weigh() call, JSON-safe: per group the statistics the batch was judged with
-        (n, mu, sigma, tau) beside its batch_units, batch_loss and flagged fraction; weight
-        mean/min/median, eps, the counters."""
+        """The last weigh() call, JSON-safe: per group the statistics it was judged by and its
+        batch's units, loss and flagged share; the weights' mean / min / median, eps, counts."""
         return copy.deepcopy(self.observer.last)
 
     def warnings(self):
@@ -447,8 +395,7 @@ class ReSURE:
         return self.observer.take_warnings()
 
     def pop_records(self):
-        """Per-unit records (record=True) since the last call; call it every step, or the list
-        grows."""
+        """Per-unit records (record=True) since the last call; call it every step."""
         return self.observer.take_records()
 
     def state_dict(self):
@@ -460,14 +407,13 @@ class ReSURE:
         return state
 
     def load_state_dict(self, s):
-        """Resume from a state_dict(); a state without floor_over means "all". Refuses a state
-        whose settings differ from this run's, naming each difference."""
+        """Resume from a state_dict() (without floor_over: "all"), refusing one whose settings
+        differ from this run's, each difference named."""
         saved = {"floor_over": "all", **s["config"]}
         diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
                 for k, v in asdict(self.config).items() if saved.get(k) != v]
         if diff:
-            raise ReSUREError("resure state does not match this run's settings: "
-                              + "; ".join(diff))
+            raise ReSUREError("resure state does not match this run's settings: " + "; ".join(diff))
         self.counters = Counters(**{f.name: int(s[f.name]) for f in fields(Counters)})
         self.observer.load_state_dict(s)
         self.stats.load_state_dict(s["stats"])
@@ -501,7 +447,7 @@ VIEWS = {(True, True): "loss+gain", (True, False): "loss", (False, True): "gain"
 
 @dataclass
 class Observer:
-    """Per-unit records (record=True), the last batch's summary, and the lag / collapse watch
+    """Per-unit records (record=True), the last call's summary, and the lag / collapse watch
     (beyond the paper). Lag: nothing flagged while every judged group's batch loss sits below its
     mean (so >= alpha * sigma under tau); collapse: more than half of the units flagged. Each is
     warned about once per run, when it has lasted warn_steps consecutive judged calls."""
@@ -523,16 +469,16 @@ class Observer:
             self.records += self._records(decision, counters.calls, ids, turns)
 
     def _groups(self, d):
+        """Per group: the statistics the batch was judged by, its units, their loss and flags."""
         out = {}
         for b, standing in d.before.items():
             units = (d.groups == b) & d.finite
-            entry = {"n": standing.count, "mu": _num(standing.mean),
-                     "sigma": _num(standing.std), "tau": _num(standing.tau),
-                     "batch_units": int(units.sum()), "batch_loss": None, "flagged": None}
+            out[b] = {"n": standing.count, "mu": _num(standing.mean),
+                      "sigma": _num(standing.std), "tau": _num(standing.tau),
+                      "batch_units": int(units.sum()), "batch_loss": None, "flagged": None}
             if units.any():
-                entry["batch_loss"] = _num(d.losses[units].mean())
-                entry["flagged"] = float(d.flagged[units].mean())
-            out[b] = entry
+                out[b]["batch_loss"] = _num(d.losses[units].mean())
+                out[b]["flagged"] = float(d.flagged[units].mean())
         return out
 
     def _summary(self, d, counters, groups):
@@ -618,26 +564,21 @@ class Observer:
 
 
 def _stat(reduce, x):
-    if not len(x):
-        return None
-    return _num(reduce(x))
+    return _num(reduce(x)) if len(x) else None
 
 
 def _label(values, i):
-    if values is None:
-        return None
-    return int(values[i])
+    return None if values is None else int(values[i])
 
 
 # --- Eq. 7: the reweighted loss ------------------------------------------------------------------
 def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_units=None,
                     total_tokens=None, world_size=1):
-    """The mean of Eq. 7's l~ = w * l with constant weights. sample: sum w*l / total_units;
-    token: sum w*l*n_tokens / total_tokens. total_* are GLOBAL counts over every rank and
-    micro-batch of the optimizer step (default: this call's), so the local shares add up, over
-    ranks and micro-steps, to the single-process loss. DDP AVERAGES gradients over ranks: pass
-    world_size=dist.get_world_size() (the result is multiplied by it) to get the single-process
-    gradient. Units with weight 0 or a non-finite loss are left out of the sum (no 0 * nan)."""
+    """The mean of Eq. 7's l~ = w * l, w constant: sample: sum w*l / total_units; token:
+    sum w*l*n_tokens / total_tokens. total_* count every rank's and micro-batch's units of the
+    optimizer step (default: this call's); DDP averages gradients over ranks, so world_size
+    multiplies the result back to the single-process gradient. Units with w = 0 or a non-finite
+    loss are left out (no 0 * nan)."""
     if torch.is_tensor(weights):
         weights = weights.detach().cpu()
     w = torch.as_tensor(np.asarray(weights, np.float64))
@@ -657,73 +598,11 @@ def reweighted_loss(unit_losses, unit_tokens, weights, norm="sample", total_unit
     return (w[keep] * unit_losses[keep] * per_unit).sum() / max(total, 1) * world_size
 
 
-# --- distributed: every rank weighs the same gathered batch --------------------------------------
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _device():
-    """Where collectives run: the current GPU under nccl, the CPU otherwise."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather(x, counts, device):
-    """x [..., n] from every rank, rank-major along the last axis: padded to the longest rank,
-    gathered, cut back to each rank's count."""
-    t = torch.from_numpy(x)
-    buf = torch.zeros(*t.shape[:-1], max(counts), dtype=t.dtype, device=device)
-    buf[..., :t.shape[-1]] = t.to(device)
-    outs = [torch.empty_like(buf) for _ in counts]
-    torch.distributed.all_gather(outs, buf)
-    return np.concatenate([o[..., :c].cpu().numpy() for o, c in zip(outs, counts)], axis=-1)
-
-
-def gather(values, *columns):
-    """All-gather units from every rank (counts may differ), rank-major: (values as numpy
-    float64 -- one row [U] or several [m, U], e.g. losses and context gains -- each integer column
-    (groups, sample ids, ...) as numpy int64, offsets); rank r's units are
-    offsets[r]:offsets[r + 1]. Three collectives whatever the number of columns. Without
-    torch.distributed: copies, offsets = [0, n]."""
-    if torch.is_tensor(values):
-        v = values.detach().cpu().double().numpy()
-    else:
-        v = np.asarray(values, np.float64)
-    if v.ndim not in (1, 2):
-        raise ReSUREError(f"resure: gather values must be 1-D or 2-D, got shape {tuple(v.shape)}")
-    n = v.shape[-1]
-    ints = [_np(c, np.int64, f"column {i + 1}") for i, c in enumerate(columns)]
-    if any(len(c) != n for c in ints):
-        raise ReSUREError(f"resure: gather needs one value per unit in every column ({n} units)")
-    ints = np.stack(ints) if ints else np.zeros((0, n), dtype=np.int64)
-    if not _distributed():
-        return (v.copy(), *ints.copy(), np.array([0, n]))
-    device = _device()
-    world = torch.distributed.get_world_size()
-    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    torch.distributed.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=device))
-    counts = [int(c) for c in counts]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    return (_all_gather(v, counts, device), *_all_gather(ints, counts, device), offsets)
-
-
-def all_reduce_sum(*counts):
-    """Sum integers (e.g. an optimizer step's units and tokens) over ranks; the identity without
-    torch.distributed."""
-    if not _distributed():
-        return tuple(int(c) for c in counts)
-    t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=_device())
-    torch.distributed.all_reduce(t)
-    return tuple(int(c) for c in t.tolist())
-
-
 # --- static pre-filtering baseline (paper Sec. 5.2) ----------------------------------------------
 def prefilter(scores, keep=0.75):
-    """Keep the lowest-scoring fraction of a dataset (train.py scores it by the base model's
-    per-sample loss, our stand-in for the paper's reward model, or by -score from
-    --prefilter-scores): floor(keep * n + 0.5) samples, ties broken by index, non-finite scores
-    last. Returns the kept indices, ascending."""
+    """Keep the lowest-scoring fraction of a dataset (train.py scores by the base model's loss, our
+    stand-in for the paper's reward model, or by -score from --prefilter-scores): floor(keep * n +
+    0.5) samples, ties broken by index, non-finite scores last. Returns the indices, ascending."""
     s = _np(scores, np.float64, "scores")
     if not 0 < keep <= 1:
         raise ReSUREError(f"resure: prefilter keep must be in (0, 1], got {keep}")

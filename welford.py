@@ -1,15 +1,13 @@
 """Running loss statistics for ReSURE's thresholds: Welford's algorithm (paper Sec. 3, Eqs. 2-4)
-and three tracking estimators that go beyond the paper (cumulative statistics lag a falling loss
-and, fed only the units judged reliable, collapse; see the README).
-
-One interface: update(x), .count, .mean, .std, state_dict(), load_state_dict(s).
+and three tracking estimators beyond the paper (cumulative statistics lag a falling loss and, fed
+only the units judged reliable, collapse; see the README). Each has update(x), .count, .mean, .std
+and a plain-JSON state_dict() / load_state_dict(s):
   Welford      cumulative mean and sample (n-1) variance in float64 (Eqs. 2-4), mergeable
   EMA(decay)   equal weights while fewer than 1/decay values were seen, then exponential weights
   Window(k)    exact mean and sample std of the last k values
   MedianMAD(k) median and 1.4826 * MAD of the last k values as mean and std: robust, needs no
                exclusion
-GroupedStats keeps one estimator per turn group. States are plain JSON; Python floats round-trip
-through json exactly.
+GroupedStats keeps one estimator per turn group.
 """
 import math
 import statistics
@@ -37,9 +35,14 @@ def sample_variance(count, m2):
 
 
 class Estimator:
-    """What every estimator shares: std from var, and the check that a state is this estimator's."""
+    """What every estimator shares: mean from a running mu (NaN before the first value), std from
+    var, and the check that a state is this estimator's."""
     kind = None
     params = ()                             # the settings a state must match, e.g. ("decay",)
+
+    @property
+    def mean(self):
+        return self.mu if self.count else math.nan
 
     @property
     def std(self):
@@ -58,7 +61,7 @@ class Welford(Estimator):
 
     def __init__(self):
         self.count = 0
-        self.mu = 0.0                       # the running mean (0.0 before the first value)
+        self.mu = 0.0                       # the running mean
         self.m2 = 0.0                       # sum of squared deviations from the mean
 
     def update(self, x):
@@ -73,10 +76,6 @@ class Welford(Estimator):
             self.m2 += other.m2 + delta * delta * self.count * other.count / n
             self.count = n
         return self
-
-    @property
-    def mean(self):
-        return self.mu if self.count else math.nan
 
     @property
     def var(self):
@@ -96,8 +95,7 @@ class EMA(Estimator):
     """Welford while fewer than 1/decay values were seen (the newest weight 1/n falls to decay),
     then Finch (2009), from the sample variance:
         mean += decay * (x - mean_old);  var = (1 - decay) * (var + decay * (x - mean_old)^2).
-    Its state holds the equal-weight phase as a Welford state (whose M2 stays as it was at the
-    switch)."""
+    Its state keeps the equal-weight phase as a Welford state, M2 as it stood at the switch."""
     kind = "ema"
     params = ("decay",)
 
@@ -109,10 +107,6 @@ class EMA(Estimator):
         self.mu = 0.0                       # the running mean
         self.m2 = 0.0                       # Welford's M2 of the equal-weight phase
         self.var = math.nan
-
-    @property
-    def mean(self):
-        return self.mu if self.count else math.nan
 
     def update(self, x):
         x = float(x)
@@ -160,9 +154,7 @@ class Window(Estimator):
 
     @property
     def mean(self):
-        if not self.values:
-            return math.nan
-        return math.fsum(self.values) / len(self.values)
+        return math.fsum(self.values) / len(self.values) if self.values else math.nan
 
     @property
     def var(self):
@@ -180,15 +172,13 @@ class Window(Estimator):
 
 
 class MedianMAD(Window):
-    """Median and 1.4826 * median absolute deviation of the last k values (1.4826 * MAD = sigma
-    for a normal distribution)."""
+    """Median and 1.4826 * median absolute deviation (= sigma for a normal distribution) of the
+    last k values."""
     kind = "mad"
 
     @property
     def mean(self):
-        if not self.values:
-            return math.nan
-        return statistics.median(self.values)
+        return statistics.median(self.values) if self.values else math.nan
 
     @property
     def std(self):

@@ -11,7 +11,8 @@ import model as M
 import train
 from data import turn_group
 from lora import DEFAULT_TARGETS, apply_lora
-from resure import ReSURE, all_reduce_sum, count_units, gather, reweighted_loss, unit_losses
+from resure import ReSURE, count_units, reweighted_loss, unit_losses
+from support.distributed import all_reduce_sum, gather
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -15,6 +15,7 @@ import torch
 
 import resure
 from resure import ReSURE, ReSUREError
+from support.distributed import GatherError, all_reduce_sum, gather
 
 
 def _round_trip(r, **kw):
@@ -222,7 +223,7 @@ def test_saved_layout_loads():
     assert r.tau(2) == 6.0
     assert r.gain_band(1) == pytest.approx((0.1, 0.9), rel=1e-14)
     assert r.seen == 40
-    assert r.calls == 4
+    assert r.counters.calls == 4
     assert r.counters.ramp_pos == 2
 
 
@@ -595,7 +596,7 @@ def test_gather_without_distributed_is_a_copy():
     l = torch.tensor([0.5, 1.5])
     g = np.array([1, 2])
     t = [3, 4]
-    losses, groups, tokens, offsets = resure.gather(l, g, t)
+    losses, groups, tokens, offsets = gather(l, g, t)
     assert losses.dtype == np.float64
     assert groups.dtype == np.int64
     assert tokens.dtype == np.int64
@@ -608,10 +609,19 @@ def test_gather_without_distributed_is_a_copy():
     assert losses.tolist() == [0.5, 1.5]
     assert groups.tolist() == [1, 2]
     assert tokens.tolist() == [3, 4]
-    assert [x.tolist() for x in resure.gather(l)] == [[9.0, 1.5], [0, 2]]  # losses alone
-    with pytest.raises(resure.ReSUREError, match="one value per unit"):
-        resure.gather(l, [1, 2, 3])
-    assert resure.all_reduce_sum(3, 4) == (3, 4)
+    assert [x.tolist() for x in gather(l)] == [[9.0, 1.5], [0, 2]]  # losses alone
+    assert all_reduce_sum(3, 4) == (3, 4)
+
+
+@pytest.mark.parametrize("values,column,msg", [
+    ([0.5, 1.5], [1, 2, 3], "gather: every column needs one value per unit \\(2 units\\)"),
+    ([0.5, 1.5], [1, 2.5], "gather: column 1 must be integers, got float64 values such as 2.5"),
+    ([0.5, 1.5], [[1, 2]], "gather: column 1 must be 1-D, got shape \\(1, 2\\)"),
+    ([[[0.5]]], [1], "gather: values must be 1-D or 2-D, got shape \\(1, 1, 1\\)")])
+def test_gather_refuses_a_bad_column_in_one_line(values, column, msg):
+    with pytest.raises(GatherError, match=msg) as e:
+        gather(values, column)
+    assert "\n" not in str(e.value)
 
 
 def test_prefilter():
@@ -670,13 +680,13 @@ def _run(world, rank, micro=3):
             for ids, labels, turn_ids, groups in shards[m]:
                 u, n = resure.count_units(labels, turn_ids, cfg["unit"])
                 units, tokens = units + u, tokens + n
-        units, tokens = resure.all_reduce_sum(units, tokens)
+        units, tokens = all_reduce_sum(units, tokens)
         weights = []
         for m in range(micro):
             parts = [resure.unit_losses(_token_losses(net, ids, labels), labels, turn_ids, groups, cfg["unit"])
                      for ids, labels, turn_ids, groups in shards[m]]
             lu, gu, tu = (torch.cat([p[i] for p in parts]) for i in range(3))
-            g_l, g_g, g_t, offsets = resure.gather(lu, gu, tu)
+            g_l, g_g, g_t, offsets = gather(lu, gu, tu)
             w, f = r.weigh(g_l, g_g)
             weights.append((w, f))
             mine = slice(offsets[rank], offsets[rank + 1])
