@@ -8,7 +8,8 @@ loss (resure.unit_losses). Supervision covers the assistant content and its end-
 role headers, Qwen3's empty <think></think> block and the "\n" after <|im_end|> do not.
 
 In reading order: chat templates, examples, batches. Reading and validating conversation files
-(the format, the noise labels, the one-line errors) is support/conversations.py.
+(the format, the noise labels, the one-line errors) is support/conversations.py; reading a
+checkpoint's tokenizer files (its chat template, its special tokens) is support/checkpoint.py.
 """
 import argparse
 import bisect
@@ -18,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.checkpoint import read_json
+from support.checkpoint import (chat_template_text, read_optional_json, special_token_ids,
+                                template_by_model_type, template_by_text)
 from support.conversations import DataError, load_conversations
 
 # ------------------------------------------------------------------------------------------------
-# Chat templates: hand-written, equal to the official jinja templates for plain conversations
-# (no tools).
+# Chat templates: hand-written, equal to the official jinja templates for plain chats (no tools).
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -63,32 +64,16 @@ class ChatTemplate:
     @classmethod
     def from_pretrained(cls, model_dir, name=None):
         """The template of a checkpoint folder: its tokenizer.json, the template named or detected,
-        stop ids (the end-of-turn token, eos_token_id of generation_config.json and config.json,
-        tokenizer_config's eos_token)."""
+        the stop and pad ids its files name (support/checkpoint.py)."""
         d = Path(model_dir)
         tokenizer = load_tokenizer(d)
-        generation = _optional_json(d / "generation_config.json")
-        config = _optional_json(d / "config.json")
-        tokenizer_config = _optional_json(d / "tokenizer_config.json")
-        stops = _int_ids(generation.get("eos_token_id")) + _int_ids(config.get("eos_token_id"))
-        eos_id = _token_id(tokenizer, tokenizer_config.get("eos_token"))
-        if eos_id is not None:
-            stops.append(eos_id)
-        pad_id = _token_id(tokenizer, tokenizer_config.get("pad_token"))
-        if pad_id is None:
-            pad_id = generation.get("pad_token_id")
-        n_ids = tokenizer.get_vocab_size(with_added_tokens=True)
-        vocab = config.get("vocab_size")
-        if isinstance(vocab, int) and n_ids > vocab:
-            raise DataError(f"{d / 'tokenizer.json'}: {n_ids} token ids, but config.json has "
-                            f"vocab_size {vocab}: the tokenizer does not belong to this model")
+        stops, pad_id = special_token_ids(d, tokenizer)
         return cls(name or detect_template(d), tokenizer, stops, pad_id)
 
     def segments(self, messages, add_generation_prompt=False, date_string=None,
                  enable_thinking=None):
-        """The rendered text as (text, k) segments: k > 0 marks supervised text of assistant turn k.
-        An assistant message with "train": false keeps its number k but is rendered as context
-        (k = 0)."""
+        """The rendered text as (text, k) segments: k > 0 marks supervised text of assistant turn k
+        (a message with "train": false keeps its number k but is context, k = 0)."""
         pieces = self._pieces(messages, add_generation_prompt, date_string, enable_thinking)
         return [segment for piece in pieces for segment in piece]
 
@@ -173,15 +158,13 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt=False, date_string=None,
                enable_thinking=None):
-        """The text transformers' apply_chat_template(..., tokenize=False) gives (Llama-3's date:
-        see LLAMA3_DATE)."""
+        """The text of transformers' apply_chat_template(..., tokenize=False) (see LLAMA3_DATE)."""
         segments = self.segments(messages, add_generation_prompt, date_string, enable_thinking)
         return "".join(text for text, _ in segments)
 
     def encode(self, messages, date_string=None):
-        """-> {"input_ids", "labels", "turn_ids"}, lists of equal length: a token is supervised,
-        with the turn of its characters, when any character it covers is (e.g. Qwen's "\n\n" when
-        a reply starts with "\n")."""
+        """{"input_ids", "labels", "turn_ids"}: a token is supervised, with its characters' turn,
+        when any character it covers is (e.g. Qwen's "\n\n" when a reply starts with "\n")."""
         segments = self.segments(messages, False, date_string)
         text = "".join(t for t, _ in segments)
         char_turn = np.repeat([k for _, k in segments], [len(t) for t, _ in segments])
@@ -202,8 +185,7 @@ class ChatTemplate:
         return np.searchsorted(token_starts, char_starts[assistant]).tolist()
 
     def encode_prompt(self, messages, date_string=None):
-        """Ids of the conversation so far plus the generation prompt (Qwen3: non-thinking, an empty
-        think block)."""
+        """Ids of the conversation so far and the generation prompt (Qwen3: empty think block)."""
         thinking = False if self.name == "qwen3" else None
         text = self.render(messages, True, date_string, enable_thinking=thinking)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -213,8 +195,7 @@ class ChatTemplate:
 
 
 def _supervised(message, k):
-    """The tag of assistant turn k's reply: k, or 0 (context) where the message says "train":
-    false."""
+    """The tag of assistant turn k's reply: k, or 0 (context) where it says "train": false."""
     if message.get("train") is False:
         return 0
     return k
@@ -223,9 +204,8 @@ def _supervised(message, k):
 def _last_query(messages):
     """Index of the last user message that is not a tool response (the last message if none)."""
     for i in range(len(messages) - 1, -1, -1):
-        content = messages[i]["content"]
-        tool_response = (content.startswith("<tool_response>")
-                         and content.endswith("</tool_response>"))
+        text = messages[i]["content"]
+        tool_response = text.startswith("<tool_response>") and text.endswith("</tool_response>")
         if messages[i]["role"] == "user" and not tool_response:
             return i
     return len(messages) - 1
@@ -243,17 +223,16 @@ def _split_reasoning(message):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: which template they use, their tokenizer
+# Checkpoints: which template they use (their files read by support/checkpoint.py), their tokenizer
 
 def detect_template(model_dir):
     """Template name from the checkpoint's chat template text, else config.json's model_type."""
-    d = Path(model_dir)
-    text = _chat_template_text(d)
-    name = _template_by_text(text)
+    text = chat_template_text(model_dir)
+    name = template_by_text(text)
     if name:
         return name
-    model_type = _optional_json(d / "config.json").get("model_type")
-    name = _template_by_model_type(d, model_type)
+    model_type = read_optional_json(Path(model_dir) / "config.json").get("model_type")
+    name = template_by_model_type(model_dir, model_type)
     if name is None:
         known = ", ".join(sorted(set(TEMPLATES.values())))
         raise DataError(f"{model_dir}: cannot detect the chat template (no known template text, "
@@ -262,58 +241,6 @@ def detect_template(model_dir):
         print(f"{model_dir}: its chat template is none we know; rendering as {name} (chosen by "
               "model_type and vocabulary; --chat-template forces one)", file=sys.stderr)
     return name
-
-
-def _optional_json(path):
-    """A JSON file's object, or {} where there is no such file."""
-    if not path.is_file():
-        return {}
-    return read_json(path, DataError)
-
-
-def _chat_template_text(d):
-    """chat_template.jinja, else tokenizer_config.json's chat_template ("" where there is none)."""
-    jinja = d / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = _optional_json(d / "tokenizer_config.json").get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = [t for t in template if isinstance(t, dict) and t.get("name") == "default"]
-        template = named[0].get("template") if named else None
-    if isinstance(template, str):
-        return template
-    return ""
-
-
-def _template_by_text(text):
-    """The template whose marks the jinja text carries, or None."""
-    if "<|start_header_id|>" in text and "Cutting Knowledge Date" in text:
-        return "llama3"
-    if "<|im_start|>" not in text:
-        return None
-    if "<think>" in text or "reasoning_content" in text:
-        return "qwen3"
-    if "You are Qwen, created by Alibaba Cloud" in text:
-        return "qwen2.5"
-    if "SmolLM" in text:
-        return "smollm2"
-    return "chatml"
-
-
-def _template_by_model_type(d, model_type):
-    """Qwen2 and Qwen3 by model_type; a llama by the turn tokens in its vocabulary; else None."""
-    if model_type == "qwen2":
-        return "qwen2.5"
-    if model_type == "qwen3":
-        return "qwen3"
-    if model_type != "llama" or not (d / "tokenizer.json").is_file():
-        return None
-    vocab = (d / "tokenizer.json").read_text(encoding="utf-8", errors="replace")
-    if '"<|start_header_id|>"' in vocab:
-        return "llama3"
-    if '"<|im_start|>"' in vocab:
-        return "chatml"
-    return None
 
 
 def load_tokenizer(model_dir):
@@ -327,21 +254,6 @@ def load_tokenizer(model_dir):
     except Exception as e:  # tokenizers has its own exception type for a truncated or foreign file
         first_line = str(e).splitlines()[0][:120]
         raise DataError(f"{f}: not a readable tokenizer.json ({first_line})") from None
-
-
-def _int_ids(value):
-    """The integer ids of an eos_token_id entry (one id or a list of them)."""
-    values = value if isinstance(value, list) else [value]
-    return [v for v in values if isinstance(v, int)]
-
-
-def _token_id(tokenizer, token):
-    """The id of a tokenizer_config.json token entry (a string or {"content": ...}), or None."""
-    if isinstance(token, dict):
-        token = token.get("content")
-    if not isinstance(token, str):
-        return None
-    return tokenizer.token_to_id(token)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,8 +272,7 @@ class Report(dict):
 
 
 def turn_group(turn_ids, labels, max_turn_groups=8):
-    """b = index of the last supervised assistant turn (1-based), capped at max_turn_groups; 0 if
-    none."""
+    """b = the last supervised assistant turn (1-based; 0 if none), capped at max_turn_groups."""
     b = max((int(t) for t, label in zip(turn_ids, labels) if int(label) != -100), default=0)
     if max_turn_groups is None:
         return b
@@ -370,11 +281,9 @@ def turn_group(turn_ids, labels, max_turn_groups=8):
 
 def build_examples(conversations, template, max_len, max_turn_groups=8, free=False):
     """Encode conversations -> (examples, report). Each example: input_ids, labels, turn_ids, group,
-    n_turns (the assistant turns kept), index (position in examples), conv_index (position in
-    conversations), meta (record fields except messages, plus per-kept-assistant-turn lists
-    "noisy" / "noise_type" where messages carry them); with free, also "free": (turn, input_ids,
-    labels) of each supervised reply after an empty user turn alone. A conversation longer than
-    max_len loses its trailing turns; one whose first turn does not fit is dropped."""
+    n_turns (assistant turns kept), index, conv_index, meta (see _meta); with free, also "free"
+    (see _replies_alone). A conversation longer than max_len loses its trailing turns; one whose
+    first turn does not fit is dropped."""
     report = Report(conversations=len(conversations), examples=0, truncated=0, dropped=0,
                     unsupervised=0, turns_kept=0, turns_dropped=0, tokens=0,
                     supervised_tokens=0, max_len=max_len)
@@ -408,18 +317,16 @@ def build_examples(conversations, template, max_len, max_turn_groups=8, free=Fal
 
 
 def _fit_turns(template, messages, max_len):
-    """(encoding, k): the conversation cut after its last assistant turn k whose prefix fits in
-    max_len tokens, encoded as the template renders that prefix; (None, 0) if not even the first
-    turn fits. Linear in the conversation's length: it is tokenized whole twice, then only
-    prefixes that end at most one turn past max_len."""
+    """(encoding, k): the conversation cut after the last assistant turn k whose prefix, rendered
+    alone, fits in max_len tokens; (None, 0) if not even the first turn fits. Linear in the
+    conversation's length: tokenized whole twice, then a few prefixes of about max_len tokens."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     enc = template.encode(messages)
     if len(enc["input_ids"]) <= max_len:
         return enc, len(assistant)
-    # A prefix ending at turn k holds the tokens the whole conversation has before turn k (the
-    # prefix renders its last turn differently only: Qwen3's think block), plus that turn's
-    # header. So a turn that starts at max_len or later never fits, and the search below
-    # re-encodes a few prefixes of about max_len tokens, not the conversation once per turn.
+    # A prefix ending at turn k holds the whole conversation's tokens before turn k (only its last
+    # turn may render differently: Qwen3's think block), so a turn that starts at max_len or later
+    # never fits.
     k = bisect.bisect_left(template.turn_starts(messages), max_len)
     while k > 0:
         enc = template.encode(messages[:assistant[k - 1] + 1])
@@ -430,8 +337,7 @@ def _fit_turns(template, messages, max_len):
 
 
 def _meta(conv, k):
-    """The record's fields but its messages, plus the noise labels of its first k assistant
-    turns."""
+    """The record's fields but its messages, plus the noise labels of its first k replies."""
     meta = {key: value for key, value in conv.items() if key != "messages"}
     replies = [m for m in conv["messages"] if m["role"] == "assistant"][:k]
     for key in ("noisy", "noise_type"):
@@ -498,8 +404,7 @@ def _free_batch(free, pad_id):
 def epoch_batches(n, global_batch, seed, epoch, lengths=None, drop_last=False):
     """The global batches of one epoch: a permutation of range(n) seeded by (seed, epoch), cut into
     batches of global_batch (the last may be short unless drop_last). With lengths, indices are
-    sorted by length inside chunks of 64 batches and the full batches shuffled, which cuts padding
-    while keeping the order random."""
+    sorted by length inside chunks of 64 batches and the full batches shuffled: less padding."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     if lengths is not None:
@@ -524,9 +429,8 @@ def _longest_first_in_chunks(order, lengths, chunk):
 
 
 def rank_slice(batch, rank, world_size):
-    """Rank r's contiguous share of a global batch, so that the ranks' shares concatenated
-    rank-major are the batch; a short batch is split as evenly as possible (earlier ranks get one
-    more)."""
+    """Rank r's contiguous share of a global batch (the shares, rank-major, are the batch); a short
+    batch is split as evenly as possible, earlier ranks getting one more."""
     share, rest = divmod(len(batch), world_size)
     start = rank * share + min(rank, rest)
     return batch[start:start + share + (rank < rest)]

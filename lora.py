@@ -20,29 +20,20 @@ import json
 import math
 import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import gemm_dtype
-from support.checkpoint import read_json
+from support.checkpoint import (AdapterError, check_adapter_fit, read_adapter_config,
+                                read_adapter_tensors, warn_if_other_base)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
-
-# adapter_config.json settings beyond plain matrices on the targeted layers: refused when set.
-UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-               "layers_to_transform", "exclude_modules", "target_parameters", "lora_bias")
-
-
-class AdapterError(ValueError):
-    """An adapter that does not fit the model (keys, shapes, config)."""
 
 
 @dataclass
@@ -248,22 +239,16 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
 
 def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> nn.Module:
     """Load a PEFT LoRA adapter (ours or PEFT's) into model, adding LoRA layers first if it has
-    none."""
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    weights_path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    for path in (cfg_path, weights_path):
-        if not os.path.isfile(path):
-            raise AdapterError(f"{path}: not found (an adapter folder holds adapter_config.json "
-                               "and adapter_model.safetensors)")
-    cfg = _adapter_config(cfg_path)
+    none. Its files are read and checked by support/checkpoint.py."""
+    cfg, weights_path = read_adapter_config(adapter_dir)
     use_rslora = cfg.get("use_rslora", False)
     if not lora_modules(model):
         apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
                    targets=cfg["target_modules"], use_rslora=use_rslora, verbose=verbose)
-    theirs = _peft_tensors(weights_path)
-    _warn_if_other_base(model, adapter_dir)
+    theirs = read_adapter_tensors(weights_path, PEFT_PREFIX)
+    warn_if_other_base(adapter_dir, getattr(model, "fingerprint", None), getattr(model, "path", ""))
     ours = lora_state_dict(model)
-    _check_fit(ours, theirs, weights_path)
+    check_adapter_fit(ours, theirs, weights_path)
     with torch.no_grad():
         for key, value in ours.items():
             value.copy_(theirs[key].to(value.dtype))
@@ -271,103 +256,3 @@ def load_adapter(model: nn.Module, adapter_dir: str, verbose: bool = False) -> n
     for m in lora_modules(model).values():
         m.scaling = scaling
     return model
-
-
-def _adapter_config(path):
-    """adapter_config.json if it describes adapters we load, plain LoRA matrices; one AdapterError
-    line if not."""
-    cfg = read_json(path, AdapterError)
-    problem = _config_problem(cfg)
-    if problem:
-        raise AdapterError(f"{path}: {problem}")
-    return cfg
-
-
-def _config_problem(cfg):
-    """What in an adapter config we cannot load, in a few words; None for plain LoRA."""
-    r = cfg.get("r")
-    alpha = cfg.get("lora_alpha")
-    if type(r) is not int or r <= 0:
-        return "needs a positive integer r and a number lora_alpha"
-    if not isinstance(alpha, (int, float)) or not -1e30 < alpha < 1e30:
-        return "needs a positive integer r and a number lora_alpha"
-    if cfg.get("peft_type", "LORA") != "LORA":
-        return f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)"
-    problem = _targets_problem(cfg.get("target_modules"))
-    if problem:
-        return problem
-    for key in UNSUPPORTED:
-        if cfg.get(key):
-            return f"{key} is not supported (only plain adapter matrices)"
-    if cfg.get("bias", "none") != "none":
-        return f"bias={cfg['bias']!r} is not supported"
-    return None
-
-
-def _targets_problem(targets):
-    """What is wrong with target_modules: PEFT takes a list of module names or one regular
-    expression."""
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            return f"target_modules {targets!r} is not a regular expression ({e})"
-        return None
-    names = isinstance(targets, list) and all(isinstance(t, str) for t in targets)
-    if not names or not targets:
-        return "target_modules must be a list of module names or a regular expression"
-    return None
-
-
-def _warn_if_other_base(model, adapter_dir):
-    """One stderr line when base.json says the adapter was trained on other weights."""
-    path = os.path.join(adapter_dir, "base.json")
-    if not os.path.isfile(path):
-        return
-    base = read_json(path, AdapterError)
-    mine = getattr(model, "fingerprint", None)
-    theirs = base.get("fingerprint")
-    if not theirs or not mine or theirs == mine:
-        return
-    name = os.path.basename(str(getattr(model, "path", "")))
-    print(f"warning: {adapter_dir} was trained on base model {base.get('base_model')!r} "
-          f"(fingerprint {theirs}), not on {name!r} (fingerprint {mine}): same shapes, other "
-          "weights or config", file=sys.stderr)
-
-
-def _peft_tensors(path):
-    """The tensors of an adapter_model.safetensors under our names, or one AdapterError line. PEFT
-    writes "base_model.model.<name>.lora_A.weight"; older files carry the adapter name too."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first_line = str(e).splitlines()[0][:120]
-        raise AdapterError(f"{path}: not a readable safetensors file ({first_line})") from None
-    out = {}
-    for key, value in tensors.items():
-        key = key.removeprefix(PEFT_PREFIX)
-        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        out[key] = value
-    return out
-
-
-def _check_fit(ours, theirs, path):
-    """Refuse adapter tensors whose names, shapes or values do not fit the model's LoRA layers."""
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    if missing or unexpected:
-        detail = []
-        for what, names in (("missing", missing), ("unexpected", unexpected)):
-            example = f" (e.g. {', '.join(names[:2])})" if names else ""
-            detail.append(f"{len(names)} {what}{example}")
-        raise AdapterError(f"{path}: adapter does not fit the model: {', '.join(detail)}")
-    bad = [f"{k} {tuple(theirs[k].shape)} != {tuple(v.shape)}" for k, v in ours.items()
-           if theirs[k].shape != v.shape]
-    if bad:
-        raise AdapterError(f"{path}: {len(bad)} adapter tensors have the wrong shape, "
-                           f"e.g. {bad[0]}")
-    nonfinite = [k for k, v in theirs.items() if not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise AdapterError(f"{path}: adapter tensor {nonfinite[0]} holds NaN or infinite "
-                           "values")

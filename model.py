@@ -1,13 +1,13 @@
 """A LLaMA / Mistral / Qwen2 / Qwen3 decoder in plain PyTorch, exact to Hugging Face transformers.
 
-In reading order: config, rotary embeddings, attention, MLP, block, the Transformer and its loss
-at supervised positions, loading a checkpoint folder (files read by support/checkpoint.py), the KV
-cache, generation. Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`): lora.py
-wraps layers by name; adapters load in PEFT.
+In reading order: config, rotary embeddings, attention, MLP, block, the Transformer (its forward,
+its loss at supervised positions only, loading a checkpoint folder), the loss's kernels, the KV
+cache, generation. Reading and checking the checkpoint's files (config.json, safetensors) is
+support/checkpoint.py. Module names equal Hugging Face's (`model.layers.0.self_attn.q_proj`), so
+lora.py wraps layers by name and its adapters load in PEFT.
 """
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support.checkpoint import (CheckpointError, check_config, check_sizes, check_tensors,
-                                read_config, read_tensor, rope_fields, safetensors_index)
+from support.checkpoint import check_sizes, config_fields, load_weights, read_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -53,57 +52,10 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path_or_dict) -> "ModelConfig":
         """Read a Hugging Face config.json (a folder, the file, or the dict itself), old or new rope
-        style. Refusals (support/checkpoint.py) are one line naming the file."""
+        style; refusals are one line naming the file."""
         c, where = read_config(path_or_dict)
-        check_config(c, where, SUPPORTED_MODEL_TYPES)
-        model_type = c["model_type"]
-        heads = c["num_attention_heads"]
-        head_dim = c.get("head_dim")
-        if not head_dim:
-            head_dim = 128 if model_type == "qwen3" else c["hidden_size"] // heads
-        default_window = 4096 if model_type == "mistral" else None
-        window = c.get("sliding_window", default_window)
-        sliding = sliding_layers(c, window)
-        # attention_bias: q/k/v and o biases in Llama and Qwen3; Qwen2 always has q/k/v biases only
-        attention_bias = bool(c.get("attention_bias", False)) and model_type in ("llama", "qwen3")
-        config = cls(
-            model_type=model_type,
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=c.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings")),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias,
-            mlp_bias=bool(c.get("mlp_bias", False)) and model_type == "llama",
-            qk_norm=model_type == "qwen3",
-            max_position_embeddings=c.get("max_position_embeddings", 4096),
-            sliding_window=window if sliding else None,
-            sliding_layers=sliding,
-            **rope_fields(c, where),
-        )
+        config = cls(**config_fields(c, where, SUPPORTED_MODEL_TYPES))
         return check_sizes(config, where)
-
-
-def sliding_layers(c, window) -> list:
-    """The layers with sliding-window attention, as transformers applies it: Mistral every layer;
-    Qwen per `layer_types`, or (older configs) with use_sliding_window from max_window_layers on;
-    Llama none."""
-    model_type = c["model_type"]
-    n_layers = c["num_hidden_layers"]
-    if model_type == "mistral" and window is not None:
-        return list(range(n_layers))
-    if model_type not in ("qwen2", "qwen3"):
-        return []
-    if c.get("layer_types"):
-        return [i for i, kind in enumerate(c["layer_types"]) if kind == "sliding_attention"]
-    if c.get("use_sliding_window") and window is not None:
-        return list(range(c.get("max_window_layers", 28), n_layers))
-    return []
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -167,9 +119,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.window = None  # a sliding window of this many slots, on the layers that have one
-        if layer in cfg.sliding_layers:
-            self.window = cfg.sliding_window
+        # a sliding window of this many slots, on the layers that have one
+        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
 
     def forward(self, x, cos, sin, masks, cache=None):
         B, T, _ = x.shape
@@ -188,9 +139,8 @@ class Attention(nn.Module):
         group = self.n_head // self.n_kv_head
         grouped = group > 1
         if grouped and q.is_cuda and (mask is not None or q.dtype == torch.float32):
-            # On CUDA only flash attention (half precision, no mask) takes grouped K/V. Every
-            # other kernel gets one K/V per query head (head h reads K/V head h // group),
-            # rather than fall back to the math path.
+            # On CUDA only flash attention (half precision, no mask) takes grouped K/V: every other
+            # kernel gets one K/V per query head rather than fall back to the math path.
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
             grouped = False
@@ -234,10 +184,9 @@ class Decoder(nn.Module):  # Hugging Face's `model.` prefix: embed_tokens, layer
 
 
 def attention_mask(query_slots, keys_real, window):
-    """Boolean mask [B, 1, T, S] (True = attend) of queries at slots query_slots [T] over key
-    slots 0..S-1 (keys_real [B, S]: the slot holds a real token): causal, within the sliding
-    window if any, real keys only. A query always sees itself: a padding row's softmax is never
-    empty (no NaN)."""
+    """Boolean mask [B, 1, T, S] (True = attend) of queries at query_slots [T] over key slots 0..S-1
+    (keys_real [B, S]): causal, within the window if any, real keys only, and always the query
+    itself, so that a padding row's softmax is never empty (no NaN)."""
     keys = torch.arange(keys_real.shape[1], device=keys_real.device)
     queries = query_slots[:, None]
     ok = keys <= queries
@@ -271,9 +220,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
         """Final-normed hidden states [B, T, D]. attention_mask [B, T]: 1 = real token. Positions
-        count the real tokens before each one (so left padding is invisible). With a cache the
-        tokens continue it: their K/V are written after the ones it holds, and their positions go
-        on from its rows'."""
+        count the real tokens before each one (left padding is invisible); with a cache they go on
+        from its rows', and the tokens' K/V are written after the ones it holds."""
         real = None
         if attention_mask is not None:
             real = attention_mask[:, -input_ids.shape[1]:].bool()
@@ -291,11 +239,9 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def positions_and_masks(self, input_ids, real, cache=None):
-        """RoPE positions [B, T] (the real tokens before each one) and the attention mask of each
-        window size (None: no window). With a cache the tokens take the slots after cache.length
-        and attend over all of its slots (those not yet filled are masked): every shape is fixed by
-        the batch and the cache's size, and nothing waits on the host, so torch.compile can
-        capture a decode step whole."""
+        """RoPE positions [B, T] and the attention mask of each window size (None: no window). With
+        a cache the tokens attend over all of its slots, the empty ones masked: every shape is fixed
+        and nothing waits on the host, so torch.compile can capture a decode step whole."""
         B, T = input_ids.shape
         plain_causal = cache is None and (real is None or bool(real.all()))  # no padding, no cache
         if real is None:
@@ -330,10 +276,10 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
 
     def token_losses(self, input_ids, labels, attention_mask=None, chunk_size=1024, cache=None):
-        """Per-token cross-entropy [B, T] (fp32), 0 where labels == -100 and at t = 0. labels align
-        with input_ids as in transformers: labels[b, t] is predicted from position t-1. The
-        vocabulary projection runs at supervised positions only, chunk_size rows at a time, so no
-        [B, T, V] logits ever exist. cache: the K/V of a prompt these rows continue (no grad)."""
+        """Per-token cross-entropy [B, T] (fp32), 0 where labels == -100 and at t = 0; labels[b, t]
+        is predicted from position t-1, as in transformers. The vocabulary projection runs at
+        supervised positions only, chunk_size rows at a time: no [B, T, V] logits ever exist.
+        cache: the K/V of a prompt these rows continue (no grad)."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"token_losses: labels {tuple(labels.shape)} != "
                              f"input_ids {tuple(input_ids.shape)}")
@@ -351,85 +297,51 @@ class Transformer(nn.Module):
         if grad and weight.requires_grad:
             # a trainable head: each chunk's logits are recomputed in backward
             chunks = zip(h.split(chunk_size), y.split(chunk_size))
-            values = [checkpoint(chunk_cross_entropy, hc, yc, weight, dtype, use_reentrant=False)
-                      for hc, yc in chunks]
-            values = torch.cat(values)
+            values = torch.cat([checkpoint(chunk_cross_entropy, hc, yc, weight, dtype,
+                                           use_reentrant=False) for hc, yc in chunks])
         else:
             # a frozen head (LoRA, eval): the gradient wrt h is formed in forward, none recomputed
             need_grad = grad and h.requires_grad
             values = LinearCrossEntropy.apply(h, weight, y, chunk_size, dtype, need_grad)
         losses = torch.zeros(supervised.shape, dtype=torch.float32, device=h.device)
-        losses = losses.masked_scatter(supervised, values)
-        return F.pad(losses, (1, 0))
+        return F.pad(losses.masked_scatter(supervised, values), (1, 0))
 
     def new_cache(self, batch, max_len) -> "KVCache":
         """An empty KV cache of `batch` rows, max_len slots each, in the model's dtype, device."""
-        return KVCache.empty(self.config, batch, max_len, self.lm_head.weight.dtype,
-                             self.lm_head.weight.device)
+        weight = self.lm_head.weight
+        return KVCache.empty(self.config, batch, max_len, weight.dtype, weight.device)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """A Hugging Face folder in `dtype` on `device`: built on the meta device, each tensor read
-        and assigned in turn (peak memory about the model's size); missing, unexpected, mis-shaped
-        and non-finite tensors refused. Its fingerprint hashes the config and every tensor as
-        stored, whatever `dtype` the model computes in."""
+        """A Hugging Face folder in `dtype` on `device`: built on the meta device, then each tensor
+        read, checked and assigned (support/checkpoint.py), so peak memory is about the model's."""
         path = Path(path)
         cfg = ModelConfig.from_json(path / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
-        found = safetensors_index(path)  # name -> (file, open file)
         expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-        optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
-        check_tensors(path, found, expected, optional)
-        config_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-        fingerprint = hashlib.sha256(config_json.encode())
-        for name, (file, handle) in sorted(found.items()):
-            tensor = read_tensor(file, handle, name)
-            hash_as_stored(fingerprint, name, tensor)
-            tensor = tensor.to(device=device, dtype=dtype)
-            if not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{file}: tensor {name} holds NaN or infinite values "
-                                      f"(as {dtype})")
+        identity = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        tied = cfg.tie_word_embeddings
+        tensors, model.fingerprint = load_weights(path, expected, tied, identity, dtype, device)
+        for name, tensor in tensors.items():
             module, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(tensor))
-        if cfg.tie_word_embeddings:
-            model.tie_head(found)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
         model.path = str(path)
-        model.fingerprint = fingerprint.hexdigest()[:16]
         return model.eval()
-
-    def tie_head(self, found):
-        """Tie lm_head to the loaded embeddings. A tied checkpoint may store lm_head.weight too, but
-        only as a copy of the embeddings."""
-        embeddings = self.model.embed_tokens.weight
-        if "lm_head.weight" in found and not torch.equal(self.lm_head.weight, embeddings):
-            file = found["lm_head.weight"][0]
-            raise CheckpointError(f"{file}: lm_head.weight differs from model.embed_tokens.weight "
-                                  "but config.json says tie_word_embeddings")
-        self.lm_head.weight = embeddings
-
-
-def hash_as_stored(digest, name, tensor):
-    """Add one tensor, as its file stores it, to a model's fingerprint (the base's identity, kept
-    with adapters and in a run folder, so a resumed run refuses other weights): its name, dtype
-    and shape, then all of its bytes. A checkpoint rewritten in another dtype, or any value
-    changed, gives another fingerprint; resharding the files does not."""
-    digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 # ----------------------------------------------------------------------------- the loss
 def row_cross_entropy(logits, y, lse=None):
-    """-log softmax(logits)[y] per row: logsumexp - the target's logit (fp32 logits [n, V], targets
-    [n])."""
+    """-log softmax(logits)[y] per row of fp32 logits [n, V], targets y [n]."""
     if lse is None:
         lse = logits.logsumexp(-1)
     return lse - logits.gather(1, y[:, None]).squeeze(1)
 
 
 def chunk_cross_entropy(h, y, weight, dtype):
-    """row_cross_entropy of one chunk of rows, logits = h @ weight^T computed in dtype, softmax in
-    fp32."""
+    """row_cross_entropy of logits = h @ weight^T, computed in dtype, softmax in fp32."""
     logits = F.linear(h.to(dtype), weight.to(dtype)).float()
     return row_cross_entropy(logits, y)
 
@@ -453,10 +365,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                     probs[torch.arange(len(yc), device=probs.device), yc] -= 1.0
                     grads.append((probs.to(dtype) @ w).to(h.dtype))
-        if need_grad:
-            ctx.save_for_backward(torch.cat(grads))
-        else:
-            ctx.save_for_backward(None)
+        ctx.save_for_backward(torch.cat(grads) if need_grad else None)
         return torch.cat(losses)
 
     @staticmethod
@@ -526,8 +435,8 @@ def repeat_row(t, batch):
 
 # ----------------------------------------------------------------------------- generation
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
-    """Next token per row of logits [B, V]: argmax if temperature == 0, else a draw from
-    softmax(logits / T) restricted to the fewest most likely tokens whose mass reaches top_p."""
+    """Next token per row of logits [B, V]: argmax at temperature 0, else a draw from softmax(logits
+    / T) restricted to the fewest most likely tokens whose mass reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
     # in float64 and shifted to max 0: no inf / inf or x / 0 for a tiny temperature
@@ -548,17 +457,15 @@ def decode_one_token(model, tok, cache):
 
 @functools.cache
 def compiled_decode(device_type):
-    """decode_one_token through torch.compile: on CUDA in mode reduce-overhead, which replays it
-    as a CUDA graph (one launch per token), elsewhere as inductor kernels. torch.compile's guards
-    recompile it when what it baked in changes: a batch size, a dtype, a LoRA layer or its merge."""
+    """decode_one_token through torch.compile: on CUDA as a CUDA graph (reduce-overhead, one launch
+    per token). Its guards recompile it for a new batch size, dtype, LoRA layer or merge."""
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
 def reusable_cache(model, batch, max_len) -> KVCache:
-    """An empty cache for the compiled decode step, kept on the model for the next call. Its length
-    is rounded up to 256 slots and its buffers are reused (marked static for CUDA graphs), so a
-    call of the same batch size replays the compiled step instead of capturing a new one."""
+    """An empty cache for the compiled decode step, kept on the model and reused (static buffers,
+    length rounded up to 256), so a call of the same batch size replays the captured step."""
     max_len = -(-max_len // 256) * 256
     weight = model.lm_head.weight
     cache = model.decode_cache
@@ -575,9 +482,9 @@ def reusable_cache(model, batch, max_len) -> KVCache:
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, stop_ids=(), pad_id=0,
              seed=None, compile=None):
-    """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. Each row
-    stops at its first token in stop_ids, which is NOT returned, or after max_new_tokens. compile
-    (default: on CUDA) runs the decode step through torch.compile (compiled_decode)."""
+    """New tokens for each prompt (lists of ids), batched with left padding and a KV cache. A row
+    stops at its first token in stop_ids (not returned) or after max_new_tokens. compile (default:
+    on CUDA) runs the decode step through compiled_decode."""
     valid = all(prompts) and max_new_tokens >= 1 and temperature >= 0 and 0 < top_p <= 1
     if not prompts or not valid:
         raise ValueError(f"generate: need prompts, none empty, max_new_tokens >= 1, "
@@ -598,9 +505,7 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, sto
         cache = model.new_cache(len(prompts), max_len)
         step = decode_one_token
     logits = model.lm_head(model.hidden_states(ids, real, cache)[:, -1])  # the prefill, eager
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out = []

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import model as M
+from support.checkpoint import AdapterError
 from support.export import export_merged
-from lora import (AdapterError, LoRALinear, apply_lora, disabled, load_adapter, lora_modules,
-                  lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+from lora import (LoRALinear, apply_lora, disabled, load_adapter, lora_modules, lora_state_dict,
+                  merge_lora, save_adapter, unmerge_lora)
 
 import peft  # noqa: E402  (test oracle)
 import transformers  # noqa: E402  (test oracle)
