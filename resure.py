@@ -13,7 +13,7 @@ Warm-up: every w = 1 while fewer than warmup_samples units were seen, or after w
 the statistics from a separate clean set (the paper's 640 samples); a group with fewer than
 min_count values judges nothing. Ramp (our reading of "gradually increased filtering weight"):
 w_eff = 1 - r * (1 - w), r = min(1, s / ramp_steps) in the s-th optimizer step after warm-up.
-Beyond the paper (README): modes sft, global, hard; stats_update winsorized or all; other
+Beyond the paper (docs/method.md): modes sft, global, hard; stats_update winsorized or all; other
 estimators; the context-gain view (gain_alpha); the lag / collapse watch (Observer). Non-finite
 losses get w = 0 and never enter the statistics. Another weighting rule: edit weight_rule().
 """

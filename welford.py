@@ -1,6 +1,6 @@
 """Running loss statistics for ReSURE's thresholds: Welford's algorithm (paper Sec. 3, Eqs. 2-4)
 and three tracking estimators beyond the paper (cumulative statistics lag a falling loss and, fed
-only the units judged reliable, collapse; see the README). Each has update(x), .count, .mean, .std
+only the units judged reliable, collapse; see docs/method.md). Each has update(x), .count, .mean, .std
 and a plain-JSON state_dict() / load_state_dict(s):
   Welford      cumulative mean and sample (n-1) variance in float64 (Eqs. 2-4), mergeable
   EMA(decay)   equal weights while fewer than 1/decay values were seen, then exponential weights
