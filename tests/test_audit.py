@@ -366,7 +366,6 @@ def test_report_shows_groups_suspects_and_how_to_get_the_pictures(audited, monke
 
 
 def test_pictures_with_matplotlib(audited):
-    pytest.importorskip("matplotlib")
     out, argv = audited
     assert run_audit(*argv)[0] == 0
     report = json.loads((out / "report.json").read_text())
