@@ -1,22 +1,36 @@
 """The noise experiment: does ReSURE keep a model from getting worse as its data grows noisier?
-Plain SFT gets worse there (the paper's Table 4); how do ReSURE and the other ways of handling noisy
-labels compare with it?
+Plain SFT gets worse there (the paper's Table 4); how do ReSURE as the paper configures it, the
+variants of its readings and the other ways of handling noisy labels compare with it?
 
-    python bench/noise.py --regime    # first: SFT alone on H and H+N+L; is there a drop to fix?
-    python bench/noise.py --cpu       # the answer: <= 3 hours on 2 idle CPU cores (4 methods)
+    python bench/noise.py --cpu       # the answer on 2 CPU cores: 7 configurations x H, H+N+L x 5
+                                      # seeds (70 runs, about 3.7 hours); resumes where it stopped
+    python bench/noise.py --regime    # SFT alone on H and H+N+L at the --cpu settings
     python bench/noise.py --gpu       # one GPU, several runs at once (--jobs), 8 minutes on an H200
     python bench/noise.py --quick     # a short check on SmolLM2 (fewer seeds and dialogues)
     python bench/noise.py --tiny      # a tiny random model, seconds (CI; the numbers mean nothing)
     python bench/noise.py --report DIR    # results.md and the figures again, from DIR/results.json
     options: --model DIR --out DIR --seeds 1,2,3 --methods sft,resure --mixtures H,H+N+L --n N
-             --epochs E --lr X --lora-r R --test N --jobs J --threads T --no-real ...
+             --epochs E --lr X --lora-r R --test N --jobs J --threads T --unit U --no-real ...
+
+--cpu writes to bench/results/noise-cpu/, which the repository keeps: each finished run's
+result.json and the summary results.json / results.md are tracked by git, the data and the runs'
+logs are not (.gitignore). `python bench/tables.py` rewrites the experiment tables of README.md,
+bench/README.md and docs/method.md from that results.json. Other presets write to runs/noise.
+
+Cost of --cpu (SmolLM2-135M-Instruct, bf16, 2 torch threads on 2 idle AMD EPYC cores, from the
+per-step time bench/README.md records for this regime, 4.7 s per optimizer step of 8 dialogues):
+a run on H is 18 steps (about 1.4 minutes of training), on H+N+L 54 (about 4.2 minutes), and each
+run's clean-test evaluation about 17 s; the 70 runs are 2,520 steps, about 3.3 hours of training
+and 20 minutes of evaluation; the loss+gain detector adds about 15 % to its runs' steps (4
+minutes), the data and the base model's scores about a minute per seed: about 3.7 hours in all.
+Other work on the same cores stretches it in proportion: with a load average of 5 on 2 cores a
+step took 40-60 s.
 
 Data (bench/noise_data.py; support/synth.py, one benchmark per seed, with the echo kind added to its
 default noise mix): tiers H (clean), N (injection rate 0.5 per turn, ~53 % noisy assistant turns),
-L (0.9, ~78 %; --rate-n, --rate-l) hold the same dialogues with different injected noise; these
-rates are the regime check's (at synth's own 0.2 / 0.5, SFT on H+N+L was not measurably worse than
-on H). A mixture adds data of falling quality, as in the paper's Table 4 (ordinal 1-4 in this order
-for Spearman):
+L (0.9, ~78 %; --rate-n, --rate-l) hold the same dialogues with different injected noise. A
+mixture adds data of falling quality, as in the paper's Table 4 (ordinal 1-4 in this order for
+Spearman):
     H      = the H version of dialogue set A                        (n dialogues)
     H+N    = H of A + the N version of a disjoint set B             (2n)
     H+L    = H of A + the L version of a disjoint set C             (2n)
@@ -27,25 +41,32 @@ trains the same number of optimizer steps on a given mixture (--max-steps), so p
 passed over more often, and a relabeling baseline's final training has the same steps as SFT's (its
 extra work is reported as compute).
 
-Methods (bench/noise_run.py; one assistant turn is one unit; each run is train.main(argv) or a
-baseline's main(argv)):
-    sft                     every weight 1 (Vicuna-style tuning)
-    resure                  the paper: Welford over reliable losses, statistics initialized on W
-    resure[ema/winsorized]  tracking estimators (README: lag and collapse), the same warm-up set
-    resure[mad/all]
-    resure[loss+gain]       the paper's estimator with the context-gain view beside the loss
-    hard                    flagged weight 0 (an ablation of this project), the paper's estimator
-    prefilter               keep the 0.75 of the mixture with the lowest base-model loss, then sft
-    prefilter+resure        the same kept data, then resure (the paper's Table 3 best)
-    ilr[oracle], ilr[sim:0.8], ilr[naive], dpo, robustft: baselines/*.py, run when the module exists
+Methods (bench/noise_run.py VARIANTS; each run is train.main(argv) or a baseline's main(argv)).
+"resure" is the paper's configuration: one loss per dialogue (--unit dialogue), Welford over the
+reliable losses, alpha 1, Eq. 6's floor the 5th percentile of every weight (--floor-over all), the
+ramp, the statistics warmed up on W alone (--warmup-data, --warmup-samples 0). Every other variant
+is named by what it changes; --cpu runs these seven:
+    sft                                    every weight 1 (Vicuna-style tuning), dialogue units
+    resure                                 the paper's configuration
+    resure[turn]                           the paper's estimator on per-turn units (--unit turn)
+    resure[turn,ema/winsorized]            per-turn units, tracking statistics (lag and collapse)
+    hard                                   a flagged unit weighs 0 (an ablation of this project)
+    resure[floor:flagged]                  Eq. 6's floor over the flagged units' weights only
+    resure[turn,ema/winsorized,loss+gain]  the context-gain view beside the loss, per-turn units
+                                           and the tracking statistics the view needs
+and further: resure[ema/winsorized], resure[mad/all], resure[loss+gain], global, prefilter (keep
+the 0.75 of the mixture with the lowest base-model loss, then sft), prefilter+resure (the paper's
+Table 3 best), ilr[oracle], ilr[sim:0.8], ilr[naive], dpo, robustft (baselines/*.py, run when the
+module exists). --unit sets every method's unit.
 Measured per run: clean-test exact match (eval.accuracy, greedy, reference history) and per-turn
 loss; flag precision / recall of every unit decision after the warm-up (units.jsonl) against the
 injected labels, overall, per noise kind, per turn depth and per detector view; the training
-compute; a relabeling baseline's own report. Over seeds (bench/noise_report.py): mean and sample
-std; a difference (to SFT, or to the same method on H) is paired by seed, with its 95 % t-interval
-and a Holm-adjusted p over the comparisons of its table; Spearman between the mixture and the score
-over the per-mixture means, as the paper's Table 4, and pooled over seeds beside it. The real-data
-part (dialogues with injected noise kinds) is bench/real_noise.py's run(), called at the end.
+compute; a relabeling baseline's own report; the run's train.py flags. Over seeds
+(bench/noise_report.py): mean and sample std; a difference (to sft, to resure, or to the same
+method on H) is paired by seed, with its 95 % t-interval and a Holm-adjusted p over the comparisons
+of its table; Spearman between the mixture and the score over the per-mixture means, as the
+paper's Table 4, and pooled over seeds beside it. The real-data part (dialogues with injected
+noise kinds) is bench/real_noise.py's run(), called at the end.
 
 Every run lives in OUT/runs/seed*/MIXTURE/METHOD/ and ends with result.json; a rerun of the same
 command skips finished runs, so an interruption loses one run, not the table (bench/pool.py).
@@ -74,8 +95,11 @@ from noise_data import MIXTURES, noise_kinds, prepare_seed  # noqa: E402
 from noise_figures import plot  # noqa: E402
 from noise_report import write_results  # noqa: E402
 from noise_run import VARIANTS, cpu_seconds, make_job, run_job  # noqa: E402
-from pool import dump, earlier_wall, finished, run_jobs  # noqa: E402
+from pool import dump, earlier_wall, finished, model_sha, run_jobs  # noqa: E402
 
+# the paper's configuration, and the variants of its readings, each named by what it changes
+PAPER_AND_VARIANTS = ("sft", "resure", "resure[turn]", "resure[turn,ema/winsorized]", "hard",
+                      "resure[floor:flagged]", "resure[turn,ema/winsorized,loss+gain]")
 CORE = ("sft", "resure", "resure[ema/winsorized]", "resure[mad/all]", "resure[loss+gain]", "hard",
         "prefilter", "prefilter+resure")
 BASELINES = ("ilr[oracle]", "ilr[sim:0.8]", "ilr[naive]", "dpo", "robustft")
@@ -87,24 +111,26 @@ COMMON = dict(warmup=64, ramp=5, max_len=192, max_turns=4, new_tokens=16, echo=0
 PRESETS = {
     "tiny": dict(COMMON, seeds=[1, 2], n=6, warm=4, test=2, epochs=1, batch=4, lr=3e-3, lora_r=4,
                  lora_alpha=8, warmup=4, ramp=1, max_len=160, new_tokens=4, dtype="fp32",
-                 real=False, methods=("sft", "resure[loss+gain]", "prefilter+resure")),
+                 real=False, methods=("sft", "resure", "resure[turn,ema/winsorized,loss+gain]",
+                                      "prefilter+resure")),
     "quick": dict(COMMON, seeds=[1, 2], n=16, warm=16, test=24, epochs=3, batch=8, lr=1e-3,
                   lora_r=16, lora_alpha=32, dtype="fp32", real=False,
                   methods=("sft", "resure", "resure[ema/winsorized]", "resure[loss+gain]")),
-    # chosen from the regime check (bench/README.md): SFT loses far more than its seed spread from H
-    # to H+N+L. 3 hours on 2 cores hold 4 methods x 4 mixtures x 3 seeds (12 minutes a method and
-    # seed); the other methods, the baselines (several trainings a run) and bench/real_noise.py run
-    # with --methods / --real, or on a GPU
-    "cpu": dict(COMMON, seeds=[1, 2, 3], n=16, warm=32, test=48, epochs=9, batch=8, lr=1e-3,
+    # lr 1e-3, LoRA alpha / r = 2, 9 epochs: a regime where the loss falls within a few dozen
+    # steps and SFT has noisy replies to fit; the paper's configuration and six others on the
+    # cleanest and the noisiest mixture, 5 seeds (bench/README.md)
+    "cpu": dict(COMMON, seeds=[0, 1, 2, 3, 4], n=16, warm=32, test=48, epochs=9, batch=8, lr=1e-3,
                 lora_r=16, lora_alpha=32, dtype="bf16", threads=2, real=False,
-                baseline_mixtures=("H+N+L",),
-                methods=("sft", "resure", "resure[ema/winsorized]", "prefilter+resure")),
+                mixtures=("H", "H+N+L"), baseline_mixtures=("H+N+L",),
+                methods=PAPER_AND_VARIANTS),
     # the same steps per run as a 96 dialogues x 3 epochs sizing; not measured on a GPU
     "gpu": dict(COMMON, seeds=[1, 2, 3, 4, 5], n=32, warm=64, test=96, epochs=9, batch=16, lr=1e-3,
                 lora_r=16, lora_alpha=32, dtype="bf16", jobs=12, threads=1, eval_batch=128,
                 methods=CORE + BASELINES),
 }
-PRESETS["regime"] = dict(PRESETS["cpu"], methods=("sft",), mixtures=("H", "H+N+L"), real=False)
+PRESETS["regime"] = dict(PRESETS["cpu"], methods=("sft",))
+# where a preset writes unless --out says otherwise: the repository keeps --cpu's results
+RESULTS = ROOT / "bench" / "results" / "noise-cpu"
 OVERRIDES = (("n", int), ("warm", int), ("test", int), ("epochs", float), ("batch", int),
              ("lr", float), ("lora_r", int), ("lora_alpha", float), ("echo", float),
              ("rate_n", float), ("rate_l", float), ("jobs", int), ("threads", int),
@@ -122,7 +148,8 @@ def parse_args(argv=None):
     presets = (("tiny", "a tiny random model, seconds (CI)"),
                ("quick", "a short check on SmolLM2"),
                ("regime", "sft alone on H and H+N+L at the --cpu settings: a drop to fix?"),
-               ("cpu", "the answer on 2 CPU cores (<= 3 hours idle; the default)"),
+               ("cpu", "the answer on 2 CPU cores (about 3.7 hours idle; the default), "
+                       "written to bench/results/noise-cpu"),
                ("gpu", "one GPU, --jobs runs at once (sized for 8 minutes on one H200)"))
     for name, text in presets:
         g.add_argument("--" + name, action="store_true", help=text)
@@ -132,23 +159,33 @@ def parse_args(argv=None):
     g.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)  # one run, its own process
     p.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct; --tiny: a "
                                    "tiny random llama)")
-    p.add_argument("--out", default="runs/noise",
-                   help="output folder (results.md, results.json, figures, runs)")
+    p.add_argument("--out", help="output folder (results.md, results.json, figures, runs; "
+                                 "default: bench/results/noise-cpu for --cpu, else runs/noise)")
     p.add_argument("--seeds", help="comma-separated seeds (overrides the preset)")
     p.add_argument("--methods", help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--mixtures", help="comma-separated, from: " + ", ".join(MIXTURES))
     for key, kind in OVERRIDES:
         p.add_argument("--" + key.replace("_", "-"), type=kind, help="overrides the preset")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="overrides the preset")
-    p.add_argument("--unit", choices=["turn", "dialogue"], default="turn")
+    p.add_argument("--unit", choices=["turn", "dialogue"],
+                   help="every method's unit (default: each method's own)")
     p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
                    help="run bench/real_noise.py at the end (default: --gpu)")
     return p.parse_args(argv)
 
 
 def names(text):
-    """A comma-separated list's non-empty names."""
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """A comma-separated list's non-empty names; a comma inside [...] belongs to its name
+    (resure[turn,ema/winsorized])."""
+    out = [""]
+    depth = 0
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            out.append("")
+        else:
+            out[-1] += char
+    return [x.strip() for x in out if x.strip()]
 
 
 def make_plan(a):
@@ -198,6 +235,15 @@ def model_folder(a, out):
         return smollm2
     from machine import make_tiny_model
     return make_tiny_model(out / "tiny-model", tokenizer_dir=smollm2)
+
+
+def output_folder(a, plan):
+    """--out, else the preset's folder: bench/results/noise-cpu for --cpu, runs/noise otherwise."""
+    if a.out is not None:
+        return Path(a.out)
+    if plan["preset"] == "cpu":
+        return RESULTS
+    return Path("runs/noise")
 
 
 def machine_line(plan):
@@ -354,10 +400,11 @@ def experiment(a):
     plan = make_plan(a)
     if plan["threads"]:
         torch.set_num_threads(plan["threads"])
-    out = Path(a.out)
+    out = output_folder(a, plan)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_folder(a, out)
     plan["model_name"] = Path(model_dir).name
+    plan["model_id"] = model_sha(model_dir)
     machine = machine_line(plan)
     started = time.time()
     cpu0 = cpu_seconds()

@@ -7,6 +7,7 @@ Holm-adjusted p), each paired by seed:
     accuracy vs sft     a method's clean-test accuracy minus sft's on the same mixture
     loss vs sft         the same for the clean-test loss (lower is better)
     from H vs sft's     a method's change from H minus sft's: positive where it keeps more
+    accuracy vs resure  a variant's accuracy minus the paper's configuration's (resure), per mixture
 
 The sentences under "What this run shows" are drawn from those comparisons: a claim ("beats",
 "flattens", bold) is made only where the Holm-adjusted p is below 0.05, every other comparison reads
@@ -31,7 +32,10 @@ FAMILIES = {  # name -> how its differences read: (scale, digits, unit)
     "accuracy vs sft": (100, 1, "points"),
     "loss vs sft": (1, 3, ""),
     "from H vs sft's": (100, 1, "points"),
+    "accuracy vs resure": (100, 1, "points"),
 }
+PATH_FLAGS = ("--model", "--data", "--out")  # flags whose values are where a run's files lie
+PAPER = "resure"  # the paper's configuration, the reference of the variants (noise_run.VARIANTS)
 
 
 # --------------------------------------------------------------------------------------- statistics
@@ -72,7 +76,7 @@ def change_from_h(results, method, mix):
 
 
 def comparisons(results, methods, mixtures):
-    """The four families (module docstring), each Holm-adjusted on its own: {name: [Comparison]}."""
+    """The five families (module docstring), each Holm-adjusted on its own: {name: [Comparison]}."""
     after_h = [m for m in mixtures if m != "H"] if "H" in mixtures else []
     out = {name: [] for name in FAMILIES}
     for v in methods:
@@ -83,6 +87,13 @@ def comparisons(results, methods, mixtures):
         for v in methods:
             if v != "sft":
                 against_sft_families(out, results, v, mixtures, after_h)
+    if PAPER in methods:
+        for v in methods:
+            if v not in ("sft", PAPER):
+                for mix in mixtures:
+                    diffs = paired_differences(by_seed(results, v, mix, "accuracy"),
+                                               by_seed(results, PAPER, mix, "accuracy"))
+                    out["accuracy vs resure"].append(compare(v, mix, diffs))
     return {name: family(comps) for name, comps in out.items()}
 
 
@@ -137,7 +148,10 @@ def write_results(out, saved):
                             "check reads the sft rows)")
     lines += score_section(cx, "loss")
     lines += sft_sections(cx)
-    lines += compute_section(cx) + flag_sections(cx) + per_turn_section(cx)
+    lines += family_section(cx, "accuracy vs resure",
+                            "## Difference to the paper's configuration (resure), paired by seed "
+                            "(accuracy in points)")
+    lines += methods_section(cx) + compute_section(cx) + flag_sections(cx) + per_turn_section(cx)
     if saved.get("real") is not None:
         lines += ["", "## Real dialogues with injected noise (bench/real_noise.py)", ""]
         lines += real_section(saved["real"])
@@ -179,13 +193,17 @@ def plan_text(cx):
     rate_n = plan.get("rate_n", SYNTH_RATES["N"])
     rate_l = plan.get("rate_l", SYNTH_RATES["L"])
     lora = f"LoRA r={plan['lora_r']} alpha={plan['lora_alpha']}"
+    units = "each method's own (resure: one loss per dialogue)"
+    if plan.get("unit"):
+        units = f"--unit {plan['unit']} for every method"
     return (f"Plan: model {plan['model_name']}; seeds {cx.seeds}; {plan['n']} dialogues per "
             f"tier, warm-up set {plan['warm']} clean dialogues, {plan['test']} clean test "
             f"dialogues per seed; per-turn noise rate N {rate_n:g}, L {rate_l:g}; noise kinds "
             f"{kinds}; {plan['epochs']} epochs over each mixture at batch {plan['batch']} (the "
             f"same optimizer steps for every method on a mixture); lr {plan['lr']} cosine, {lora}, "
-            f"unit={plan['unit']}, {plan['dtype']}; ReSURE alpha 1, floor 5th percentile, warm-up "
-            f"from the clean set (--warmup-samples {plan['warmup']}), ramp {plan['ramp']} steps; "
+            f"{plan['dtype']}; units: {units}; ReSURE alpha 1, floor 5th percentile, statistics "
+            f"warmed up on the clean warm-up set, ramp {plan['ramp']} steps (each method's "
+            "train.py flags: the Methods section); "
             f"greedy answers of at most {plan['new_tokens']} tokens. Mean ± sample std over seeds "
             "(each seed: its own data, LoRA init and order). A difference is paired by seed: "
             "its 95 % t-interval, and its p Holm-adjusted over the comparisons of its table; a "
@@ -261,6 +279,28 @@ def sft_sections(cx):
                             "## Change from H against sft's change from H (accuracy in points; "
                             "positive: the method keeps more of its H accuracy than sft)")
     return lines
+
+
+def methods_section(cx):
+    """Each method's train.py flags as its first finished run recorded them (the model, data and
+    output paths left out)."""
+    lines = ["", "## Methods: the train.py flags of each (recorded in every run's result.json)", ""]
+    lines += head(["method", "flags"])
+    for v in cx.methods:
+        flags = next((r.get("flags") for r in cx.ok if r["variant"] == v and r.get("flags")), None)
+        lines.append(row([v, "`" + " ".join(shown_flags(flags)) + "`" if flags else "-"]))
+    return lines
+
+
+def shown_flags(flags):
+    """A run's flags without --model, --data and --out, a file under OUT by its name."""
+    shown = []
+    previous = None
+    for x in flags:
+        if x not in PATH_FLAGS and previous not in PATH_FLAGS:
+            shown.append(Path(x).name if x.startswith("OUT/") else x)
+        previous = x
+    return shown
 
 
 def compute_section(cx):
@@ -353,6 +393,10 @@ def findings(cx):
         if mine:
             sft_changes = {c.setting: c for c in cx.families["accuracy from H"] if c.name == "sft"}
             out.append(f"- {v}'s change from H against sft's: {against_drop(mine, sft_changes)}.")
+        mine = [c for c in cx.families["accuracy vs resure"] if c.name == v]
+        if mine:
+            out.append(f"- {v} vs {PAPER} (the paper's configuration), accuracy: "
+                       f"{against_sft(mine, 'accuracy', PAPER)}.")
     out += warning_lines(cx.ok)
     return out
 
@@ -365,15 +409,16 @@ def regime_words(c):
     return "more data helped sft (resolved)"
 
 
-def against_sft(comps, measure):
-    """Where a method beats sft, where sft beats it (both resolved), where neither is resolved."""
-    scale, digits, unit = FAMILIES[f"{measure} vs sft"]
+def against_sft(comps, measure, reference="sft"):
+    """Where a method beats the reference (sft, or resure), where the reference beats it (both
+    resolved), where neither is resolved."""
+    scale, digits, unit = FAMILIES[f"{measure} vs {reference}"]
     parts = []
     for c in comps:
         if not c.resolved:
             continue
         better = c.mean > 0 if measure == "accuracy" else c.mean < 0
-        verb = f"**{c.name} beats sft**" if better else "sft is better"
+        verb = f"**{c.name} beats {reference}**" if better else f"{reference} is better"
         parts.append(f"{verb} on {c.setting}: {difference_text(c, scale, digits, unit)}")
     parts += unresolved(comps, scale, digits, unit)
     return "; ".join(parts)

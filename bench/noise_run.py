@@ -26,69 +26,106 @@ from resure import prefilter
 from support.conversations import load_conversations, read_scores
 from support.report import unit_noisy
 
-PAPER_EST = dict(stats="welford", stats_update="reliable")
+# The paper's configuration (Sec. 3): one loss per dialogue, cumulative Welford statistics over the
+# reliable losses, alpha 1, Eq. 6's floor the 5th percentile of every weight, the ramp, statistics
+# warmed up on the clean warm-up set; every other variant is named by what it changes.
+PAPER = dict(method="resure", unit="dialogue", stats="welford", stats_update="reliable",
+             floor_over="all", detector="loss", warm=True)
+TRACKING = dict(stats="ema", stats_update="winsorized")  # the tracking estimator (docs/method.md)
 ILR = ["--rounds", "2", "--max-replace", "0.15"]
-# name -> train.py settings; warm: statistics from the clean warm-up set; baseline:
-# baselines/NAME.py
+# name -> train.py settings and a plain label; warm: statistics from the clean warm-up set;
+# baseline: baselines/NAME.py
 VARIANTS = {
-    "sft": dict(method="sft"),
-    "resure": dict(method="resure", warm=True, **PAPER_EST),
-    "resure[ema/winsorized]": dict(method="resure", warm=True, stats="ema",
-                                   stats_update="winsorized"),
-    "resure[mad/all]": dict(method="resure", warm=True, stats="mad", stats_update="all"),
-    "resure[loss+gain]": dict(method="resure", warm=True, detector="loss+gain", **PAPER_EST),
-    "resure[loss+gain,ema/winsorized]": dict(method="resure", warm=True, detector="loss+gain",
-                                             stats="ema", stats_update="winsorized"),
-    "hard": dict(method="hard", warm=True, **PAPER_EST),
-    "global": dict(method="global", warm=True, **PAPER_EST),
-    "prefilter": dict(method="sft", prefilter=True),
-    "prefilter+resure": dict(method="resure", warm=True, prefilter=True, **PAPER_EST),
-    "ilr[oracle]": dict(baseline="ilr", args=ILR + ["--feedback", "oracle"]),
-    "ilr[sim:0.8]": dict(baseline="ilr", args=ILR + ["--feedback", "sim:0.8"]),
-    "ilr[naive]": dict(baseline="ilr", args=ILR + ["--naive"]),
-    "dpo": dict(baseline="dpo", args=["--feedback", "oracle", "--beta", "0.1"]),
+    "sft": dict(method="sft", unit="dialogue", label="SFT (every weight 1)"),
+    "resure": dict(PAPER, label="ReSURE, the paper's configuration"),
+    "resure[turn]": dict(PAPER, unit="turn", label="the paper's estimator on per-turn units"),
+    "resure[turn,ema/winsorized]": dict(PAPER, unit="turn", **TRACKING,
+                                        label="per-turn units, EMA / winsorized statistics"),
+    "hard": dict(PAPER, method="hard", label="hard filtering (a flagged unit weighs 0)"),
+    "resure[floor:flagged]": dict(PAPER, floor_over="flagged",
+                                  label="the floor over the flagged units' weights only"),
+    "resure[turn,ema/winsorized,loss+gain]": dict(
+        PAPER, unit="turn", detector="loss+gain", **TRACKING,
+        label="per-turn units, EMA / winsorized statistics, the loss+gain detector"),
+    "resure[ema/winsorized]": dict(PAPER, **TRACKING, label="EMA / winsorized statistics"),
+    "resure[mad/all]": dict(PAPER, stats="mad", stats_update="all",
+                            label="median / MAD statistics over every unit"),
+    "resure[loss+gain]": dict(PAPER, detector="loss+gain", label="the loss+gain detector"),
+    "resure[loss+gain,ema/winsorized]": dict(PAPER, detector="loss+gain", **TRACKING,
+                                             label="the loss+gain detector, EMA / winsorized "
+                                                   "statistics"),
+    "global": dict(PAPER, method="global", label="one turn group for every depth"),
+    "prefilter": dict(method="sft", unit="dialogue", prefilter=True,
+                      label="pre-filtering by the base model's loss (keep 0.75), then SFT"),
+    "prefilter+resure": dict(PAPER, prefilter=True,
+                             label="pre-filtering (keep 0.75), then the paper's configuration"),
+    "ilr[oracle]": dict(baseline="ilr", args=ILR + ["--feedback", "oracle"],
+                        label="ILR, oracle feedback"),
+    "ilr[sim:0.8]": dict(baseline="ilr", args=ILR + ["--feedback", "sim:0.8"],
+                         label="ILR, a comparator right 80 % of the time"),
+    "ilr[naive]": dict(baseline="ilr", args=ILR + ["--naive"], label="ILR without feedback"),
+    "dpo": dict(baseline="dpo", args=["--feedback", "oracle", "--beta", "0.1"],
+                label="DPO after SFT, oracle feedback"),
     "robustft": dict(baseline="robustft",
-                     args=["--k", "3", "--keep", "0.5", "--reflect", "4", "--detector", "base"]),
+                     args=["--k", "3", "--keep", "0.5", "--reflect", "4", "--detector", "base"],
+                     label="RobustFT"),
 }
 
 
 # ------------------------------------------------------------------------------------------ the job
-def train_flags(plan, seed, steps):
-    """The flags every method shares: same steps, batch, lr schedule, LoRA, length, precision, unit,
+def unit_of(plan, variant):
+    """The variant's unit (one loss per dialogue or per assistant turn); noise.py's --unit sets
+    every variant's."""
+    return plan.get("unit") or variant.get("unit", "dialogue")
+
+
+def train_flags(plan, seed, steps, unit):
+    """The flags every method shares: same steps, batch, lr schedule, LoRA, length, precision,
     seed."""
     return ["--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(plan["batch"]),
             "--grad-accum", "1", "--lr", str(plan["lr"]),
             "--warmup-ratio", str(plan["warmup_ratio"]),
             "--lora-r", str(plan["lora_r"]), "--lora-alpha", str(plan["lora_alpha"]),
             "--lora-dropout", str(plan["lora_dropout"]), "--max-len", str(plan["max_len"]),
-            "--dtype", plan["dtype"], "--unit", plan["unit"],
+            "--dtype", plan["dtype"], "--unit", unit,
             "--record-units", "--log-every", "1", "--report-top", "5"]
 
 
 def resure_flags(plan, variant):
-    """train.py's ReSURE settings of a variant (sft ignores them)."""
-    return ["--method", variant["method"], "--alpha", "1.0", "--floor-percentile", "5",
-            "--warmup-samples", str(plan["warmup"]), "--ramp-steps", str(plan["ramp"]),
-            "--stats", variant.get("stats", "welford"),
-            "--stats-update", variant.get("stats_update", "reliable"),
-            "--detector", variant.get("detector", "loss")]
+    """train.py's ReSURE settings of a variant, only those that act on its method (train.py refuses
+    a flag that does nothing): sft weighs nothing, hard floors nothing. With the clean warm-up set
+    the statistics start from it alone and judge from the first step (--warmup-samples 0)."""
+    method = variant["method"]
+    if method == "sft":
+        return ["--method", "sft"]
+    warmup = 0 if variant.get("warm") else plan["warmup"]
+    flags = ["--method", method, "--alpha", "1.0", "--warmup-samples", str(warmup),
+             "--ramp-steps", str(plan["ramp"]), "--stats", variant.get("stats", "welford"),
+             "--stats-update", variant.get("stats_update", "reliable"),
+             "--detector", variant.get("detector", "loss")]
+    if method != "hard":
+        flags += ["--floor-percentile", "5", "--floor-over", variant.get("floor_over", "all")]
+    return flags
 
 
 def make_job(plan, name, seed, mix, paths, model_dir, run_dir):
     """Everything one run needs, as JSON (a worker process reads it), with a signature of its
-    settings and data: a finished run with the same signature is not run again."""
+    settings and data: a finished run with the same signature is not run again. The signature
+    names the output folder OUT and the model by plan["model_id"] (its files' digest), so a
+    finished run counts wherever the folder and the model lie."""
     variant = VARIANTS[name]
+    unit = unit_of(plan, variant)
     steps = steps_for(plan, len(load_conversations(paths[mix])))
     evaluation = dict(new_tokens=plan["new_tokens"], eval_batch=plan["eval_batch"],
-                      max_len=plan["max_len"], dtype=plan["dtype"], unit=plan["unit"])
+                      max_len=plan["max_len"], dtype=plan["dtype"], unit=unit)
     job = dict(name=name, seed=seed, mixture=mix, run_dir=str(run_dir), model=str(model_dir),
                data=str(paths[mix]), test=str(paths["test"]), steps=steps,
                baseline=variant.get("baseline"), eval=evaluation, threads=plan["threads"])
     argv = ["--model", str(model_dir), "--data", str(paths[mix]), "--out", str(run_dir)]
     if variant.get("baseline"):
-        argv += variant["args"] + train_flags(plan, seed, steps)
+        argv += variant["args"] + train_flags(plan, seed, steps, unit)
     else:
-        argv += train_flags(plan, seed, steps) + resure_flags(plan, variant)
+        argv += train_flags(plan, seed, steps, unit) + resure_flags(plan, variant)
     if variant.get("warm"):
         argv += ["--warmup-data", str(paths["warm"])]
         job["warm"] = str(paths["warm"])
@@ -98,9 +135,10 @@ def make_job(plan, name, seed, mix, paths, model_dir, run_dir):
         job["scores"] = scores
     job["argv"] = argv
     files = [paths[mix], paths["test"]] + [Path(job[k]) for k in ("warm", "scores") if k in job]
-    root = str(Path(run_dir).parents[3])  # OUT: a moved output folder keeps its finished runs
-    relative = [x.replace(root, "OUT") for x in argv]
-    signature = json.dumps([relative, evaluation, file_sha(*files)])
+    root = str(Path(run_dir).parents[3])
+    model_id = plan.get("model_id", str(model_dir))
+    job["flags"] = [x.replace(root, "OUT").replace(str(model_dir), model_id) for x in argv]
+    signature = json.dumps([job["flags"], evaluation, file_sha(*files)])
     job["sig"] = hashlib.sha256(signature.encode()).hexdigest()[:16]
     return job
 
@@ -124,7 +162,7 @@ def run_job(job):
     t0 = time.time()
     cpu0 = cpu_seconds()
     res = {"sig": job["sig"], "variant": job["name"], "mixture": job["mixture"],
-           "seed": job["seed"]}
+           "seed": job["seed"], "flags": job["flags"]}
     error = train_run(job, out)
     if error:
         res.update(error=error, train_s=time.time() - t0)

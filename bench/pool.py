@@ -53,6 +53,18 @@ def file_sha(*paths):
     return h.hexdigest()[:16]
 
 
+def model_sha(folder):
+    """A short digest of a model folder's config.json and weights (read in blocks): a run's
+    identity names its model by this, not by where the folder lies."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            h.update(hashlib.file_digest(stream, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 def finished(job):
     """The job's result.json when it finished with the job's signature, else None."""
     f = Path(job["run_dir"]) / "result.json"
@@ -153,4 +165,5 @@ def collect(worker):
         return result
     job = worker.job
     return {"sig": job["sig"], "variant": job["name"], "mixture": job["mixture"],
-            "seed": job["seed"], "error": f"worker exited with code {code}"}
+            "seed": job["seed"], "flags": job.get("flags"),
+            "error": f"worker exited with code {code}"}

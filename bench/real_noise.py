@@ -1,6 +1,6 @@
 """Real dialogues with injected noise: which kinds of bad supervision each detector view sees.
 
-    python bench/real_noise.py --out runs/real_noise   # SmolLM2-135M-Instruct, 1 torch thread
+    python bench/real_noise.py                         # SmolLM2-135M-Instruct, 1 torch thread
     python bench/real_noise.py --out /tmp/rn --quick   # a CI-sized check of the whole pipeline
     options: --seed S, --overhead-steps N (time the gain forward), --extra "NAME=train.py flags"
              (one more run)
@@ -29,7 +29,9 @@ Measured, all from train.py's own code (bench/real_noise_scores.py):
 Writes OUT/results.json and OUT/results.md (bench/real_noise_report.py), and OUT/heldout.png with
 matplotlib; every training run lives in OUT/runs/NAME and is skipped when it is already there,
 finished, and resumed when interrupted; the base model's scores are cached in
-OUT/base_scores.json.
+OUT/base_scores.json. OUT is bench/results/real-noise unless --out says otherwise (--quick:
+runs/real_noise_quick); the repository keeps its results.json and results.md (.gitignore leaves
+the rest out), from which `python bench/tables.py` writes the documents' real-noise tables.
 """
 import argparse
 import io
@@ -66,6 +68,8 @@ PRESETS = {
     "quick": dict(train=16, warm=4, test=4, rate=0.4, steps=3, batch=4, max_len=128, lr=1e-3,
                   lora_r=4, lora_alpha=8, warmup_samples=8, ramp_steps=1),
 }
+RESULTS = ROOT / "bench" / "results" / "real-noise"  # the repository keeps its results.json
+QUICK_RESULTS = Path("runs/real_noise_quick")
 # name -> train.py flags beyond the common ones; the three runs share data, seed, steps and batches
 METHODS = {
     "sft": ["--method", "sft"],
@@ -78,16 +82,19 @@ METHODS = {
 def train_argv(plan, model_dir, files, out, seed, flags):
     """train.py's command line of one run: the plan's settings, unit turn, ema / winsorized
     statistics; "{warm}" in flags stands for the clean warm-up file."""
+    weighting = ["--floor-percentile", "5", "--stats-update", "winsorized",
+                 "--ramp-steps", str(plan["ramp_steps"])]
+    if "sft" in flags:  # train.py refuses flags that do nothing with --method sft
+        weighting = []
     return ["--model", str(model_dir), "--data", str(files["train"]),
             "--eval-data", str(files["test"]), "--out", str(out), "--seed", str(seed),
             "--max-steps", str(plan["steps"]), "--batch-size", str(plan["batch"]),
             "--grad-accum", "1", "--lr", str(plan["lr"]), "--warmup-ratio", "0.05",
             "--lora-r", str(plan["lora_r"]), "--lora-alpha", str(plan["lora_alpha"]),
             "--lora-dropout", "0.05", "--max-len", str(plan["max_len"]), "--dtype", "fp32",
-            "--unit", "turn", "--alpha", "1.0", "--floor-percentile", "5", "--stats", "ema",
-            "--stats-update", "winsorized", "--warmup-samples", str(plan["warmup_samples"]),
-            "--ramp-steps", str(plan["ramp_steps"]), "--group-by-length", "--record-units",
-            "--log-every", "5", "--report-top", "5",
+            "--unit", "turn", "--alpha", "1.0", "--stats", "ema", *weighting,
+            "--warmup-samples", str(plan["warmup_samples"]), "--group-by-length",
+            "--record-units", "--log-every", "5", "--report-top", "5",
             *[str(files["warm"]) if f == "{warm}" else f for f in flags]]
 
 
@@ -345,7 +352,8 @@ def train_and_measure(plan, model_dir, out, seed, d, name, flags, res):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (default: bench/results/real-noise; --quick: "
+                                 "runs/real_noise_quick)")
     p.add_argument("--quick", action="store_true", help="the CI-sized preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model",
@@ -370,9 +378,10 @@ def main(argv=None):
     if model is None:
         from support.smollm2 import prepare_smollm2
         model = prepare_smollm2()
-    res = run(model, a.out, a.seed, a.quick, data=a.data, extra=extra, sweep=not a.no_sweep,
+    out = a.out or (QUICK_RESULTS if a.quick else RESULTS)
+    res = run(model, out, a.seed, a.quick, data=a.data, extra=extra, sweep=not a.no_sweep,
               overhead_steps=a.overhead_steps)
-    print((Path(a.out) / "results.md").read_text())
+    print((Path(out) / "results.md").read_text())
     return res
 
 

@@ -329,7 +329,7 @@ def test_noise_tiny(tiny, tmp_path, keep_threads, capsys):
     assert sorted((r["variant"], r["mixture"], r["seed"]) for r in runs) == sorted(
         (v, m, s) for v in methods for m in MIXTURES for s in (1, 2))
     check_data(out, saved)
-    check_runs(saved)
+    check_runs(saved, out)
     check_statistics(saved, methods)
     try:
         import matplotlib  # noqa: F401
@@ -376,10 +376,16 @@ def check_data(out, saved):
         assert saved["prefilter"][s]["H+N+L"]["kept"] == math.floor(0.75 * 3 * n + 0.5)
 
 
-def check_runs(saved):
+def check_runs(saved, out):
+    from noise_run import VARIANTS
     for r in saved["results"]:
         where = (r["variant"], r["mixture"], r["seed"])
         assert 0 <= r["accuracy"] <= 1, where
+        # the run's train.py flags are in its result, the output folder named OUT
+        flags = r["flags"]
+        assert flags[flags.index("--unit") + 1] == VARIANTS[r["variant"]]["unit"], where
+        assert flags[flags.index("--seed") + 1] == str(r["seed"]), where
+        assert not [x for x in flags if str(out) in x], where
         assert r["loss"] > 0, where
         # same final training compute: every method trains its mixture's steps
         steps = saved["data"][str(r["seed"])][r["mixture"]]["steps"]
@@ -392,7 +398,7 @@ def check_runs(saved):
         assert r["trajectory"][-1]["step"] == r["compute"]["optimizer_steps"], where
         if r["mixture"] == "H":
             assert a["noisy"] == 0, where  # tier H carries no injected noise
-        if r["variant"] == "resure[loss+gain]":  # a unit is flagged when either view flags it
+        if VARIANTS[r["variant"]]["detector"] == "loss+gain":  # flagged: either view flags it
             views = r["flagging"]["by_view"]
             loss = views["loss"]["all"]["flagged"]
             gain = views["gain"]["all"]["flagged"]
@@ -642,3 +648,188 @@ def test_noise_pool_stops_when_a_worker_was_stopped(monkeypatch, tmp_path):
         assert got == [], code
         assert made[1].terminated, code
         assert made[1].returncode is None, code
+
+
+# ------------------------------------------------------------------------ the paper's configuration
+def flag_values(argv):
+    """{flag: value} of a train.py command line (a flag without a value maps to True)."""
+    out = {}
+    for i, x in enumerate(argv):
+        if x.startswith("--"):
+            following = argv[i + 1] if i + 1 < len(argv) else "--"
+            out[x] = True if following.startswith("--") else following
+    return out
+
+
+def test_cpu_preset_runs_the_paper_and_its_variants(tmp_path):
+    """--cpu: seven configurations on H and H+N+L, seeds 0-4. resure carries the paper's flags;
+    every other configuration differs from it by exactly the flags its name says (sft: the method
+    alone, and no warm-up set)."""
+    import noise
+    from noise_data import make_data
+    from noise_run import make_job
+    plan = noise.make_plan(noise.parse_args(["--cpu"]))
+    assert plan["seeds"] == [0, 1, 2, 3, 4]
+    assert plan["mixtures"] == ["H", "H+N+L"]
+    assert len(plan["methods"]) == 7
+    paths, _ = make_data(tmp_path, 0, plan)
+    flags = {}
+    for name in plan["methods"]:
+        job = make_job(plan, name, 0, "H+N+L", paths, tmp_path / "model",
+                       tmp_path / "runs" / "seed0" / "H+N+L" / name)
+        flags[name] = flag_values(job["argv"])
+    paper = flags["resure"]
+    want = {"--method": "resure", "--unit": "dialogue", "--stats": "welford",
+            "--stats-update": "reliable", "--alpha": "1.0", "--floor-percentile": "5",
+            "--floor-over": "all", "--detector": "loss", "--ramp-steps": "5",
+            "--warmup-samples": "0", "--warmup-data": str(paths["warm"])}
+    for flag, value in want.items():
+        assert paper[flag] == value, flag
+    # sft weighs nothing and hard floors nothing: train.py refuses the flags that would idle
+    weighing = [f for f in want if f not in ("--method", "--unit")]
+    changes = {
+        "sft": dict({f: None for f in weighing}, **{"--method": "sft"}),
+        "resure[turn]": {"--unit": "turn"},
+        "resure[turn,ema/winsorized]": {"--unit": "turn", "--stats": "ema",
+                                        "--stats-update": "winsorized"},
+        "hard": {"--method": "hard", "--floor-percentile": None, "--floor-over": None},
+        "resure[floor:flagged]": {"--floor-over": "flagged"},
+        "resure[turn,ema/winsorized,loss+gain]": {"--unit": "turn", "--stats": "ema",
+                                                  "--stats-update": "winsorized",
+                                                  "--detector": "loss+gain"},
+    }
+    assert sorted(changes) == sorted(m for m in plan["methods"] if m != "resure")
+    for name, change in changes.items():
+        differs = {k: flags[name].get(k) for k in set(paper) | set(flags[name])
+                   if flags[name].get(k) != paper.get(k) and k != "--out"}
+        assert differs == change, name
+
+
+def test_a_run_is_known_wherever_its_folders_lie(tmp_path):
+    """A finished run's identity names the output folder OUT and the model by its files' digest:
+    the same run in a moved folder, with the model elsewhere, has the same signature; another
+    model has another one."""
+    import noise
+    from noise_data import make_data
+    from noise_run import make_job
+    from pool import model_sha
+    plan = noise.make_plan(noise.parse_args(["--tiny"]))
+    sigs = []
+    for place in ("a", "b"):
+        out = tmp_path / place / "out"
+        model = tmp_path / place / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text('{"hidden_size": 8}')
+        (model / "model.safetensors").write_bytes(b"weights")
+        paths, _ = make_data(out, 1, plan)
+        plan["model_id"] = model_sha(model)
+        job = make_job(plan, "resure", 1, "H", paths, model, out / "runs" / "seed1" / "H" / "x")
+        sigs.append(job["sig"])
+        assert not [x for x in job["flags"] if str(tmp_path) in x]
+    assert sigs[0] == sigs[1]
+    (model / "model.safetensors").write_bytes(b"other weights")
+    plan["model_id"] = model_sha(model)
+    job = make_job(plan, "resure", 1, "H", paths, model, out / "runs" / "seed1" / "H" / "x")
+    assert job["sig"] != sigs[1]
+
+
+def test_method_names_keep_their_commas():
+    import noise
+    text = "sft, resure[turn,ema/winsorized],hard,,resure[turn,ema/winsorized,loss+gain]"
+    got = noise.names(text)
+    assert got == ["sft", "resure[turn,ema/winsorized]", "hard",
+                   "resure[turn,ema/winsorized,loss+gain]"]
+    plan = noise.make_plan(noise.parse_args(["--tiny", "--methods", ",".join(got)]))
+    assert plan["methods"] == got
+
+
+# -------------------------------------------------------------------------------------- tables.py
+def test_tables_match_the_committed_results(capsys):
+    """Every experiment table of README.md, bench/README.md and docs/method.md is what
+    bench/tables.py writes from the committed results: run `python bench/tables.py` when this
+    fails."""
+    import tables
+    code = tables.main(["--check"])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_tables_check_names_a_stale_table(tmp_path, capsys):
+    import tables
+    for document in tables.DOCUMENTS:
+        (tmp_path / document).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / document).write_text((ROOT / document).read_text())
+    readme = tmp_path / "README.md"
+    lines = readme.read_text().split("\n")
+    where = lines.index("<!-- table: noise/accuracy -->")
+    lines.insert(where + 1, "| sft | 69.4 | 50.5 | 10 of 10 |")  # a number typed by hand
+    readme.write_text("\n".join(lines))
+    assert tables.main(["--check", "--root", str(tmp_path)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"README.md:{where + 1}: table noise/accuracy differs from its results "
+                       "(python bench/tables.py rewrites it)"]
+    assert tables.main(["--root", str(tmp_path)]) == 0
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    assert tables.main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_tables_bad_markers_are_one_line_errors(tmp_path):
+    import tables
+    cases = {
+        "<!-- table: noise/bogus -->\n<!-- /table -->\n": "doc.md:1: unknown table 'noise/bogus'",
+        "text\n<!-- table: noise/accuracy -->\n": "doc.md:2: table 'noise/accuracy' is not closed",
+        "<!-- /table -->\n": "doc.md:1: <!-- /table --> without a table opened before it",
+    }
+    for text, message in cases.items():
+        with pytest.raises(tables.TableError) as e:
+            tables.rewrite(text, "doc.md", {})
+        assert str(e.value).startswith(message), text
+        assert "\n" not in str(e.value)
+    p = subprocess.run([sys.executable, "bench/tables.py", "--root", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr == f"tables.py: error: {tmp_path / 'README.md'}: no such document\n"
+
+
+def test_tables_from_results_against_scipy(tmp_path):
+    """The tables of a results.json: the finished-runs line, mean ± sample std, and each paired
+    comparison's n, mean, 95 % t-interval and Holm p as scipy computes them."""
+    from scipy import stats
+    import tables
+    names = {"x": "resure", "y": "hard"}
+    results = [dict(r, variant=names.get(r["variant"], r["variant"]))
+               for r in synthetic_results() if r["mixture"] != "H+N"]
+    plan = {"preset": "cpu", "mixtures": ["H", "H+N+L"], "seeds": [1, 2, 3, 4, 5],
+            "methods": ["sft", "resure", "hard"], "kinds": {}}
+    saved = {"plan": plan, "results": results, "runs_planned": 40,
+             "base": {"1": {"accuracy": 0.05, "loss": 2.5}, "2": {"accuracy": 0.07, "loss": 2.4}}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    n = tables.Noise(tmp_path / "results.json")
+    accuracy = tables.scores(n, "accuracy")
+    assert accuracy[0] == (f"30 of 40 runs of `python bench/noise.py --cpu` are finished "
+                           f"({tmp_path / 'results.json'}).")
+    rows = {r[0]: r for r in table_rows("\n".join(accuracy))[1:]}
+    sft = ACCURACY["sft", "H+N+L"]
+    assert rows["sft"][2] == f"{100 * np.mean(sft):.1f} ± {100 * np.std(sft, ddof=1):.1f}"
+    assert rows["sft"][3] == "10 of 10"
+    assert rows["base model (no training)"][1] == "6.0 ± 1.4"
+    vs_sft = table_rows("\n".join(tables.comparisons(n, "accuracy vs sft")))
+    got = {(r[0], r[1]): r for r in vs_sft[1:]}
+    assert sorted(got) == sorted((v, m) for v in ("resure", "hard") for m in ("H", "H+N+L"))
+    ps = {}
+    for (v, m), r in got.items():
+        a = ACCURACY[{"resure": "x", "hard": "y"}[v], m]
+        d = 100 * (np.array(a) - ACCURACY["sft", m])
+        low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+        assert r[2] == "5", (v, m)
+        assert r[3].strip("*") == f"{d.mean():+.1f}", (v, m)
+        assert r[4] == f"[{low:+.1f}, {high:+.1f}]", (v, m)
+        ps[v, m] = stats.ttest_rel(a, ACCURACY["sft", m]).pvalue
+    keys = sorted(ps)
+    for key, want in zip(keys, holm_by_hand([ps[k] for k in keys])):
+        shown = got[key][5]
+        assert shown == ("< 0.001" if want < 0.001 else f"{want:.3f}"), key
+    claims = tables.claims(n)
+    resolved = [line for line in claims if line.startswith("- ")]
+    assert resolved, claims
+    assert "- resure against sft on H+N+L, accuracy: +" in "\n".join(resolved)
+    assert not [line for line in resolved if line.startswith("- hard against sft")]

@@ -155,6 +155,38 @@ def test_quick_run_end_to_end(tiny, fixtures_dir, tmp_path):
     assert res["replay"]["reproduces_run"]
     check_flag_tables(res, out, tiny)
     check_heldout_pairs(res)
+    check_document_tables(out, res)
+
+
+def check_document_tables(out, res):
+    """bench/tables.py's real-noise tables from the run's results.json: the AUCs and the recalls
+    of each kind, the runs counted; each section of results.md in the documents' blocks."""
+    import tables
+    real = tables.Real(out / "results.json")
+    summary = tables.gain_summary(real)
+    assert summary[0].startswith("3 of 3 training runs of `python bench/real_noise.py` are finished")
+    rows = {r[0].split(" (")[0]: r for r in table_rows(summary)}
+    last = {name: res["runs"][name]["flagging"]["any"]["last"] for name in ("resure", "resure+gain")}
+    for kind, d in res["detectability"].items():
+        if kind == "clean":
+            continue
+        row = rows[kind]
+        assert row[1] == f"{d['auc_loss']:.2f}", kind
+        assert row[3] == f"{d['auc_gain_high']:.2f}", kind
+        for cell, name in zip(row[4:], last):
+            recall = last[name]["by_kind"].get(kind, {}).get("recall")
+            assert cell == ("-" if recall is None else f"{recall:.2f}"), (kind, name)
+    md = (out / "results.md").read_text()
+    for name in ("real-noise/detect", "real-noise/flags-last", "real-noise/vs-sft"):
+        kind, write, args = tables.TABLES[name]
+        body = write(real, *args)[2:]
+        assert "\n".join(body) in md, name
+
+
+def table_rows(lines):
+    """The cells of a markdown table's rows, its header row and rule left out."""
+    rows = [line for line in lines if line.startswith("|")][2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
 
 
 def check_flag_tables(res, out, tiny):
