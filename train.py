@@ -31,11 +31,12 @@ from data import ChatTemplate, build_examples, collate, epoch_batches, rank_slic
 from eval import accuracy, per_turn_loss
 from lora import apply_lora, disabled, load_adapter, lora_state_dict, save_adapter
 from model import Transformer
-from resure import ReSURE, all_reduce_sum, count_units, gain_of, gather, prefilter
+from resure import ReSURE, count_units, gain_of, prefilter
 from resure import reweighted_loss, unit_losses
+from support.distributed import all_reduce_sum, gather
 from support import runs
 from support.checkpoint import read_json
-from support.cli import UsageError, num
+from support.cli import Parser, UsageError, given_flags, num
 from support.conversations import load_conversations, read_scores
 from support.export import export_merged
 from support.report import flag_report, log_line
@@ -43,8 +44,7 @@ from support.report import flag_report, log_line
 START = time.time()  # the demo reports its whole time
 BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-# The paper's settings (Sec. 4), taken when --model is given and a flag is left out; the README
-# lists deviations.
+# The paper's settings (Sec. 4), for a flag left out under --model; the README lists deviations.
 PAPER = dict(
     lora_r=128, lora_alpha=16, lora_dropout=0.3,
     lr=1e-5, warmup_ratio=0.01, epochs=3,
@@ -53,8 +53,7 @@ PAPER = dict(
     stats="welford", stats_update="reliable",
     grad_checkpointing=True, dtype="bf16" if BF16 else "fp32",
 )
-# The demo: small enough for 2 CPU cores in minutes, strong enough that the effect shows (its
-# settings are printed at the start).
+# The demo: minutes on 2 CPU cores, and the effect shows (its settings are printed at the start).
 DEMO = dict(
     lora_r=16, lora_alpha=32, lora_dropout=0.05,
     lr=1e-3, warmup_ratio=0.05, epochs=1, max_steps=45,
@@ -81,8 +80,7 @@ def print0(message):
 
 class ReSURELoss:
     """What train.py minimizes: ReSURE's reweighted unit losses (Eqs. 1-7). A baseline hands
-    main() another object with these four methods (baselines/dpo.py does) and keeps the rest of the
-    loop."""
+    main() another object with these four methods (baselines/dpo.py does)."""
 
     def examples(self, convs, template, args):
         """(training examples, data.Report); with --detector loss+gain each reply also alone."""
@@ -262,8 +260,12 @@ class Run:
         return {"resure": self.rs.state_dict(), "last_seen": list(self.last_seen.values())}
 
     def restore(self, trainer, state):
-        """Put what trainer_state() and unit_state() returned back in place."""
+        """Put what trainer_state() and unit_state() returned back in place; the optimizer keeps
+        this command's betas and weight decay (--allow-changed-config may have changed them)."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         self.opt.load_state_dict(trainer["optimizer"])
+        for group, own in zip(self.opt.param_groups, settings):
+            group.update(own)
         self.scaler.load_state_dict(trainer["scaler"])
         self.rs.load_state_dict(state["resure"])
         self.last_seen = {(r["sample"], r["turn"]): r for r in state["last_seen"]}
@@ -355,9 +357,8 @@ def micro_batch(run, m):
 
 
 def accumulate(run, batches, totals):
-    """Forward and backward of each micro-batch, the gradients synchronized on the last one.
-    Returns (sum of unit losses, of weighted unit losses, finite units), ReSURE's records and this
-    rank's tokens."""
+    """Forward and backward of each micro-batch, gradients synchronized on the last: the sums of
+    (unit losses, weighted unit losses, finite units), ReSURE's records and this rank's tokens."""
     sums = np.zeros(3)
     records = []
     tokens = 0
@@ -413,7 +414,7 @@ def train(run, folder, step, stop):
                              "model produces NaN or inf (check its weights and --dtype: some "
                              "models overflow in fp16)")
         if run.rank == 0 and args.record_units:
-            append_jsonl(os.path.join(args.out, "units.jsonl"), result.records)
+            runs.append_jsonl(os.path.join(args.out, "units.jsonl"), result.records)
         if step % args.log_every == 0 or step == run.total:
             log_step(run, result, tokens, time.time() - t0, skipped)
             t0 = time.time()
@@ -424,9 +425,7 @@ def train(run, folder, step, stop):
             log_eval(run, step)
         if stop.requested():
             save_checkpoint(run, folder, step)
-            print0(f"train.py: stopped by signal {stop.signum} after step {step}; checkpoint "
-                   f"step-{step:07d} written: the same command continues the run")
-            raise SystemExit(stop.exit_code)
+            stop.exit_after(step)  # saying which command continues (Folder.continuing)
         if args.save_every and step % args.save_every == 0 and step < run.total:
             save_checkpoint(run, folder, step)
     if blind:  # the last steps' every loss was NaN: the adapter diverged, nothing final is written
@@ -436,8 +435,7 @@ def train(run, folder, step, stop):
 
 
 def log_step(run, result, tokens, seconds, skipped):
-    """(rank 0) The step's line on stdout and its record in metrics.jsonl; tokens: this rank's
-    since the last record, `seconds` ago."""
+    """(rank 0) The step's line on stdout and in metrics.jsonl; tokens: this rank's in `seconds`."""
     if run.rank != 0:
         return
     eta = seconds / run.args.log_every * (run.total - result.step)
@@ -445,28 +443,21 @@ def log_step(run, result, tokens, seconds, skipped):
                   weighted_loss=result.weighted_loss, lr=result.lr, grad_norm=result.grad_norm,
                   tokens_per_s=tokens * run.world / seconds, eta_s=eta, skipped_steps=skipped,
                   **run.rs.summary())
-    append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [record])
+    runs.append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [record])
     print(log_line(record))
 
 
 def log_eval(run, step):
-    """(rank 0) The per-turn loss of --eval-data (eval.per_turn_loss), in metrics.jsonl and on
-    stdout."""
+    """(rank 0) --eval-data's per-turn loss (eval.per_turn_loss) in metrics.jsonl and stdout."""
     if run.rank != 0 or not run.eval_examples:
         return
     res = per_turn_loss(run.net, run.eval_examples, pad_id=run.template.pad_id)  # eval mode
-    append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [{"step": step, "eval": res}])
+    runs.append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [{"step": step, "eval": res}])
     print(f"eval step {step}: " + json.dumps(res, default=float))
 
 
-def append_jsonl(path, records):
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r, default=float) + "\n" for r in records)
-
-
 def save_checkpoint(run, folder, step):
-    """Checkpoint step-NNNNNNN (support/runs.py writes it whole or not at all); an adapter that
-    became NaN or infinite is refused before anything is written."""
+    """Checkpoint step-NNNNNNN, whole or not at all; an adapter gone NaN or infinite is refused."""
     if all(bool(torch.isfinite(p).all()) for p in run.params):
         folder.save(step, run.save_state)
         return
@@ -501,18 +492,27 @@ def build(args, rank, world, device, objective):
     fp16_cuda = dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16_cuda)
     sampler = make_sampler(args, examples, rank, world)
-    epoch_steps = int(args.epochs * sampler.per_epoch) // args.grad_accum
-    total = args.max_steps or max(1, epoch_steps)
+    total, warmup = schedule(args, sampler)
     return Run(args=args, rank=rank, world=world, device=device, objective=objective, net=net,
                template=template, autocast=autocast, rs=rs, examples=examples,
                eval_examples=eval_examples, params=params, opt=opt, scaler=scaler,
-               ddp=token_loss(net, world, device), sampler=sampler, total=total,
-               warmup=math.ceil(args.warmup_ratio * total))
+               ddp=token_loss(net, world, device), sampler=sampler, total=total, warmup=warmup)
+
+
+def schedule(args, sampler):
+    """(optimizer steps, warm-up steps) of cosine_lr, whose first warm-up step is at learning rate
+    0: a run of that one step would train nothing, and is refused."""
+    epoch_steps = int(args.epochs * sampler.per_epoch) // args.grad_accum
+    total = args.max_steps or max(1, epoch_steps)
+    if total == 1 and args.warmup_ratio > 0:
+        raise UsageError(f"the run is 1 optimizer step, which the linear warm-up (--warmup-ratio "
+                         f"{args.warmup_ratio}) takes at learning rate 0: it would train nothing; "
+                         "give more steps (--max-steps, --epochs) or --warmup-ratio 0")
+    return total, math.ceil(args.warmup_ratio * total)
 
 
 def autocast_context(device, dtype):
-    """Autocast to dtype around each forward pass, nothing in fp32: one object, entered again and
-    again, never nested."""
+    """Autocast to dtype around each forward (none in fp32): one object, entered again and again."""
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -539,8 +539,7 @@ def token_loss(net, world, device):
 
 
 def load_data(args, objective, template, net, autocast, rs):
-    """Training examples (pre-filtered when asked) and held-out examples; ReSURE's statistics are
-    warmed up on --warmup-data when it is given."""
+    """Training examples (pre-filtered when asked) and held-out ones; --warmup-data warms rs up."""
     make = objective.examples
     examples, report, convs = read_examples(args.data, "--data", template, args, make)
     print0(f"data: {args.data}: {report.summary()}")
@@ -557,9 +556,8 @@ def load_data(args, objective, template, net, autocast, rs):
         print0(f"warm-up: statistics initialized from {n} units of {len(warm)} samples of "
                f"{args.warmup_data}")
     elif args.method != "sft":
-        print0(f"warm-up: statistics from the first {args.warmup_samples} units of the "
-               "unfiltered training stream (the paper warms up on 640 high-quality samples: "
-               "give them with --warmup-data)")
+        print0(f"warm-up: statistics from the first {args.warmup_samples} units of the training "
+               "stream (the paper warms up on 640 clean samples: --warmup-data)")
     return examples, eval_examples
 
 
@@ -582,8 +580,7 @@ def plain_examples(convs, template, args):
 
 def prefilter_examples(args, examples, convs, net, autocast, pad_id):
     """The paper's static pre-filter (Sec. 5.2): the best --prefilter-keep of the examples by
-    --prefilter-scores, or (ours, a stand-in for the paper's reward model) by the base model's
-    loss. The kept examples are numbered anew."""
+    --prefilter-scores, or (ours, for the paper's reward model) by the base model's loss."""
     if args.prefilter_scores:
         rows = [e["conv_index"] for e in examples]
         scores = -read_scores(args.prefilter_scores, convs)[rows]
@@ -592,7 +589,7 @@ def prefilter_examples(args, examples, convs, net, autocast, pad_id):
     keep = prefilter(scores, keep=args.prefilter_keep)
     by = args.prefilter_scores or "base-model loss, our stand-in for the paper reward model"
     print0(f"prefilter: kept {len(keep)} of {len(examples)} samples (the best by {by})")
-    return [dict(examples[i], index=j) for j, i in enumerate(keep)]
+    return [dict(examples[i], index=j) for j, i in enumerate(keep)]  # numbered anew
 
 
 def make_sampler(args, examples, rank, world):
@@ -631,10 +628,9 @@ def setup_distributed():
 
 
 def teardown(run, folder):
-    """The end of main, also on an error: the lock given back, then DDP, then the process group.
-    DDP sits in reference cycles, so it is unwrapped and collected here: a DDP reducer that
-    outlives the gloo process group makes torch 2.13 abort at interpreter exit now and then
-    ("terminate called without an active exception")."""
+    """The end of main, also on an error: the lock given back, then DDP (unwrapped and collected:
+    a reducer in a reference cycle that outlives the gloo group makes torch 2.13 abort at exit now
+    and then), then the process group."""
     folder.release()
     if run is not None and isinstance(run.ddp, DDP):
         run.ddp = run.ddp.module
@@ -654,22 +650,23 @@ def main(argv=None, objective=None):
     try:
         demo_test = resolve_model(args)
         check_inputs(args)
-        if not folder.claim(run_identity(args, world), final_outputs(args)):
+        identity = run_identity(args, world)
+        # each setting's value when its flag is left out: what a record older than it ran with
+        defaults = vars(parse_args([] if args.demo else ["--data", args.data]))
+        if not folder.claim(identity, final_outputs(args), defaults):
             return None
         run = build(args, rank, world, device, objective or ReSURELoss())
         folder.start(getattr(run.net, "fingerprint", None))
         with runs.Stop(folder) as stop:  # a signal is answered after a step, or at the end
-            step = folder.resume(run.load_state)
-            print0(f"training {run.total} steps x {args.grad_accum} micro-batches x "
-                   f"{args.batch_size} x {world} ranks; method={args.method} unit={args.unit} "
-                   f"stats={args.stats}/{args.stats_update}")
+            step = resume(run, folder)
+            announce(run)
             run.net.train()
             train(run, folder, step, stop)
             if rank == 0:
                 finish(run, folder, demo_test)
-            folder.barrier()  # the other ranks wait for rank 0's last writes
-        if stop.signum:
-            raise SystemExit(stop.exit_code)
+            late = stop.requested()  # a collective: the other ranks wait for rank 0's writes
+        if late:
+            stop.exit_finished()
         return run
     finally:
         teardown(run, folder)
@@ -704,6 +701,34 @@ def run_identity(args, world):
     return runs.identity(args, keys, world)
 
 
+def resume(run, folder):
+    """The step the checkpoint resumed (a step past the run's end is refused); one of other
+    settings (--allow-changed-config) leaves its report table, which may number other examples."""
+    step = folder.resume(run.load_state)
+    if step > run.total:
+        raise UsageError(f"{run.args.out}: its checkpoint is at step {step}, past this run's "
+                         f"{run.total} steps (--max-steps, --epochs)")
+    if folder.resumed_changes and run.last_seen:
+        run.last_seen = {}
+        print0(f"report.json: lists the units of steps {step + 1} on (the checkpoint's run had "
+               "other settings)")
+    return step
+
+
+def announce(run):
+    """(rank 0) The run's steps; under --model, an effective batch other than the paper's 64 in
+    one line: Eq. 6's floor is a percentile over one gathered micro-batch (the paper's 4 x 4)."""
+    args = run.args
+    micro = args.batch_size * run.world
+    print0(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x "
+           f"{run.world} ranks; method={args.method} unit={args.unit} "
+           f"stats={args.stats}/{args.stats_update}")
+    if not args.demo and micro * args.grad_accum != 64:
+        print0(f"batch: {micro * args.grad_accum} samples per optimizer step, the paper's 64; Eq. "
+               f"6's floor is a percentile over each micro-batch's {micro} gathered samples (the "
+               "paper's 16)")
+
+
 def final_outputs(args):
     """What a finished run leaves in OUT, relative to it."""
     outputs = [os.path.join("adapter", "adapter_model.safetensors")]
@@ -713,16 +738,15 @@ def final_outputs(args):
 
 
 def finish(run, folder, demo_test):
-    """(rank 0) The adapter, resure_state.json, report.json (the most down-weighted units;
-    flagging against noise labels where the data has them, per view), the final evaluation, the
-    merged export; then run.json says finished, and the demo scores its test dialogues."""
+    """(rank 0) The adapter, resure_state.json, report.json (support/report.py), the final
+    evaluation, the merged export; then run.json says finished; the demo scores its test set."""
     args = run.args
     adapter = os.path.join(args.out, "adapter")
     try:
         save_adapter(run.net, adapter, args.model)
     except runs.WRITE_ERRORS as e:  # a full disk: the final checkpoint is intact
-        raise UsageError(f"cannot write {adapter} ({runs.one_line(e)}); rerun the same "
-                         "command") from None
+        raise UsageError(f"cannot write {adapter} ({runs.one_line(e)}); "
+                         f"{folder.continuing()} writes it") from None
     runs.dump(run.rs.state_dict(), os.path.join(args.out, "resure_state.json"))
     views = ("loss", "gain") if args.detector == "loss+gain" else ()
     units = run.last_seen.values()
@@ -739,8 +763,7 @@ def finish(run, folder, demo_test):
 
 
 def demo_report(run, test_file):
-    """The demo's last lines: exact-match accuracy on the first --demo-eval clean test dialogues,
-    before (adapter off) and after."""
+    """The demo's last lines: exact match on --demo-eval clean test dialogues, before and after."""
     t0 = time.time()
     convs = load_conversations(test_file)[:run.args.demo_eval]
     if not convs:
@@ -758,35 +781,26 @@ def demo_report(run, test_file):
 # -------------------------------------------------------------------------------------------------
 # The command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print its usage block first)
-        print(f"train.py: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 POSITIVE = num(float, 0, lo_ok=False)
 COUNT = num(int, 1, 10**9, hi_ok=True)
 NONNEGATIVE = num(float, 0)
 NONNEGATIVE_INT = num(int, 0, 10**9, hi_ok=True)
 
 
-def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0],
+def parser():
+    p = Parser(prog="train.py", description=__doc__.split("\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", help="Hugging Face folder (config.json, safetensors, tokenizer.json); "
-        "none: the demo's model")
+    add("--model", help="a Hugging Face folder (safetensors, tokenizer.json); none: the demo's")
     add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
     add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
-    add("--warmup-data", help="high-quality conversations to initialize the statistics from "
-        "(paper: 640)")
-    add("--out", default="out", help="run folder: checkpoints, adapter, metrics.jsonl, "
-        "report.json")
+    add("--warmup-data", help="clean conversations to initialize the statistics (paper: 640)")
+    add("--out", default="out", help="run folder: checkpoints, adapter, metrics, report")
     add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
     add("--on-bad-sample", choices=["error", "skip"], default="error")
     # the schedule and the optimizer
     add("--epochs", type=num(float, 0, 1e6, lo_ok=False, hi_ok=True), help="paper: 3")
-    add("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
+    add("--max-steps", type=COUNT, help="optimizer steps (instead of --epochs)")
     add("--batch-size", type=COUNT, help="per device; paper: 4")
     add("--grad-accum", type=COUNT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
     add("--lr", type=POSITIVE, help="paper: 1e-5, cosine")
@@ -794,14 +808,11 @@ def parse_args(argv=None):
     add("--weight-decay", type=NONNEGATIVE, default=0.0)
     add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
     add("--grad-clip", type=NONNEGATIVE, default=1.0, help="max gradient norm; 0: no clipping")
-    add("--max-len", type=num(int, 2, 10**9, hi_ok=True),
-        help="tokens; longer dialogues lose trailing turns")
+    add("--max-len", type=num(int, 2, 10**9, hi_ok=True), help="tokens; longer: last turns cut")
     add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
-    add("--dtype", choices=["fp32", "bf16", "fp16"],
-        help="base weights + autocast; the adapter stays fp32")
+    add("--dtype", choices=["fp32", "bf16", "fp16"], help="base weights, autocast; adapter: fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
-    add("--group-by-length", action="store_true",
-        help="batch similar lengths together to cut padding")
+    add("--group-by-length", action="store_true", help="batch similar lengths: less padding")
     # LoRA
     add("--lora-r", type=num(int, 1, 65536, hi_ok=True), help="paper: 128")
     add("--lora-alpha", type=POSITIVE, help="paper: 16")
@@ -810,63 +821,84 @@ def parse_args(argv=None):
     add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
         help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
     add("--unit", choices=["dialogue", "turn"], help="what one loss l_s is (paper: dialogue)")
-    add("--loss-norm", choices=["sample", "token"], default="sample",
-        help="mean over units (paper) or tokens")
+    add("--loss-norm", choices=["sample", "token"], default="sample", help="per unit (paper)")
     add("--alpha", type=NONNEGATIVE, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
     add("--floor-percentile", type=num(float, 0, 100, hi_ok=True),
         help="eps = this percentile of one gathered micro-batch's weights (Eq. 6); paper: 5")
     add("--floor-over", choices=["all", "flagged"], default="all",
         help="the weights eps is a percentile of: every unit's, or the flagged units' only")
-    add("--warmup-samples", type=NONNEGATIVE_INT,
-        help="units seen before detection starts; paper: 640")
-    add("--ramp-steps", type=NONNEGATIVE_INT,
-        help="optimizer steps over which down-weighting is blended in")
+    add("--warmup-samples", type=NONNEGATIVE_INT, help="units before detection; paper: 640")
+    add("--ramp-steps", type=NONNEGATIVE_INT, help="steps over which down-weighting grows")
     add("--max-turn-groups", type=NONNEGATIVE_INT, default=0,
         help="deeper turns share the last one; 0: one group per depth")
-    add("--stats", choices=["welford", "ema", "window", "mad"],
-        help="running estimator; paper: welford")
-    add("--stats-update", choices=["reliable", "winsorized", "all"],
-        help="which units update the statistics; paper: reliable")
+    add("--stats", choices=["welford", "ema", "window", "mad"], help="paper: welford")
+    add("--stats-update", choices=["reliable", "winsorized", "all"], help="paper: reliable")
     add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
     add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
-    add("--detector", choices=["loss", "loss+gain"], default="loss",
-        help="loss: the paper; loss+gain: also flag a context gain outside mu_g +- gain_alpha "
-        "sigma_g (ours)")
-    add("--gain-alpha", type=POSITIVE, default=2.0,
-        help="the context-gain band's half-width in sigmas")
+    add("--detector", choices=["loss", "loss+gain"], default="loss", help="loss: the paper; "
+        "loss+gain: also a context gain outside mu_g +- gain_alpha sigma_g (ours)")
+    add("--gain-alpha", type=POSITIVE, default=2.0, help="the gain band's half-width in sigmas")
     add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
         help="static baseline: train on this fraction only")
     add("--prefilter-scores", help="quality scores, one per conversation (higher is better), "
         "instead of the base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
     # the run folder and the reports
-    add("--record-units", action="store_true",
-        help="write every unit's loss/tau/weight to units.jsonl")
+    add("--record-units", action="store_true", help="every unit's loss, tau, weight: units.jsonl")
     add("--log-every", type=COUNT, default=10)
     add("--eval-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
     add("--save-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
-    add("--resume", action="store_true",
-        help="require a checkpoint to continue from (automatic if present)")
-    add("--no-resume", action="store_true",
-        help="start over: an earlier run in --out is moved aside first")
-    add("--allow-changed-config", action="store_true",
-        help="resume although a setting of the run changed")
-    add("--merge", action="store_true",
-        help="also export a merged Hugging Face folder to OUT/merged")
-    add("--report-top", type=NONNEGATIVE_INT, default=20,
-        help="most down-weighted samples listed in report.json")
-    add("--demo-eval", type=NONNEGATIVE_INT, default=32,
-        help="demo only: clean test dialogues scored before and after")
+    add("--resume", action="store_true", help="require a checkpoint (one found resumes anyway)")
+    add("--no-resume", action="store_true", help="start over, every time (a job a scheduler "
+        "may requeue leaves it out): an earlier run in --out is moved aside first")
+    add("--allow-changed-config", action="store_true", help="resume with a setting changed")
+    add("--merge", action="store_true", help="also export a merged model to OUT/merged")
+    add("--report-top", type=NONNEGATIVE_INT, default=20, help="samples listed in report.json")
+    add("--demo-eval", type=NONNEGATIVE_INT, default=32, help="the demo's test dialogues")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, each left out taking the paper's (the demo's) value; contradicting or idle
+    flags are refused in one line."""
+    p = parser()
     args = p.parse_args(argv)
+    given = given_flags(p, argv, args)
     args.demo = args.model is None and args.data is None
     if args.data is None and args.model is not None:
         raise UsageError("--model needs --data (the demo's data is made for its own model)")
-    defaults = DEMO if args.demo else PAPER
-    for key, value in defaults.items():  # a flag left out takes the paper's (the demo's) value
+    for key, value in (DEMO if args.demo else PAPER).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.resume and args.no_resume:
         raise UsageError("--resume and --no-resume contradict each other")
+    refuse_idle_flags(args, given)
     return args
+
+
+def refuse_idle_flags(args, given):
+    """A flag given where it does nothing is refused in one line naming both flags. With --method
+    sft nothing is flagged, so what shapes flags and weights idles (the statistics and --alpha's
+    tau are still logged); with hard, flagged units weigh 0 and nothing is floored."""
+    sft = args.method == "sft"
+    method = f"--method {args.method}"
+    floorless = args.method in ("sft", "hard")
+    idle = [  # (its setting, the flag, what it does nothing with, whether it is idle)
+        ("detector", "--detector loss+gain", method, sft and args.detector == "loss+gain"),
+        ("gain_alpha", "--gain-alpha", f"--detector {args.detector}", args.detector == "loss"),
+        ("ema_decay", "--ema-decay", f"--stats {args.stats}", args.stats != "ema"),
+        ("window", "--window", f"--stats {args.stats}", args.stats not in ("window", "mad")),
+        ("floor_percentile", "--floor-percentile", method, floorless),
+        ("floor_over", "--floor-over", method, floorless),
+        ("ramp_steps", "--ramp-steps", method, sft),
+        ("stats_update", "--stats-update", method, sft),
+        ("prefilter_scores", "--prefilter-scores", "--prefilter-keep 1", args.prefilter_keep == 1),
+        ("eval_every", "--eval-every", "no --eval-data", not args.eval_data),
+        ("epochs", "--epochs", f"--max-steps {args.max_steps}", args.max_steps is not None),
+        ("demo_eval", "--demo-eval", "--model or --data (no demo)", not args.demo),
+    ]
+    for setting, flag, beside, idles in idle:
+        if setting in given and idles:
+            raise UsageError(f"{flag} does nothing with {beside}: leave it out")
 
 
 if __name__ == "__main__":
@@ -877,5 +909,6 @@ if __name__ == "__main__":
         print(f"train.py: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started (then a signal finishes the step)
-        print("train.py: interrupted before training started; nothing to lose", file=sys.stderr)
+        print("train.py: interrupted before training started, nothing lost: the same command "
+              "starts it", file=sys.stderr)
         sys.exit(130)

@@ -3,6 +3,7 @@ paths."""
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -68,3 +69,21 @@ def check_paths(device=None, out=None, inputs=()):
                    for i in inputs)
     if os.path.isdir(out) or not os.access(folder, os.W_OK) or is_input:
         raise UsageError(f"--out {out}: is a folder, is not writable, or is an input file")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit 2 (no usage block first)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def given_flags(parser, argv, args):
+    """The settings (dests) that argv gives, not parser's defaults: argv parsed again into a
+    namespace whose every setting is preset to a marker that only a given flag replaces; args:
+    parser's first parse of argv."""
+    unset = object()
+    namespace = argparse.Namespace(**dict.fromkeys(vars(args), unset))
+    parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}

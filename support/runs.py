@@ -4,17 +4,19 @@
                        its input files, the base model's fingerprint, the world size) and whether
                        it finished
     OUT/step-NNNNNNN/  a checkpoint: the trainer's files (adapter, trainer.pt, state.json),
-                       trainer.json, rng-rank*.pt, COMPLETE; written as .tmp-step-NNNNNNN/ and
-                       renamed when whole, the newest two kept
+                       trainer.json (its step, world size and the settings it was written under),
+                       rng-rank*.pt, COMPLETE; written as .tmp-step-NNNNNNN/ and renamed when
+                       whole, the newest two of the run kept
     OUT/metrics.jsonl, units.jsonl   the logs, cut back to the checkpoint's step on resume
 
 A rerun of a finished run does nothing; a rerun of an interrupted one continues from the newest
-checkpoint that loads (a damaged one is skipped with one line), bitwise-exactly; a run with other
-settings is refused; --no-resume moves an earlier run's files into OUT/previous-<time>/; OUT/.lock
-keeps a second process out. SIGINT / SIGTERM finish the current step, checkpoint and exit 130 / 143
-(Stop). A failed write (a full disk) removes the partial checkpoint and names the intact one.
-Everything is read as data: torch.load runs with weights_only, so a pickle payload planted in a
-checkpoint cannot execute.
+checkpoint that loads (a damaged one of its own is skipped with one line), bitwise-exactly; a run
+with other settings than the newest checkpoint's is refused; --no-resume moves an earlier run's
+files into OUT/previous-<time>/; OUT/.lock keeps a second process out. A checkpoint written under
+other settings is never deleted or overwritten. SIGINT / SIGTERM finish the current step,
+checkpoint and exit 130 / 143 (Stop). A failed write (a full disk) removes the partial checkpoint
+and names the intact one. Everything is read as data: torch.load runs with weights_only, so a
+pickle payload planted in a checkpoint cannot execute.
 
 This module handles files and the ranks' agreement about them. What touches the model stays with
 the trainer: it hands Folder.save a function that writes its state into a folder, and
@@ -47,6 +49,9 @@ class RunError(ValueError):
     """A run folder we cannot use; the message is one line."""
 
 
+UNKNOWN = "the settings it was written under: unknown"  # a record that cannot be read
+
+
 @dataclass
 class Folder:
     """OUT as one rank of a run sees it. How an earlier run found there is treated comes from the
@@ -61,40 +66,83 @@ class Folder:
     allow_changed: bool = False    # continue although a setting of the run changed
     lock: IO | None = None         # OUT/.lock, held by rank 0 from claim() to release()
     identity: dict = field(default_factory=dict)  # run.json's "run": settings, inputs, model
+    defaults: dict = field(default_factory=dict)  # each setting's value when its flag is left out
     previous: dict | None = None   # run.json as claim() found it (None: absent, or set aside)
+    resumed_changes: dict = field(default_factory=dict)  # how the resumed checkpoint's run differs
 
     def log(self, message):
         if self.rank == 0:
             print(message)
 
-    def claim(self, identity, outputs):
+    def claim(self, identity, outputs, defaults=None):
         """Check OUT before any work. False when it holds this very run, finished, with its outputs
-        (paths relative to OUT) all there: nothing to do. A run of other settings that has a
-        checkpoint or finished is refused (unless fresh or allow_changed); a second process on the
-        same OUT is refused (the lock, held for the whole run)."""
+        (paths relative to OUT) all there: nothing to do. A run of other settings is refused
+        (check_records); a second process on the same OUT is refused (the lock, held for the whole
+        run). defaults: each setting's value when its flag is left out, which a record written
+        before the setting existed ran with."""
         self.identity = dict(identity)
+        self.defaults = dict(defaults or {})
         self.take_lock()
         if self.fresh:
             return True
         self.previous = self.read_record()
-        checkpoints = self.checkpoints()
-        if self.require_checkpoint and not checkpoints:
+        if self.require_checkpoint and not self.checkpoints():
             raise RunError(f"--resume: no checkpoint in {self.out}")
-        if self.previous is None:
-            return True
-        before = self.previous["run"]
-        changed = [k for k in self.identity if before.get(k) != self.identity[k]]
-        finished = self.previous.get("finished")
-        if changed and not self.allow_changed and (finished or checkpoints):
-            diffs = [f"{k}: {before.get(k)!r} -> {self.identity[k]!r}" for k in changed[:4]]
-            raise RunError(f"{self.out} holds a run with other settings ({', '.join(diffs)}); use "
-                           "another --out, --no-resume to start over, or --allow-changed-config")
+        changed = self.check_records()
+        finished = self.previous and self.previous.get("finished")
         done = all(os.path.exists(os.path.join(self.out, path)) for path in outputs)
         if finished and not changed and done:
             steps = self.previous.get("steps")
             self.log(f"{self.out} already holds this run, finished ({steps} steps): nothing to do")
             return False
         return True
+
+    def check_records(self):
+        """How this run differs from the newest checkpoint's settings and from a finished
+        run.json's. Refused unless allow_changed; a checkpoint of another world size always (each
+        rank's random state is its own)."""
+        checkpoints = self.checkpoints()
+        changed = {}
+        if self.previous and (self.previous.get("finished") or not checkpoints):
+            changed.update(self.changes(self.previous["run"]))
+        if checkpoints:
+            changed.update(self.changes(self.written_under(checkpoints[-1])))
+        if checkpoints and "world_size" in changed:
+            ranks = changed["world_size"][0]
+            raise RunError(f"{self.out}: its checkpoints were written by {ranks} ranks and resume "
+                           f"only on {ranks} (each rank keeps its random state), not on "
+                           f"{self.world}; use another --out, or --no-resume to start over")
+        finished = self.previous and self.previous.get("finished")
+        if changed and not self.allow_changed and (checkpoints or finished):
+            raise RunError(f"{self.out} holds a run with other settings ({describe(changed)}); use "
+                           "another --out, --no-resume to start over, or --allow-changed-config")
+        return changed
+
+    def changes(self, before):
+        """{setting: (recorded, this run's)} where a recorded identity differs from this run's. A
+        setting the record predates counts as its default; a base-model fingerprint missing on
+        either side as the same; a record that cannot be read (None) as UNKNOWN."""
+        if not isinstance(before, dict):
+            return {UNKNOWN: None}
+        changed = {}
+        for key, now in self.identity.items():
+            old = before.get(key, self.defaults.get(key))
+            if key == "model_fingerprint" and None in (old, now):
+                continue
+            if old != now:
+                changed[key] = (old, now)
+        return changed
+
+    def written_under(self, name):
+        """The identity checkpoint `name` was written under: its trainer.json's "run" or, for a
+        checkpoint older than that record, run.json's; None when neither can be read."""
+        try:
+            marker = read_json(os.path.join(self.out, name, "trainer.json"), RunError)
+        except (RunError, OSError):
+            return None
+        if "run" in marker:
+            return marker["run"]
+        return (self.previous or {}).get("run")
 
     def take_lock(self):
         if os.path.exists(self.out) and not os.path.isdir(self.out):
@@ -131,33 +179,39 @@ class Folder:
         return record
 
     def start(self, fingerprint):
-        """Just before training: a changed base model (its fingerprint) is refused like a changed
-        setting; when fresh, an earlier run's files move to OUT/previous-<time>/ (the user's own
-        files stay); run.json records this run."""
-        before = (self.previous or {}).get("run", {}).get("model_fingerprint")
-        other = fingerprint and before not in (None, fingerprint)
-        if other and self.checkpoints() and not self.allow_changed:
-            raise RunError(f"{self.out} holds a run on other base weights (fingerprint {before} "
-                           f"-> {fingerprint}); use another --out, --no-resume or "
-                           "--allow-changed-config")
+        """Just before training: the records are checked again with the base model's fingerprint
+        (other base weights are a changed setting); when fresh, an earlier run's files move to
+        OUT/previous-<time>/ (the user's own files stay); run.json records this run."""
         self.identity["model_fingerprint"] = fingerprint
+        if not self.fresh:
+            self.check_records()
         if self.fresh and self.rank == 0:
-            self.move_aside()
+            names = [n for n in os.listdir(self.out)
+                     if n in OURS or n.startswith(("step-", ".tmp-step-"))]
+            aside = self.move_aside(names)
+            if aside:
+                self.log(f"--no-resume: the earlier run's files in {self.out} were moved to {aside}")
         self.barrier()
         if self.rank == 0:
             dump({"run": self.identity, "finished": False}, os.path.join(self.out, "run.json"))
         self.barrier()
 
-    def move_aside(self):
-        names = [n for n in os.listdir(self.out)
-                 if n in OURS or n.startswith(("step-", ".tmp-step-"))]
+    def move_aside(self, names):
+        """Move names (in OUT) into OUT/previous-<time>/ and return that folder (None: nothing)."""
         if not names:
-            return
+            return None
         aside = os.path.join(self.out, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(aside)
+        os.makedirs(aside, exist_ok=True)
         for name in names:
             os.replace(os.path.join(self.out, name), os.path.join(aside, name))
-        self.log(f"--no-resume: the earlier run's files in {self.out} were moved to {aside}")
+        return aside
+
+    def continuing(self):
+        """The command that continues this run: --no-resume starts over every time it is given, as
+        nanoGPT's init_from='scratch' does, so a job a scheduler requeues must leave it out."""
+        if self.fresh:
+            return "the same command without --no-resume"
+        return "the same command"
 
     def finish(self, steps):
         """run.json says this run finished after `steps` optimizer steps."""
@@ -179,12 +233,12 @@ class Folder:
     def save(self, step, write):
         """Checkpoint step-NNNNNNN, whole or not at all: write(folder) puts the trainer's files
         there (rank 0), every rank adds its random state, COMPLETE comes last and the folder is
-        renamed into place; the newest two are kept. A failed write removes the partial folder and
-        names the intact checkpoint."""
+        renamed into place; the newest two of this run's are kept (another run's stay). A failed
+        write removes the partial folder and names the intact checkpoint."""
         tmp = os.path.join(self.out, f".tmp-step-{step:07d}")
         final = os.path.join(self.out, f"step-{step:07d}")
         previous = self.checkpoints()
-        marker = {"step": step, "world_size": self.world}
+        marker = {"step": step, "world_size": self.world, "run": self.identity}
         error = None
         if self.rank == 0:
             error = attempt(write_trainer_files, tmp, write, marker)
@@ -196,14 +250,20 @@ class Folder:
             why = one_line(error) if error else "failed on another rank"
             intact = "there is no earlier one"
             if previous:
-                intact = f"the previous checkpoint {previous[-1]} is intact"
+                intact = (f"the previous checkpoint {previous[-1]} is intact: "
+                          f"{self.continuing()} continues from it")
             raise RunError(f"cannot write checkpoint {final} ({why}); {intact}")
         if self.rank == 0:
             dump(marker, os.path.join(tmp, "COMPLETE"))
-            shutil.rmtree(final, ignore_errors=True)  # a damaged one the resume skipped
+            name = os.path.basename(final)
+            if os.path.isdir(final) and self.changes(self.written_under(name)):
+                aside = self.move_aside([name])  # another run's (resumed at its last step)
+                self.log(f"{name} of a run with other settings moved to {aside}")
+            shutil.rmtree(final, ignore_errors=True)  # a damaged one of this run, skipped
             os.replace(tmp, final)
             for old in self.checkpoints()[:-2]:
-                shutil.rmtree(os.path.join(self.out, old), ignore_errors=True)
+                if not self.changes(self.written_under(old)):
+                    shutil.rmtree(os.path.join(self.out, old), ignore_errors=True)
         self.barrier()
 
     def load(self, path, read):
@@ -214,9 +274,10 @@ class Folder:
         done = read_json(os.path.join(path, "COMPLETE"), RunError)
         info = read_json(os.path.join(path, "trainer.json"), RunError)
         rng = torch.load(os.path.join(path, f"rng-rank{self.rank}.pt"), weights_only=True)
-        if done != info or done.get("world_size") != self.world:
-            raise RunError(f"COMPLETE ({done}) and trainer.json ({info}) do not agree with "
-                           "this run")
+        if done != info:
+            raise RunError(f"{path}: COMPLETE and trainer.json disagree")
+        if info.get("world_size") != self.world:
+            raise RunError(f"{path}: written by {info.get('world_size')} ranks, not {self.world}")
         before = rng_state()
         try:
             set_rng_state(rng)
@@ -227,10 +288,17 @@ class Folder:
         return int(info["step"])
 
     def resume(self, read):
-        """Restore the newest checkpoint that loads on every rank (one line for each one skipped)
-        and return its step, 0 without one. The logs are cut back to that step, so that they read
-        as if the run had never stopped."""
+        """Restore the newest checkpoint that loads on every rank and return its step, 0 without
+        one. One of this run's that does not load is damaged: skipped with one line (a later save
+        replaces it). One written under other settings is never skipped: it resumes (allow_changed;
+        resumed_changes says how it differs) or the run is refused in one line. The logs are cut
+        back to that step, so that they read as if the run had never stopped."""
         for name in reversed(self.checkpoints()):
+            changed = self.changes(self.written_under(name))
+            other = f"{self.out}/{name}, written under other settings ({describe(changed)}),"
+            if changed and not self.allow_changed:
+                raise RunError(f"{other} is the next to resume from; use another --out, "
+                               "--no-resume to start over, or --allow-changed-config")
             step = None
             error = None
             try:
@@ -238,10 +306,17 @@ class Folder:
             except Exception as e:  # any damage: truncated or bad files, a refused pickle, shapes
                 error = e
             if not self.any_rank(error is not None):
-                self.log(f"resumed from {name} (step {step})")
+                message = f"resumed from {name} (step {step})"
+                if changed:
+                    message += f", written under other settings ({describe(changed)})"
+                self.log(message)
+                self.resumed_changes = changed
                 self.cut_logs(step)
                 return step
             why = one_line(error) if error else "on another rank"
+            if changed:
+                raise RunError(f"{other} does not load with this command's ({why}); remove it, "
+                               "use another --out, or --no-resume to set it aside")
             self.log(f"checkpoint {name} skipped: incomplete or damaged ({why})")
         self.cut_logs(0)
         return 0
@@ -258,13 +333,28 @@ class Folder:
         if self.world > 1:
             dist.barrier()
 
+    def largest(self, value):
+        """The largest of an integer over the ranks (a collective: every rank calls it)."""
+        if self.world == 1:
+            return int(value)
+        t = torch.tensor([int(value)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def any_rank(self, flag):
         """True when flag is true on any rank (a collective: every rank calls it)."""
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([int(bool(flag))], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return self.largest(bool(flag)) > 0
+
+
+def describe(changed):
+    """Folder.changes() in words, the first four: "key: old -> new"."""
+    parts = []
+    for key, values in list(changed.items())[:4]:
+        if values is None:
+            parts.append(key)
+        else:
+            parts.append(f"{key}: {values[0]!r} -> {values[1]!r}")
+    return ", ".join(parts)
 
 
 def write_trainer_files(tmp, write, marker):
@@ -307,11 +397,13 @@ def cut_jsonl(path, end):
 
 class Stop:
     """While training (a context), SIGINT / SIGTERM set a flag; the loop asks requested() after
-    each step (all ranks agree) and stops. The previous handlers come back afterwards."""
+    each step and stops. The ranks agree on the signal: the largest number any of them got. The
+    previous handlers come back afterwards."""
 
     def __init__(self, folder):
         self.folder = folder
-        self.signum = 0
+        self.received = 0  # the first signal this rank got
+        self.signum = 0    # the signal the ranks agreed on at the last requested()
         self.saved = {}
 
     def __enter__(self):
@@ -324,14 +416,28 @@ class Stop:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        self.signum = self.signum or signum
+        self.received = self.received or signum
 
     def requested(self):
-        return self.folder.any_rank(self.signum)
+        """The signal any rank got, agreed by all (a collective); 0 for none."""
+        self.signum = self.folder.largest(self.received)
+        return self.signum
 
     @property
     def exit_code(self):
         return 128 + (self.signum or signal.SIGTERM)
+
+    def exit_after(self, step):
+        """(every rank) Exit after checkpoint step-NNNNNNN, rank 0 saying which command continues."""
+        self.folder.log(f"train.py: stopped by signal {self.signum} after step {step}; checkpoint "
+                        f"step-{step:07d} written: {self.folder.continuing()} continues the run")
+        raise SystemExit(self.exit_code)
+
+    def exit_finished(self):
+        """(every rank) Exit after a signal that came while the finished run wrote its outputs."""
+        self.folder.log(f"train.py: signal {self.signum} arrived during the final save; the run "
+                        f"finished whole ({self.folder.out}/adapter): nothing to continue")
+        raise SystemExit(self.exit_code)
 
 
 def identity(args, keys, world):
@@ -383,3 +489,9 @@ def dump(obj, path):
 
 def one_line(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def append_jsonl(path, records):
+    """Records added to a JSON-lines log (metrics.jsonl, units.jsonl), one per line."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r, default=float) + "\n" for r in records)

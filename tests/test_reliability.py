@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,8 +82,8 @@ def test_changed_settings_or_data_are_refused(setup, tmp_path):
     run(setup, out, "--max-steps", "2", "--data", data)
     one_line_error(run(setup, out, "--max-steps", "2", "--data", data, "--batch-size", "3", check=False),
                    "batch_size: 4 -> 3")
-    one_line_error(run(setup, out, "--max-steps", "2", "--data", data, "--method", "sft", check=False),
-                   "method: 'resure' -> 'sft'")
+    one_line_error(run(setup, out, "--max-steps", "2", "--data", data, "--method", "hard", check=False),
+                   "method: 'resure' -> 'hard'")
     data.write_text(data.read_text().replace("Add", "Plus", 1))  # the same path, other content
     one_line_error(run(setup, out, "--max-steps", "2", "--data", data, check=False), "data_sha256")
     p = run(setup, out, "--max-steps", "2", "--data", data, "--allow-changed-config")  # an explicit override
@@ -280,7 +281,7 @@ def test_bad_models_and_adapters(setup, tmp_path):
     shutil.copy(setup / "tiny" / "tokenizer.json", small)
     one_line_error(cli("eval.py", "loss", "--model", small, "--data", data), "vocab_size 1000")
     # an adapter trained on one base and loaded on another with the same shapes: loaded, with a warning
-    run(setup, tmp_path / "a", "--max-steps", "1")
+    run(setup, tmp_path / "a", "--max-steps", "1", "--warmup-ratio", "0")
     torch.manual_seed(1)
     other = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(setup / "tiny"))
     shutil.copytree(setup / "tiny", tmp_path / "other")
@@ -347,7 +348,7 @@ def test_prefilter_scores_from_a_file(setup, tmp_path):
     scores = tmp_path / "scores.jsonl"
     scores.write_text("".join(json.dumps({"id": c["id"], "score": -i}) + "\n" for i, c in enumerate(convs)))
     out = tmp_path / "run"
-    p = run(setup, out, "--prefilter-keep", "0.25", "--prefilter-scores", scores, "--epochs", "1", "--batch-size", "8",
+    p = run(setup, out, "--prefilter-keep", "0.25", "--prefilter-scores", scores, "--batch-size", "8",
             "--report-top", "1000", "--max-steps", "3")
     assert f"kept 24 of {len(convs)} samples" in p.stdout
     seen = {r["id"] for r in json.loads((out / "report.json").read_text())["most_down_weighted"]}
@@ -355,3 +356,51 @@ def test_prefilter_scores_from_a_file(setup, tmp_path):
     scores.write_text("1\n2\nthree\n")
     one_line_error(run(setup, tmp_path / "r2", "--prefilter-keep", "0.5", "--prefilter-scores", scores, check=False),
                    "scores.jsonl")
+
+
+def test_checkpoints_of_two_ranks_are_never_overwritten_by_one_process(setup, tmp_path):
+    """A run of 2 ranks resumed by one process is refused in one line before training, also with
+    --allow-changed-config, and its checkpoints are left exactly as they were."""
+    out = tmp_path / "run"
+    common = ("--max-steps", "4", "--save-every", "2", "--grad-accum", "1")
+    run(setup, out, *common, "--batch-size", "2", nproc=2)
+    before = snapshot(out)
+    for extra in (("--allow-changed-config",), ()):
+        p = run(setup, out, *common, "--batch-size", "4", *extra, check=False)
+        one_line_error(p, "its checkpoints were written by 2 ranks and resume only on 2")
+        assert snapshot(out) == before
+
+
+def _rank_pid(tag, rank):
+    """The process whose environment holds TEST_TAG=tag and RANK=rank (a torchrun worker), or None."""
+    for entry in os.listdir("/proc"):
+        try:
+            env = (Path("/proc") / entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(entry)
+    return None
+
+
+def test_a_signal_to_one_rank_of_two_is_named_by_rank_0(setup, tmp_path):
+    """SIGINT to rank 1 alone: the ranks agree on the signal, so rank 0's line names signal 2 (not 0), after a step
+    whose checkpoint is there."""
+    out = tmp_path / "run"
+    tag = f"sigint-{os.getpid()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *train_args(setup, out, "--max-steps", "40", "--batch-size", "2", "--grad-accum", "1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", TEST_TAG=tag)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and steps(out / "metrics.jsonl")):
+        time.sleep(0.05)
+    rank_1 = _rank_pid(tag, 1)
+    assert rank_1 is not None
+    os.kill(rank_1, signal.SIGINT)
+    text = p.communicate(timeout=300)[0]
+    lines = [x for x in text.splitlines() if "stopped by signal" in x]
+    assert len(lines) == 1, text[-3000:]
+    assert lines[0].startswith("train.py: stopped by signal 2 after step "), lines
+    step = int(lines[0].split("after step ")[1].split(";")[0])
+    assert (out / f"step-{step:07d}").is_dir()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
-from conftest import ROOT, run
+from conftest import ROOT, run, train_args
 from lora import load_adapter
 from resure import ReSURE
 
@@ -312,8 +312,8 @@ def test_data_alone_trains_the_demo_model_with_the_paper_settings(smollm2_dir, t
     assert not args.demo
     assert args.model is None
     assert (args.lora_alpha, args.lora_dropout) == (16, 0.3)
-    run = train.main(["--data", str(f), "--out", str(tmp_path / "out"), "--max-steps", "1", "--max-len", "64",
-                      "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--method", "sft"])
+    run = train.main(["--data", str(f), "--out", str(tmp_path / "out"), "--max-steps", "1", "--warmup-ratio", "0",
+                      "--max-len", "64", "--batch-size", "1", "--grad-accum", "1", "--lora-r", "4", "--method", "sft"])
     cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == smollm2_dir
     assert (cfg["r"], cfg["lora_alpha"]) == (4, 16)
@@ -321,3 +321,230 @@ def test_data_alone_trains_the_demo_model_with_the_paper_settings(smollm2_dir, t
     assert run.net.config.hidden_size == 576
     with pytest.raises(UsageError, match=r"^--model needs --data \(the demo's data is made for its own model\)$"):
         train.parse_args(["--model", str(smollm2_dir)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The edges: requeues, changed settings, idle flags, signals
+
+def _main(setup, out, *extra):
+    """train.main in this process on the tiny setup (conftest.train_args)."""
+    import train
+    return train.main(train_args(setup, out, *extra))
+
+
+def _term_during_step(monkeypatch, index, sig=signal.SIGTERM):
+    """Send sig to this process while train_step runs the step of this 0-based index (the Stop handler is in place)."""
+    import train
+    real = train.train_step
+
+    def step(run, step):
+        if step == index:
+            os.kill(os.getpid(), sig)
+        return real(run, step)
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def test_a_stop_under_no_resume_names_the_command_that_continues_and_it_does(setup, tmp_path, monkeypatch, capsys):
+    """--no-resume starts over every time it is given, so a stopped run's line names the command that continues it:
+    the same without --no-resume. That command resumes from the checkpoint and trains the remaining steps."""
+    out = tmp_path / "run"
+    _term_during_step(monkeypatch, 1)
+    with pytest.raises(SystemExit) as stopped:
+        _main(setup, out, "--max-steps", "4", "--no-resume")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train.py:")]
+    assert lines == [f"train.py: stopped by signal {int(signal.SIGTERM)} after step 2; checkpoint step-0000002 "
+                     "written: the same command without --no-resume continues the run"]
+    monkeypatch.undo()
+    _main(setup, out, "--max-steps", "4")
+    assert "resumed from step-0000002 (step 2)" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_smaller_data_under_allow_changed_config_trains_to_the_end(setup, tmp_path, capsys):
+    """--allow-changed-config with a smaller --data: the run resumes and ends with a report of the new examples only
+    (the checkpoint's table numbers other examples), the optimizer takes the command's --beta2, and a checkpoint past
+    the run's last step is refused in one line."""
+    from support.cli import UsageError
+    small = tmp_path / "small.jsonl"
+    lines = (setup / "data" / "train_N.jsonl").read_text().splitlines()[:40]
+    small.write_text("\n".join(lines) + "\n")
+    ids = {json.loads(x)["id"] for x in lines}
+    out = tmp_path / "run"
+    _main(setup, out, "--max-steps", "2")
+    run = _main(setup, out, "--max-steps", "4", "--data", small, "--beta2", "0.9", "--allow-changed-config")
+    text = capsys.readouterr().out
+    assert "resumed from step-0000002 (step 2), written under other settings" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["most_down_weighted"]
+    assert {r["id"] for r in report["most_down_weighted"]} <= ids
+    assert max(r["sample"] for r in report["most_down_weighted"]) < 40
+    assert run.opt.param_groups[0]["betas"] == (0.9, 0.9)
+    assert json.loads((out / "run.json").read_text())["finished"]
+    with pytest.raises(UsageError, match=r"its checkpoint is at step 4, past this run's 3 steps"):
+        _main(setup, out, "--max-steps", "3", "--data", small, "--beta2", "0.9", "--allow-changed-config")
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_carries_its_settings_when_run_json_is_missing(setup, tmp_path, capsys):
+    """Without run.json, a rerun with other data and another learning rate is refused in one line naming both (the
+    checkpoints left as they were); the command that wrote them continues from them."""
+    from support.runs import RunError
+    other = tmp_path / "other.jsonl"
+    other.write_text((setup / "data" / "train_H.jsonl").read_text())
+    out = tmp_path / "run"
+    _main(setup, out, "--max-steps", "2")
+    (out / "run.json").unlink()
+    before = _tree(out)
+    with pytest.raises(RunError, match=r"holds a run with other settings \(lr: 0\.003 -> 0\.001, data_sha256: ") as e:
+        _main(setup, out, "--max-steps", "2", "--data", other, "--lr", "1e-3")
+    assert "\n" not in str(e.value)
+    assert _tree(out) == before
+    capsys.readouterr()
+    _main(setup, out, "--max-steps", "2")
+    assert "resumed from step-0000002 (step 2)\n" in capsys.readouterr().out
+
+
+def test_a_record_older_than_a_setting_takes_its_default(setup, tmp_path, capsys):
+    """A run folder written before --floor-over existed (run.json and the checkpoint without it, or a checkpoint
+    without its own record of settings) is this run when --floor-over keeps its default, and a run with other
+    settings when it does not."""
+    from support.runs import RunError
+    out = tmp_path / "run"
+    _main(setup, out, "--max-steps", "2")
+    records = [out / "run.json", out / "step-0000002" / "trainer.json", out / "step-0000002" / "COMPLETE"]
+
+    def rewrite(path, change):
+        record = json.loads(path.read_text())
+        change(record)
+        path.write_text(json.dumps(record))
+    for path in records:
+        rewrite(path, lambda r: r.get("run", {}).pop("floor_over", None))
+    assert _main(setup, out, "--max-steps", "2") is None  # finished: nothing to do
+    assert "already holds this run, finished (2 steps): nothing to do" in capsys.readouterr().out
+    for path in records[1:]:  # checkpoints older than their record of settings: run.json's
+        rewrite(path, lambda r: r.pop("run", None))
+    assert _main(setup, out, "--max-steps", "2") is None
+    with pytest.raises(RunError, match=r"other settings \(floor_over: 'all' -> 'flagged'\)"):
+        _main(setup, out, "--max-steps", "2", "--floor-over", "flagged")
+
+
+def test_the_schedule_is_transformers_cosine_with_warmup():
+    """cosine_lr against transformers.get_cosine_schedule_with_warmup, every step of three schedules."""
+    import transformers
+    import train
+    for total, warmup in ((10, 1), (7, 3), (5, 0)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        sched = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
+        want = []
+        for _ in range(total):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert [train.cosine_lr(s, total, warmup, 2e-3) for s in range(total)] == pytest.approx(want, abs=1e-15)
+
+
+def test_a_run_that_would_train_nothing_is_refused(setup, tmp_path):
+    """One optimizer step with a warm-up runs at learning rate 0: refused in one line before training, nothing
+    written; without the warm-up the one step trains every lora_B."""
+    from support.cli import UsageError
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"^the run is 1 optimizer step, which the linear warm-up \(--warmup-ratio "
+                                         r"0\.01\) takes at learning rate 0: it would train nothing"):
+        _main(setup, out, "--max-steps", "1")
+    assert not list(out.glob("step-*"))
+    assert not (out / "adapter").exists()
+    _main(setup, out, "--max-steps", "1", "--warmup-ratio", "0")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [k for k in saved if "lora_B" in k]
+    assert lora_b
+    for k in lora_b:
+        assert saved[k].abs().sum() > 0, k
+
+
+IDLE = [  # (flags, the flag that does nothing, the flag it is idle beside)
+    (["--method", "sft", "--detector", "loss+gain"], "--detector loss+gain", "--method sft"),
+    (["--gain-alpha", "3"], "--gain-alpha", "--detector loss"),
+    (["--ema-decay", "0.1"], "--ema-decay", "--stats welford"),
+    (["--stats", "mad", "--ema-decay", "0.1"], "--ema-decay", "--stats mad"),
+    (["--window", "64"], "--window", "--stats welford"),
+    (["--stats", "ema", "--window", "64"], "--window", "--stats ema"),
+    (["--method", "sft", "--floor-percentile", "10"], "--floor-percentile", "--method sft"),
+    (["--method", "hard", "--floor-percentile", "10"], "--floor-percentile", "--method hard"),
+    (["--method", "hard", "--floor-over", "flagged"], "--floor-over", "--method hard"),
+    (["--method", "sft", "--floor-over", "all"], "--floor-over", "--method sft"),
+    (["--method", "sft", "--ramp-steps", "3"], "--ramp-steps", "--method sft"),
+    (["--method", "sft", "--stats-update", "all"], "--stats-update", "--method sft"),
+    (["--prefilter-scores", "s.jsonl"], "--prefilter-scores", "--prefilter-keep 1"),
+    (["--eval-every", "5"], "--eval-every", "--eval-data"),
+    (["--epochs", "2", "--max-steps", "5"], "--epochs", "--max-steps 5"),
+    (["--demo-eval", "5"], "--demo-eval", "demo"),
+]
+LIVE = [["--detector", "loss+gain", "--gain-alpha", "3"], ["--stats", "ema", "--ema-decay", "0.1"],
+        ["--stats", "mad", "--window", "64"], ["--method", "global", "--floor-over", "flagged"],
+        ["--method", "hard", "--ramp-steps", "3"], ["--method", "sft", "--stats", "ema", "--alpha", "2"],
+        ["--prefilter-keep", "0.5", "--prefilter-scores", "s.jsonl"], ["--eval-data", "t.jsonl", "--eval-every", "5"],
+        ["--epochs", "2"], ["--method", "hard", "--detector", "loss+gain"]]
+
+
+@pytest.mark.parametrize("flags,idle,beside", IDLE)
+def test_a_flag_that_does_nothing_beside_another_is_refused(flags, idle, beside):
+    import train
+    from support.cli import UsageError
+    with pytest.raises(UsageError) as e:
+        train.parse_args(["--model", "m", "--data", "d.jsonl", *flags])
+    message = str(e.value)
+    assert message.startswith(f"{idle} does nothing "), message
+    assert beside in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("flags", LIVE)
+def test_the_same_flags_where_they_act_are_taken(flags):
+    import train
+    train.parse_args(["--model", "m", "--data", "d.jsonl", *flags])
+
+
+def test_the_demo_takes_ema_decay_and_epochs_refuse_its_max_steps():
+    """The demo's estimator is ema (its --ema-decay acts); its steps are set (--max-steps 45), so --epochs idles."""
+    import train
+    from support.cli import UsageError
+    assert train.parse_args(["--ema-decay", "0.1"]).ema_decay == 0.1
+    with pytest.raises(UsageError, match=r"^--epochs does nothing with --max-steps 45"):
+        train.parse_args(["--epochs", "2"])
+
+
+def test_a_batch_other_than_the_papers_is_said_in_one_line(setup, tmp_path, capsys):
+    """Under --model, an effective batch (batch x accumulation x ranks) other than the paper's 64 is one line naming
+    the step's batch and Eq. 6's floor's (one gathered micro-batch); the paper's 64 says nothing."""
+    _main(setup, tmp_path / "small", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "3")
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("batch:")]
+    assert lines == ["batch: 6 samples per optimizer step, the paper's 64; Eq. 6's floor is a percentile over each "
+                     "micro-batch's 2 gathered samples (the paper's 16)"]
+    _main(setup, tmp_path / "paper", "--max-steps", "2", "--batch-size", "16", "--grad-accum", "4")
+    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("batch:")]
+
+
+def test_a_signal_during_the_final_save_says_the_run_finished(setup, tmp_path, monkeypatch, capsys):
+    """SIGINT while the finished run writes its outputs: they are written whole, run.json says finished, and the one
+    line says so (exit 130); the same command then has nothing to do."""
+    from support import runs
+    real = runs.Folder.finish
+
+    def finish(folder, steps):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(folder, steps)
+    monkeypatch.setattr(runs.Folder, "finish", finish)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        _main(setup, out, "--max-steps", "2")
+    assert stopped.value.code == 130
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train.py:")]
+    assert lines == [f"train.py: signal 2 arrived during the final save; the run finished whole ({out}/adapter): "
+                     "nothing to continue"]
+    assert json.loads((out / "run.json").read_text())["finished"]
+    monkeypatch.undo()
+    assert _main(setup, out, "--max-steps", "2") is None
