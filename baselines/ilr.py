@@ -1,42 +1,53 @@
-"""Iterative Label Refinement (ILR, Ye, Laidlaw and Steinhardt, arXiv 2501.07886): spend comparison feedback on
-the training labels instead of on the model.
+"""Iterative Label Refinement (ILR, Ye, Laidlaw and Steinhardt, arXiv 2501.07886): spend
+comparison feedback on the training labels instead of on the model.
 
-    python baselines/ilr.py --model DIR --data train.jsonl --out runs/ilr --rounds 3 --max-replace 0.15 \\
-        --feedback oracle|sim:0.8|format|local:DIR|http:NAME [--naive] [training flags as in train.py]
+    python baselines/ilr.py --model DIR --data train.jsonl --out runs/ilr --rounds 3 \\
+        --max-replace 0.15 --feedback oracle|sim:0.8|format|local:DIR|http:NAME [--naive] \\
+        [--max-queries N] [training flags as in train.py]
 
 1. Round 0: SFT on the demonstrations D (every trained assistant turn is a label).
-2. Round k = 1..K: split D by dialogue into two halves (seeded by --seed and k); train a fresh SFT model on each
-   half; each proposes, greedily, a new answer for every label of the other half, with the dialogue's own earlier
-   turns (its current labels) as context.
-3. Feedback only where a proposal differs from the current label: the comparator (baselines/feedback.py) gives
-   the probability that the proposal is better, asked in both orders and averaged.
-4. A label is replaced where that probability is above 0.5, at most floor(alpha * labels) per round (--max-replace,
-   alpha = 0.15), the most confident first. --naive: replace without feedback, a random choice of the differing
-   proposals under the same cap (the control that shows what the feedback is worth).
-5. Retrain SFT from scratch on the refined D (every round with --round-models all, the paper's; only after the
-   last with last, which saves K - 1 trainings and keeps the labels identical); repeat.
+2. Round k = 1..K: split D by dialogue into two halves (seeded by --seed and k); train a fresh SFT
+   model on each half; each proposes, greedily, a new answer for every label of the other half,
+   with the dialogue's own earlier turns (its current labels) as context.
+3. Feedback only where a proposal differs from the current label: the comparator
+   (baselines/feedback.py) gives the probability that the proposal is better, asked in both orders
+   and averaged. --max-queries caps the comparator queries of the whole run (two per comparison),
+   spent round by round in label order; a proposal left without feedback is not replaced.
+4. A label is replaced where that probability is above 0.5, at most floor(alpha * labels) per
+   round (--max-replace, alpha = 0.15), the most confident first. --naive: replace without
+   feedback, a random choice of the differing proposals under the same cap (the control that
+   shows what the feedback is worth).
+5. Retrain SFT from scratch on the refined D (every round with --round-models all, the paper's;
+   only after the last with last, which saves K - 1 trainings and keeps the labels identical);
+   repeat.
 
 Writes, under OUT:
-    round-0/model/                   the SFT run on D (train.py's run folder)
+    round-0/model/          the SFT run on D (train.py's run folder)
     round-K/half-{0,1}.jsonl, half-{0,1}/   the halves and the models trained on them
-    round-K/proposals.jsonl          every differing proposal: label, proposal, p (null with --naive), replaced
-    round-K/train.jsonl              the refined D: a replaced assistant message carries "original" (the first
-                                     label, with its noise fields) and "replaced_round"; its own noise fields are
-                                     dropped, since nothing known to the method says whether the new label is noisy
-    round-K/model/                   the SFT run on the refined D
-    adapter/                         the last round's adapter (on --model, train.py's format)
-    report.json                      per round: labels, proposals, differing, compared, candidates (p > 0.5), cap,
-                                     replaced; where the data has references (evaluation only): label accuracy
-                                     before / after, fixed (wrong -> right), damaged (right -> wrong), changed
-                                     (wrong -> another wrong), proposal accuracy, the comparator's realized
-                                     accuracy; compute (see baselines/__init__.py for the contract)
+    round-K/proposals.jsonl every differing proposal: label, proposal, p (null with --naive or
+                            past --max-queries), replaced
+    round-K/train.jsonl     the refined D: a replaced assistant message carries "original" (the
+                            first label, with its noise fields) and "replaced_round"; its own noise
+                            fields are dropped, since nothing known to the method says whether the
+                            new label is noisy
+    round-K/model/          the SFT run on the refined D
+    adapter/                the last round's adapter (on --model, train.py's format)
+    report.json             per round: labels, proposals, differing, compared, over_budget,
+                            candidates (p > 0.5), cap, replaced; where the data has references
+                            (evaluation only): label accuracy before / after, fixed (wrong ->
+                            right), damaged (right -> wrong), changed (wrong -> another wrong),
+                            proposal accuracy, the comparator's realized accuracy; max_queries;
+                            compute (see baselines/__init__.py for the contract)
+The trainings are train.py's runs, resumed or reused by a rerun; proposals and feedback are
+recomputed from the trained models' files, the same on every run.
 """
+import argparse
 import copy
 import gc
 import math
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +55,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from baselines import (BaselineError, add_compute, check_inputs, cli, generate, label_accuracy,  # noqa: E402
-                       label_positions, new_compute, parser, train_run, training_args, write_json)
-from baselines.feedback import Feedback, check_references, make, realized_accuracy, reference  # noqa: E402
+from baselines import BaselineError, Progress, add_compute, check_inputs, cli  # noqa: E402
+from baselines import copy_folder, generate, label_accuracy, label_positions  # noqa: E402
+from baselines import new_compute, parser, stops_reported, train_run, trained_model  # noqa: E402
+from baselines import training_args  # noqa: E402
+from baselines.feedback import Feedback, check_references, make, realized_accuracy  # noqa: E402
+from baselines.feedback import reference  # noqa: E402
 from data import ChatTemplate  # noqa: E402
-from support.conversations import load_conversations, save_jsonl  # noqa: E402
 from eval import answer_matches  # noqa: E402
+from support.conversations import load_conversations, save_jsonl  # noqa: E402
+from support.runs import dump  # noqa: E402
 
 PROG = "baselines/ilr.py"
 
@@ -57,11 +72,13 @@ PROG = "baselines/ilr.py"
 def parse_args(argv):
     p = parser(PROG, __doc__)
     p.add_argument("--rounds", type=int, default=3, help="refinement rounds K (0: plain SFT)")
-    p.add_argument("--max-replace", type=float, default=0.15, help="alpha: at most this fraction of the labels "
-                   "replaced per round")
-    p.add_argument("--naive", action="store_true", help="replace without feedback (random choice under the cap)")
+    p.add_argument("--max-replace", type=float, default=0.15,
+                   help="alpha: at most this fraction of the labels replaced per round")
+    p.add_argument("--naive", action="store_true",
+                   help="replace without feedback (random choice under the cap)")
     p.add_argument("--round-models", choices=("all", "last"), default="all",
-                   help="retrain on the refined data every round (the paper) or only after the last one")
+                   help="retrain on the refined data every round (the paper) or only after the "
+                        "last one")
     a, rest = p.parse_known_args(argv)
     if a.rounds < 0:
         raise BaselineError(f"--rounds must be >= 0, got {a.rounds}")
@@ -69,61 +86,107 @@ def parse_args(argv):
         raise BaselineError(f"--max-replace must be in [0, 1], got {a.max_replace}")
     if a.max_new_tokens < 1 or a.gen_batch_size < 1:
         raise BaselineError("--max-new-tokens and --gen-batch-size must be >= 1")
+    if a.max_queries < 0:
+        raise BaselineError(f"--max-queries must be >= 0, got {a.max_queries}")
     if a.naive == (a.feedback is not None):
         raise BaselineError("give --feedback, or --naive (replacement without feedback), not both")
+    if a.naive and a.max_queries:
+        raise BaselineError("--max-queries needs --feedback (--naive asks no comparator)")
     return a, rest
 
 
 def halves(n, seed, k):
-    """Dialogue indices of the two halves of round k (a seeded permutation cut in the middle), each ascending."""
+    """Dialogue indices of the two halves of round k (a seeded permutation cut in the middle),
+    each ascending."""
     order = np.random.default_rng([seed, k]).permutation(n)
-    return sorted(order[:(n + 1) // 2].tolist()), sorted(order[(n + 1) // 2:].tolist())
+    middle = (n + 1) // 2
+    return sorted(order[:middle].tolist()), sorted(order[middle:].tolist())
 
 
 def propose(net, template, convs, targets, max_len, compute, args):
-    """Greedy proposals {(conversation, message): text} for the target labels; a prompt longer than the training's
-    max_len is left without one. Context: the dialogue's messages before the label (its current labels)."""
+    """Greedy proposals {(conversation, message): text} for the target labels; a prompt longer
+    than the training's max_len is left without one. Context: the dialogue's messages before the
+    label (its current labels)."""
     prompts = {t: template.encode_prompt(convs[t[0]]["messages"][:t[1]]) for t in targets}
     todo = [t for t in targets if len(prompts[t]) <= max_len]
-    texts = generate(net, template, [prompts[t] for t in todo], compute, args.gen_batch_size, args.max_new_tokens)
+    texts = generate(net, template, [prompts[t] for t in todo], compute, args.gen_batch_size,
+                     args.max_new_tokens)
     return dict(zip(todo, texts))
 
 
 def select(probs, cap, rng=None):
-    """Which differing proposals to accept: with feedback (rng None) those with p > 0.5, the most confident
-    first, at most cap; naive (probs None, rng given): a random choice of cap of them."""
+    """Which differing proposals to accept: with feedback (rng None) those with p > 0.5, the most
+    confident first, at most cap (p None: not compared); naive (rng given): a random choice of cap
+    of them."""
     if rng is not None:
         return sorted(rng.permutation(len(probs))[:cap].tolist())
-    order = sorted((i for i, p in enumerate(probs) if p > 0.5), key=lambda i: -probs[i])  # stable: ties by index
+    better = [i for i, p in enumerate(probs) if p is not None and p > 0.5]
+    order = sorted(better, key=lambda i: -probs[i])  # stable: ties by index
     return sorted(order[:cap])
 
 
+def differing_proposals(convs, targets, proposals):
+    """[((conversation, message), proposal)] where a non-empty proposal differs from the label."""
+    out = []
+    for ci, mi in targets:
+        proposal = proposals.get((ci, mi), "").strip()
+        if proposal and proposal != convs[ci]["messages"][mi]["content"].strip():
+            out.append(((ci, mi), proposals[ci, mi]))
+    return out
+
+
+def judge(feedback, convs, differing):
+    """P(proposal better than label) of each differing proposal, in order, while feedback's
+    --max-queries lasts; None for the rest (and for all with --naive's feedback None)."""
+    probs = []
+    for (ci, mi), proposal in differing:
+        if feedback is None or not feedback.can_compare():
+            probs.append(None)
+            continue
+        messages = convs[ci]["messages"]
+        probs.append(feedback.compare(messages[:mi], proposal, messages[mi]["content"],
+                                      messages[mi]))
+    return probs
+
+
+def replace_label(message, proposal, round_k):
+    """Put proposal in place of message's label; "original" keeps the first label."""
+    first = message.get("original")
+    if not first:
+        first = {k: message[k] for k in ("content", "noisy", "noise_type") if k in message}
+    for k in ("noisy", "noise_type"):
+        message.pop(k, None)
+    message.update(content=proposal, original=first, replaced_round=round_k)
+
+
 def refine(convs, proposals, feedback, alpha, round_k, rng=None):
-    """One ILR replacement step. proposals: {(conversation, message): text}. feedback: a Feedback, or None with an
-    rng for naive ILR. Returns (refined copy of convs, one record per differing proposal, counts)."""
+    """One ILR replacement step. proposals: {(conversation, message): text}. feedback: a Feedback,
+    or None with an rng for naive ILR. Returns (refined copy of convs, one record per differing
+    proposal, counts)."""
     targets = label_positions(convs)
-    differing = [(t, proposals[t]) for t in targets
-                 if proposals.get(t, "").strip() and proposals[t].strip() != convs[t[0]]["messages"][t[1]]["content"]
-                 .strip()]
-    probs = [None if feedback is None else
-             feedback.compare(convs[ci]["messages"][:mi], prop, convs[ci]["messages"][mi]["content"],
-                              convs[ci]["messages"][mi]) for (ci, mi), prop in differing]
+    differing = differing_proposals(convs, targets, proposals)
+    probs = judge(feedback, convs, differing)
     cap = math.floor(alpha * len(targets) + 1e-9)
-    chosen = set(select(probs, cap, rng) if feedback is None else select(probs, cap))
-    out, records = copy.deepcopy(convs), []
-    for i, ((ci, mi), prop) in enumerate(differing):
-        msg = out[ci]["messages"][mi]
-        records.append({"conversation": ci, "message": mi, "label": msg["content"], "proposal": prop,
-                        "p": probs[i], "replaced": i in chosen})
+    chosen = set(select(probs, cap, rng))
+    out = copy.deepcopy(convs)
+    records = []
+    for i, ((ci, mi), proposal) in enumerate(differing):
+        message = out[ci]["messages"][mi]
+        records.append({"conversation": ci, "message": mi, "label": message["content"],
+                        "proposal": proposal, "p": probs[i], "replaced": i in chosen})
         if i in chosen:
-            first = msg.get("original") or {k: msg[k] for k in ("content", "noisy", "noise_type") if k in msg}
-            for k in ("noisy", "noise_type"):
-                msg.pop(k, None)
-            msg.update(content=prop, original=first, replaced_round=round_k)
-    counts = {"labels": len(targets), "proposed": sum(bool(proposals.get(t, "").strip()) for t in targets),
-              "differing": len(differing), "compared": 0 if feedback is None else len(differing),
-              "candidates": len(differing) if feedback is None else sum(p > 0.5 for p in probs), "cap": cap,
-              "replaced": len(chosen)}
+            replace_label(message, proposal, round_k)
+    compared = sum(p is not None for p in probs)
+    candidates = len(differing)
+    if feedback is not None:
+        candidates = sum(p is not None and p > 0.5 for p in probs)
+    over_budget = 0
+    if feedback is not None:
+        over_budget = len(differing) - compared
+    counts = {"labels": len(targets),
+              "proposed": sum(bool(proposals.get(t, "").strip()) for t in targets),
+              "differing": len(differing), "compared": compared, "over_budget": over_budget,
+              "candidates": candidates, "cap": cap, "replaced": len(chosen)}
     return out, records, counts
 
 
@@ -133,24 +196,58 @@ def is_right(text, turn):
 
 
 def label_changes(before, after, records, proposals):
-    """Evaluation of one round against the references (None without them): accuracy before / after, fixed,
-    damaged, changed (wrong -> another wrong), the proposals' accuracy, the comparator's realized accuracy."""
-    acc0, acc1 = label_accuracy(before), label_accuracy(after)
-    if acc0 is None:
+    """Evaluation of one round against the references (None without them): accuracy before /
+    after, fixed, damaged, changed (wrong -> another wrong), the proposals' accuracy, the
+    comparator's realized accuracy."""
+    accuracy_before = label_accuracy(before)
+    if accuracy_before is None:
         return None
-    moved = [(before[r["conversation"]]["messages"][r["message"]], r) for r in records if r["replaced"]]
-    right = [is_right(r["label"], turn) for turn, r in moved], [is_right(r["proposal"], turn) for turn, r in moved]
-    props = [is_right(text, before[ci]["messages"][mi]) for (ci, mi), text in proposals.items() if text.strip()
-             and reference(before[ci]["messages"][mi]) is not None]
-    fixable = sum(is_right(r["proposal"], before[r["conversation"]]["messages"][r["message"]]) and
-                  not is_right(r["label"], before[r["conversation"]]["messages"][r["message"]]) for r in records)
-    return {"label_accuracy_before": acc0, "label_accuracy_after": acc1,
-            "fixed": sum(p and not x for x, p in zip(*right)), "damaged": sum(x and not p for x, p in zip(*right)),
-            "changed": sum(not x and not p for x, p in zip(*right)),
-            "proposal_accuracy": sum(props) / len(props) if props else None,
-            "fixable": fixable,  # differing proposals that were right where the label was wrong
-            "comparator": realized_accuracy([(before[r["conversation"]]["messages"][r["message"]], r["proposal"],
-                                              r["label"], r["p"]) for r in records if r["p"] is not None])}
+    counts = {"fixed": 0, "damaged": 0, "changed": 0, "fixable": 0}
+    decisions = []
+    for r in records:
+        turn = before[r["conversation"]]["messages"][r["message"]]
+        label_right = is_right(r["label"], turn)
+        proposal_right = is_right(r["proposal"], turn)
+        # differing proposals that were right where the label was wrong
+        counts["fixable"] += proposal_right and not label_right
+        if r["replaced"]:
+            counts["fixed"] += proposal_right and not label_right
+            counts["damaged"] += label_right and not proposal_right
+            counts["changed"] += not label_right and not proposal_right
+        if r["p"] is not None:
+            decisions.append((turn, r["proposal"], r["label"], r["p"]))
+    right = []
+    for (ci, mi), text in proposals.items():
+        turn = before[ci]["messages"][mi]
+        if text.strip() and reference(turn) is not None:
+            right.append(is_right(text, turn))
+    proposal_accuracy = None
+    if right:
+        proposal_accuracy = sum(right) / len(right)
+    return {"label_accuracy_before": accuracy_before,
+            "label_accuracy_after": label_accuracy(after), **counts,
+            "proposal_accuracy": proposal_accuracy,
+            "comparator": realized_accuracy(decisions)}
+
+
+@dataclass
+class ILRRun:
+    """One ILR run as main sets it up; the rounds read it."""
+    args: argparse.Namespace        # ILR's own flags
+    train_argv: list[str]           # the training flags as training_args gives them
+    train_args: argparse.Namespace  # the same, parsed by train.py
+    out: Path
+    template: ChatTemplate
+    targets: list[tuple[int, int]]  # every label's (conversation, message)
+    feedback: Feedback | None       # None: --naive
+    progress: Progress              # what a signal's line names
+
+    def train(self, data, run_dir, compute):
+        """train_run into run_dir, the progress told before and after."""
+        name = self.progress.name(run_dir)
+        self.progress.start(f"training {name}", run_dir)
+        train_run(self.train_argv, data, run_dir, compute, log=log)
+        self.progress.done(run_dir)
 
 
 def main(argv=None):
@@ -158,66 +255,125 @@ def main(argv=None):
     t_start = time.time()
     a, rest = parse_args(sys.argv[1:] if argv is None else argv)
     check_inputs(a.model, a.data)
-    base_argv, targs = training_args(a.model, a.data, rest)
+    train_argv, targs = training_args(a.model, a.data, rest)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     convs = load_conversations(a.data, on_bad_sample=targs.on_bad_sample)
     targets = label_positions(convs)
     if len(convs) < 2 or not targets:
-        raise BaselineError(f"--data {a.data}: ILR needs at least two conversations with a trained assistant turn")
-    feedback = None if a.naive else Feedback(make(a.feedback, targs.seed, str(out)))
-    if feedback:
+        raise BaselineError(f"--data {a.data}: ILR needs at least two conversations with a "
+                            "trained assistant turn")
+    feedback = None
+    if not a.naive:
+        feedback = Feedback(make(a.feedback, targs.seed, str(out)), a.max_queries)
         check_references(convs, targets, feedback, a.data)
     template = ChatTemplate.from_pretrained(a.model, name=targs.chat_template)
-    compute = new_compute()
-    rounds = [{"round": 0, "labels": len(targets), "label_accuracy": label_accuracy(convs), "compute": new_compute()}]
+    with stops_reported(Progress(out)) as progress:
+        run = ILRRun(a, train_argv, targs, out, template, targets, feedback, progress)
+        report = refine_and_train(run, convs)
+        report["seconds"] = round(time.time() - t_start, 1)
+        progress.start("writing report.json")
+        dump(report, str(out / "report.json"))
+    log(f"done in {report['seconds']:.0f} s, {report['compute']['comparisons']} comparator "
+        f"queries: adapter {out / 'adapter'}, report {out / 'report.json'}")
+    return report
+
+
+def refine_and_train(run, convs):
+    """Round 0 and the K rounds; the last model's adapter copied to OUT/adapter. Returns the
+    report (without its seconds)."""
+    a = run.args
+    rounds = [{"round": 0, "labels": len(run.targets), "label_accuracy": label_accuracy(convs),
+               "compute": new_compute()}]
     last = None
     if a.rounds == 0 or a.round_models == "all":
-        last = out / "round-0" / "model"
-        train_run(base_argv, a.data, last, rounds[0]["compute"], log=log)  # kept only as files
+        last = run.out / "round-0" / "model"
+        run.train(a.data, last, rounds[0]["compute"])
     for k in range(1, a.rounds + 1):
-        t0, rc, d = time.time(), new_compute(), out / f"round-{k}"
-        d.mkdir(parents=True, exist_ok=True)
-        queries0, tokens0 = (feedback.queries, feedback.forward_tokens) if feedback else (0, 0)
-        parts, proposals = halves(len(convs), targs.seed, k), {}
-        for j, part in enumerate(parts):
-            save_jsonl([convs[i] for i in part], d / f"half-{j}.jsonl")
-        for j, part in enumerate(parts):
-            net = train_run(base_argv, d / f"half-{j}.jsonl", d / f"half-{j}", rc, log=log)
-            other = set(parts[1 - j])
-            proposals.update(propose(net, template, convs, [t for t in targets if t[0] in other], targs.max_len, rc, a))
-            del net  # before the next model is built
-            gc.collect()
-        rng = np.random.default_rng([targs.seed, k, 1]) if a.naive else None
-        refined, records, counts = refine(convs, proposals, feedback, a.max_replace, k, rng)
-        if feedback:
-            add_compute(rc, {"comparisons": feedback.queries - queries0,
-                             "forward_tokens": feedback.forward_tokens - tokens0})
-        save_jsonl(records, d / "proposals.jsonl")
-        save_jsonl(refined, d / "train.jsonl")
-        row = {"round": k, **counts, **(label_changes(convs, refined, records, proposals) or {})}
-        convs = refined
-        if a.round_models == "all" or k == a.rounds:
-            last = d / "model"
-            train_run(base_argv, d / "train.jsonl", last, rc, log=log)
-        row.update(compute=rc, seconds=round(time.time() - t0, 1))
+        convs, row = refinement_round(run, convs, k)
         rounds.append(row)
-        log(f"round {k}: {counts['differing']} of {counts['labels']} proposals differ, {counts['replaced']} replaced"
-            + (f"; label accuracy {row['label_accuracy_before']:.3f} -> {row['label_accuracy_after']:.3f} "
-               f"(fixed {row['fixed']}, damaged {row['damaged']})" if "fixed" in row else ""))
+        if a.round_models == "all" or k == a.rounds:
+            last = run.out / f"round-{k}" / "model"
+    run.progress.start("copying the last model's adapter")
+    copy_folder(last / "adapter", run.out / "adapter")
+    compute = new_compute()
     for r in rounds:
         add_compute(compute, r["compute"])
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    shutil.copytree(last / "adapter", out / "adapter")
-    accs = [rounds[0]["label_accuracy"]] + [r.get("label_accuracy_after") for r in rounds[1:]]
-    report = {"method": "ilr-naive" if a.naive else "ilr", "feedback": a.feedback, "model": a.model, "data": a.data,
-              "rounds": a.rounds, "max_replace": a.max_replace, "round_models": a.round_models,
-              "label_accuracy": None if accs[0] is None else accs,
-              "comparator": total_comparator(rounds), "per_round": rounds, "compute": compute, "final_model": str(last), "adapter": str(out / "adapter"),
-              "seconds": round(time.time() - t_start, 1)}
-    write_json(report, out / "report.json")
-    log(f"done in {report['seconds']:.0f} s: adapter {out / 'adapter'}, report {out / 'report.json'}")
-    return report
+    accuracies = [rounds[0]["label_accuracy"]]
+    accuracies += [r.get("label_accuracy_after") for r in rounds[1:]]
+    if accuracies[0] is None:
+        accuracies = None
+    method = "ilr"
+    if a.naive:
+        method = "ilr-naive"
+    return {"method": method, "feedback": a.feedback, "model": a.model, "data": a.data,
+            "rounds": a.rounds, "max_replace": a.max_replace, "round_models": a.round_models,
+            "max_queries": a.max_queries, "label_accuracy": accuracies,
+            "comparator": total_comparator(rounds), "per_round": rounds, "compute": compute,
+            "final_model": str(last), "adapter": str(run.out / "adapter")}
+
+
+def refinement_round(run, convs, k):
+    """Round k: the halves' models propose, the feedback picks, the labels are replaced (and the
+    round's model trained). Returns (the refined conversations, the round's row)."""
+    t0 = time.time()
+    compute = new_compute()
+    folder = run.out / f"round-{k}"
+    folder.mkdir(parents=True, exist_ok=True)
+    feedback = run.feedback
+    queries0 = 0
+    tokens0 = 0
+    if feedback:
+        queries0 = feedback.queries
+        tokens0 = feedback.forward_tokens
+    parts = halves(len(convs), run.train_args.seed, k)
+    for j, part in enumerate(parts):
+        save_jsonl([convs[i] for i in part], folder / f"half-{j}.jsonl")
+    proposals = {}
+    for j, part in enumerate(parts):
+        proposals.update(propose_from_half(run, convs, folder, j, parts[1 - j], compute))
+    rng = None
+    if feedback is None:
+        rng = np.random.default_rng([run.train_args.seed, k, 1])
+    run.progress.start(f"judging round {k}'s proposals")
+    refined, records, counts = refine(convs, proposals, feedback, run.args.max_replace, k, rng)
+    if feedback:
+        add_compute(compute, {"comparisons": feedback.queries - queries0,
+                              "forward_tokens": feedback.forward_tokens - tokens0})
+    save_jsonl(records, folder / "proposals.jsonl")
+    save_jsonl(refined, folder / "train.jsonl")
+    run.progress.done(folder / "train.jsonl")
+    row = {"round": k, **counts, **(label_changes(convs, refined, records, proposals) or {})}
+    if run.args.round_models == "all" or k == run.args.rounds:
+        run.train(folder / "train.jsonl", folder / "model", compute)
+    row.update(compute=compute, seconds=round(time.time() - t0, 1))
+    log_round(k, counts, row)
+    return refined, row
+
+
+def propose_from_half(run, convs, folder, j, other_part, compute):
+    """Train on half j of round `folder`, then propose labels for the other half's dialogues."""
+    run_dir = folder / f"half-{j}"
+    run.train(folder / f"half-{j}.jsonl", run_dir, compute)
+    run.progress.start(f"proposing labels with {run.progress.name(run_dir)}")
+    net = trained_model(run.args.model, run_dir, run.train_args.dtype)
+    other = set(other_part)
+    targets = [t for t in run.targets if t[0] in other]
+    proposals = propose(net, run.template, convs, targets, run.train_args.max_len, compute,
+                        run.args)
+    del net  # before the next model is built
+    gc.collect()
+    return proposals
+
+
+def log_round(k, counts, row):
+    line = (f"round {k}: {counts['differing']} of {counts['labels']} proposals differ, "
+            f"{counts['replaced']} replaced")
+    if "fixed" in row:
+        line += (f"; label accuracy {row['label_accuracy_before']:.3f} -> "
+                 f"{row['label_accuracy_after']:.3f} (fixed {row['fixed']}, damaged "
+                 f"{row['damaged']})")
+    log(line)
 
 
 def log(message):
@@ -225,13 +381,16 @@ def log(message):
 
 
 def total_comparator(rounds):
-    """The comparator's realized accuracy summed over the rounds (None without references or feedback)."""
+    """The comparator's realized accuracy summed over the rounds (None without references or
+    feedback)."""
     rows = [r["comparator"] for r in rounds if r.get("comparator")]
     if not rows:
         return None
-    tot = {k: sum(r[k] for r in rows) for k in ("informative", "right", "wrong", "tie")}
-    tot["accuracy"] = tot["right"] / tot["informative"] if tot["informative"] else None
-    return tot
+    total = {k: sum(r[k] for r in rows) for k in ("informative", "right", "wrong", "tie")}
+    total["accuracy"] = None
+    if total["informative"]:
+        total["accuracy"] = total["right"] / total["informative"]
+    return total
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""DPO (baselines/dpo.py): the loss and its gradient against a hand computation on a tiny float64 model (with
-transformers + PEFT as the oracle and a finite difference), pair building on stub samples, and the CLI end to end
-on a tiny random llama."""
+"""DPO (baselines/dpo.py): the loss and its gradient against a hand computation on a tiny float64
+model (with transformers + PEFT as the oracle and a finite difference), pair building on stub
+samples and the query budget, the CLI end to end on a tiny random llama, the trained policy's
+summary by hand, and interruptions."""
 import json
 import math
 import os
@@ -22,28 +23,35 @@ from eval import load
 from lora import apply_lora, lora_modules, save_adapter
 from resure import ReSURE
 from conftest import tiny_setup
+from support.conversations import load_conversations
+from test_ilr import check_same, reference_run, stop_and_rerun, stop_points, stops
+from test_ilr import written_in_place
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A float64 llama with a 64-token vocabulary (transformers writes it; ours and PEFT read it)."""
+    """A float64 llama with a 64-token vocabulary (transformers writes it; ours and PEFT read
+    it)."""
     import transformers
     d = tmp_path_factory.mktemp("dpo_small")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False,
                                    initializer_range=0.3)
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 
 
 def pair_batch():
-    """Two pairs of token sequences; only the final reply of each is supervised (labels = ids there)."""
+    """Two pairs of token sequences; only the final reply of each is supervised (labels = ids
+    there)."""
     g = torch.Generator().manual_seed(1)
     rows = []
-    for prompt_len, reply_len in ((5, 4), (7, 3), (5, 6), (7, 2)):  # chosen 0, chosen 1, rejected 0, rejected 1
+    # chosen 0, chosen 1, rejected 0, rejected 1
+    for prompt_len, reply_len in ((5, 4), (7, 3), (5, 6), (7, 2)):
         ids = torch.randint(0, 64, (prompt_len + reply_len,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:],
                      "turn_ids": [0] * prompt_len + [1] * reply_len})
@@ -65,7 +73,8 @@ def dpo_run(net, objective, examples):
     return train.Run(args=args, rank=0, world=1, device=torch.device("cpu"), objective=objective,
                      net=net, template=None, autocast=nullcontext(), rs=ReSURE(mode="sft"),
                      examples=examples, eval_examples=None, params=params,
-                     opt=torch.optim.AdamW(params), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                     opt=torch.optim.AdamW(params),
+                     scaler=torch.amp.GradScaler("cpu", enabled=False),
                      ddp=train.TokenLoss(net), sampler=sampler, total=1, warmup=0)
 
 
@@ -78,8 +87,10 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
     net.double()  # the adapter too (it is fp32 by default), so every product below is float64
     torch.manual_seed(2)
     with torch.no_grad():
-        for m in lora_modules(net).values():  # B != 0: the policy differs from the reference; values on the fp32
-            m.lora_B.weight.normal_(0, 0.2)   # grid, so that the (fp32) adapter file PEFT reads is exact
+        # B != 0: the policy differs from the reference; values on the fp32 grid, so that the
+        # (fp32) adapter file PEFT reads is exact
+        for m in lora_modules(net).values():
+            m.lora_B.weight.normal_(0, 0.2)
             for w in (m.lora_A.weight, m.lora_B.weight):
                 w.copy_(w.float().double())
     net.train()
@@ -92,7 +103,8 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
     loss.backward()
     ours = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
 
-    # the oracle: transformers in float64, with our adapter read by PEFT; log-probs written out by hand
+    # the oracle: transformers in float64, with our adapter read by PEFT; log-probs written out by
+    # hand
     save_adapter(net, tmp_path / "ad", str(small))
     hf = transformers.LlamaForCausalLM.from_pretrained(small, dtype=torch.float64)
     pm = peft.PeftModel.from_pretrained(hf, tmp_path / "ad", is_trainable=True).double()
@@ -100,9 +112,11 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
     pi = [hand_logp(pm(torch.tensor([r["input_ids"]])).logits[0], r) for r in rows]
     with torch.no_grad(), pm.disable_adapter():
         ref = [hand_logp(pm(torch.tensor([r["input_ids"]])).logits[0], r) for r in rows]
-    hand = [-torch.nn.functional.logsigmoid(beta * ((pi[i] - ref[i]) - (pi[i + 2] - ref[i + 2]))) for i in (0, 1)]
-    # model.token_losses returns fp32 per-token losses (the core's contract), so agreement is to fp32 precision:
-    # the log-ratios are differences of sums of ~20 nats, whose fp32 rounding is ~1e-6 nats
+    margins = [beta * ((pi[i] - ref[i]) - (pi[i + 2] - ref[i + 2])) for i in (0, 1)]
+    hand = [-torch.nn.functional.logsigmoid(m) for m in margins]
+    # model.token_losses returns fp32 per-token losses (the core's contract), so agreement is to
+    # fp32 precision: the log-ratios are differences of sums of ~20 nats, whose fp32 rounding is
+    # ~1e-6
     assert unit_losses.tolist() == pytest.approx([float(h.detach()) for h in hand], rel=1e-5)
     assert weights.tolist() == [1.0, 1.0]
     mean = (hand[0] + hand[1]) / 2
@@ -126,11 +140,13 @@ def test_dpo_loss_and_gradient_against_hand_computation(small, tmp_path):
             w[i, j] -= s * h
     assert (vals[0] - vals[1]) / (2 * h) == pytest.approx(float(ours[name][i, j]), rel=1e-3)
 
-    # a fresh adapter (B = 0) is the reference itself: the loss is log 2 and the history says margin 0
+    # a fresh adapter (B = 0) is the reference itself: the loss is log 2 and the history says
+    # margin 0
     with torch.no_grad():
         for m in lora_modules(net).values():
             m.lora_B.weight.zero_()
-    assert float(obj.loss(run, b, 0, (2, 15))[0]) == pytest.approx(math.log(2), abs=1e-7)  # log 2 in fp32
+    fresh = float(obj.loss(run, b, 0, (2, 15))[0])
+    assert fresh == pytest.approx(math.log(2), abs=1e-7)  # log 2 in fp32
     assert obj.history[-1]["margin"] == 0
     assert obj.history[-1]["reward_accuracy"] == 0
 
@@ -143,7 +159,8 @@ class ThreeTokensAMessage:
 
 
 def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch):
-    conv = {"messages": [{"role": "user", "content": "Keep a counter and reply with its value only. Start at 5."},
+    start = "Keep a counter and reply with its value only. Start at 5."
+    conv = {"messages": [{"role": "user", "content": start},
                          {"role": "assistant", "content": "5", "reference": "5"},
                          {"role": "user", "content": "Add 2."},
                          {"role": "assistant", "content": "8", "reference": "7"}]}
@@ -153,11 +170,13 @@ def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch)
         return [next(it) for _ in prompts]
     monkeypatch.setattr(dpo, "generate", generate)
     tpl = ThreeTokensAMessage()
-    args = SimpleNamespace(samples=2, gen_batch_size=4, max_new_tokens=4, temperature=1.0, top_p=1.0,
-                           max_comparisons=0)
+    args = SimpleNamespace(samples=2, gen_batch_size=4, max_new_tokens=4, temperature=1.0,
+                           top_p=1.0)
+    targets = [(0, 1), (0, 3)]
     fb = Feedback(Oracle())
-    it = iter(["5", "6", "9", "9"])  # turn 1: one right, one wrong; turn 2: one distinct answer, no pair
-    pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb, args, 100, 0, {})
+    # turn 1: one right, one wrong; turn 2: one distinct answer, no pair
+    it = iter(["5", "6", "9", "9"])
+    pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], targets, fb, args, 100, 0, {})
     assert counts["pairs"] == 1
     assert counts["compared"] == 1
     assert counts["with_two_distinct"] == 1
@@ -167,42 +186,39 @@ def test_sample_pairs_drops_identical_and_ties_and_keeps_the_budget(monkeypatch)
     assert pairs[0]["messages"][:-1] == conv["messages"][:1]
     assert fb.queries == 2
     args.samples = 3
-    it = iter(["5", "6", "5", "9", "7", "8"])  # turn 1: 5, 6 (5 again dropped); turn 2: 9, 7, 8 -> 3 pairs
-    pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb, args, 100, 0, {})
+    # turn 1: 5, 6 (5 again dropped); turn 2: 9, 7, 8 -> 3 pairs
+    it = iter(["5", "6", "5", "9", "7", "8"])
+    pairs, counts, decisions, _ = sample_pairs(None, tpl, [conv], targets, fb, args, 100, 0, {})
     assert counts["compared"] == 4
     assert counts["ties"] == 1
     assert counts["pairs"] == 3  # 9 vs 8: both wrong
-    assert sorted((p["messages"][-1]["content"], p["rejected"]) for p in pairs) == [("5", "6"), ("7", "8"),
-                                                                                     ("7", "9")]
-    fb2 = Feedback(Oracle())
-    args.max_comparisons = 4  # two pairs' worth of queries
+    chosen_rejected = sorted((p["messages"][-1]["content"], p["rejected"]) for p in pairs)
+    assert chosen_rejected == [("5", "6"), ("7", "8"), ("7", "9")]
+    fb2 = Feedback(Oracle(), max_queries=4)  # two pairs' worth of queries
     it = iter(["5", "6", "5", "9", "7", "8"])
-    pairs, counts, _, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], fb2, args, 100, 0, {})
+    pairs, counts, _, _ = sample_pairs(None, tpl, [conv], targets, fb2, args, 100, 0, {})
     assert fb2.queries == 4
     assert counts["compared"] == 2
     assert counts["over_budget"] == 2
     it = iter(["5", "6", "7"])
-    _, counts, _, _ = sample_pairs(None, tpl, [conv], [(0, 1), (0, 3)], Feedback(Oracle()), args, 8, 0, {})
+    _, counts, _, _ = sample_pairs(None, tpl, [conv], targets, Feedback(Oracle()), args, 8, 0, {})
     assert counts["too_long"] == 1  # the turn-2 prompt (9 ids) is over max_len 8
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    return tiny_setup(tmp_path_factory.mktemp("dpo"), smollm2_dir, n_train=12, n_test=2, max_turns=3)
+    return tiny_setup(tmp_path_factory.mktemp("dpo"), smollm2_dir, n_train=12, n_test=2,
+                      max_turns=3)
 
 
 def test_cli_end_to_end(tiny):
-    """SFT, pairs judged by the tiny model itself (local:DIR: every sample is garbage, so only a real judge gives
-    preferences), DPO on the merged SFT model; the stacked adapter equals the two stages; the first DPO step's
-    loss is log 2 (policy = reference)."""
+    """SFT, pairs judged by the tiny model itself (local:DIR: every sample is garbage, so only a
+    real judge gives preferences), DPO on the merged SFT model; the stacked adapter equals the two
+    stages; the first DPO step's loss is log 2 (policy = reference)."""
     out = tiny / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "baselines/dpo.py", "--model", str(tiny / "tiny"), "--data",
-                        str(tiny / "data" / "train_L.jsonl"), "--out", str(out), "--feedback", f"local:{tiny / 'tiny'}",
-                        "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--max-len", "128",
-                        "--lora-r", "4", "--lora-alpha", "8", "--lr", "3e-3", "--max-new-tokens", "4", "--log-every",
-                        "1", "--dpo-lr", "1e-2", "--dpo-max-steps", "3"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run([sys.executable, "baselines/dpo.py", *dpo_argv(tiny, out), "--log-every",
+                        "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rep = json.loads((out / "report.json").read_text())
     pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
@@ -229,8 +245,8 @@ def test_cli_end_to_end(tiny):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 8
     assert cfg["lora_alpha"] == 8
-    stacked, _ = load(tiny / "tiny", out / "adapter")                  # eval.py reads it on the base model
-    two, _ = load(out / "sft-merged", out / "dpo" / "adapter")          # the two stages as trained
+    stacked, _ = load(tiny / "tiny", out / "adapter")  # eval.py reads it on the base model
+    two, _ = load(out / "sft-merged", out / "dpo" / "adapter")  # the two stages as trained
     sft, _ = load(tiny / "tiny", out / "sft" / "adapter")
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -244,11 +260,90 @@ def test_errors_are_one_line(tiny):
     p = subprocess.run([sys.executable, "baselines/dpo.py", *base, "--samples", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
-    assert p.stderr.strip() == \
-        "baselines/dpo.py: error: --samples must be >= 2 (a pair needs two answers), got 1", p.stderr
-    for args, needle in [(["--method", "resure"], "--method other than sft"), (["--beta", "0"], "--beta"),
-                         (["--temperature", "0"], "--temperature"), (["--sft-adapter", str(tiny)], "--sft-adapter"),
-                         (["--prefilter-keep", "0.5"], "--prefilter-keep")]:
+    said = "baselines/dpo.py: error: --samples must be >= 2 (a pair needs two answers), got 1"
+    assert p.stderr.strip() == said, p.stderr
+    for args, needle in [(["--method", "resure"], "--method other than sft"),
+                         (["--beta", "0"], "--beta"), (["--temperature", "0"], "--temperature"),
+                         (["--sft-adapter", str(tiny)], "--sft-adapter"),
+                         (["--prefilter-keep", "0.5"], "--prefilter-keep"),
+                         (["--max-queries", "-2"], "--max-queries >= 0")]:
         with pytest.raises(ValueError, match=needle) as e:
             dpo.main([*base, *args])
         assert "\n" not in str(e.value)
+    # --max-comparisons is another spelling of the same budget
+    assert dpo.parse_args([*base, "--max-comparisons", "6"])[0].max_queries == 6
+
+
+# -------------------------------------------------------------------------------------------------
+# Interruptions (helpers in tests/test_ilr.py)
+
+DPO_TRAIN = ["--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--max-len", "128",
+             "--lora-r", "4", "--lora-alpha", "8", "--lr", "3e-3", "--max-new-tokens", "4",
+             "--dpo-lr", "1e-2", "--dpo-max-steps", "3"]
+DPO_FILES = ["pairs.jsonl", "dpo/adapter/adapter_model.safetensors",
+             "adapter/adapter_model.safetensors"]
+
+
+def dpo_argv(tiny, out):
+    return ["--model", str(tiny / "tiny"), "--data", str(tiny / "data" / "train_L.jsonl"),
+            "--out", str(out), "--feedback", f"local:{tiny / 'tiny'}", *DPO_TRAIN]
+
+
+@pytest.fixture(scope="module")
+def dpo_reference(tiny):
+    out = tiny / "reference"
+    return reference_run(dpo.main, dpo_argv(tiny, out), out, DPO_FILES)
+
+
+def test_every_file_is_written_whole(dpo_reference):
+    assert written_in_place(dpo_reference.opened, dpo_reference.out) == []
+
+
+@pytest.mark.parametrize("point", range(3))
+def test_a_stop_at_any_write_is_one_line_and_the_same_command_ends_as_uninterrupted(
+        tiny, dpo_reference, capsys, monkeypatch, point):
+    """A stop at the first write, half way and at the last; the local judge's cache keeps what
+    it was asked, and the rerun counts the same work."""
+    n = stop_points(dpo_reference, 3)[point]
+    out = tiny / f"stopped-{point}"
+    argv = dpo_argv(tiny, out)
+    stop_and_rerun(dpo.main, dpo.PROG, argv, out, stops(3)[point], capsys, monkeypatch, n=n)
+    check_same(out, DPO_FILES, dpo_reference.outcome)
+
+
+@pytest.mark.slow
+def test_a_stop_at_every_third_write_ends_as_uninterrupted(tiny, dpo_reference, capsys,
+                                                           monkeypatch):
+    for i, n in enumerate(range(1, len(dpo_reference.renames) + 1, 3)):
+        out = tiny / f"every-{n}"
+        argv = dpo_argv(tiny, out)
+        stop_and_rerun(dpo.main, dpo.PROG, argv, out, stops(2)[i % 2], capsys, monkeypatch, n=n)
+        check_same(out, DPO_FILES, dpo_reference.outcome)
+
+
+def test_training_summary_is_the_trained_policy_on_its_pairs(tiny, dpo_reference):
+    """report.json's "training" against log-probabilities written out from the logits of the
+    merged SFT model (the reference) and of it with the DPO adapter (the policy)."""
+    out = dpo_reference.out
+    training = json.loads((out / "report.json").read_text())["training"]
+    template = load(out / "sft-merged")[1]
+    args = SimpleNamespace(max_len=128, data="pairs.jsonl")
+    examples, _ = DPOLoss().examples(load_conversations(out / "pairs.jsonl"), template, args)
+    logps = []
+    for adapter in (None, out / "dpo" / "adapter"):
+        net = load(out / "sft-merged", adapter)[0]
+        rows = []
+        with torch.no_grad():
+            for e in examples:
+                for row in (e["chosen"], e["rejected"]):
+                    logits = net(torch.tensor([row["input_ids"]]))[0].double()
+                    rows.append(float(hand_logp(logits, row)))
+        logps.append(rows)
+    ref, pi = logps
+    margins = [0.1 * ((pi[i] - ref[i]) - (pi[i + 1] - ref[i + 1])) for i in range(0, len(pi), 2)]
+    assert training["pairs"] == len(examples) > 0
+    assert training["margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-5)
+    wins = sum(m > 0 for m in margins) / len(margins)
+    assert training["reward_accuracy"] == pytest.approx(wins)
+    losses = [math.log1p(math.exp(-m)) for m in margins]
+    assert training["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)

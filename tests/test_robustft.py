@@ -1,8 +1,10 @@
-"""baselines/robustft.py: the checker, retrieval, entropy and selection against hand computations; the refined
-conversations; the whole CLI on a tiny random llama, both detectors; one-line errors."""
+"""baselines/robustft.py: the checker, retrieval, entropy and selection against hand computations;
+the refined conversations; the whole CLI on a tiny random llama, both detectors; one-line errors;
+interruptions, signals and a torn refinement record."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +13,21 @@ import numpy as np
 import pytest
 import torch
 
+import train
+from baselines import new_compute
 from baselines import robustft as R
 from data import ChatTemplate, build_examples
 from support.conversations import load_conversations
 from model import Transformer
 from conftest import tiny_setup
+from test_ilr import REAL_REPLACE, StopAtWrite, as_command, check_same, check_stop_line
+from test_ilr import reference_run, stop_and_rerun, stop_points, stops, written_in_place
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-SMALL = ["--reflect", "2", "--max-new-tokens", "4", "--reason-tokens", "6", "--max-steps", "2", "--batch-size", "16",
-         "--grad-accum", "1", "--max-len", "128", "--lora-r", "4", "--lora-alpha", "8", "--log-every", "1"]
+SMALL = ["--reflect", "2", "--max-new-tokens", "4", "--reason-tokens", "6", "--max-steps", "2",
+         "--batch-size", "16", "--grad-accum", "1", "--max-len", "128", "--lora-r", "4",
+         "--lora-alpha", "8", "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,10 @@ def test_nearest_neighbours_by_cosine():
     pool = [[1, 0], [0, 1], [1, 1], [-1, 0]]
     # cosines of (2, 1): 2/sqrt5 = .894, 1/sqrt5 = .447, 3/sqrt10 = .949, -.894
     assert R.nearest([[2, 1]], pool, 3) == [[2, 0, 1]]
-    assert R.nearest([[2, 1]], pool, 3, [7], [0, 0, 7, 0]) == [[0, 1, 3]]  # pool 2 is of the query's dialogue
-    assert R.nearest([[1, 1], [0, -1]], pool, 2) == [[2, 0], [0, 3]]  # a tie (.707, .707): the lower index first
+    # pool 2 is of the query's dialogue
+    assert R.nearest([[2, 1]], pool, 3, [7], [0, 0, 7, 0]) == [[0, 1, 3]]
+    # a tie (.707, .707): the lower index first
+    assert R.nearest([[1, 1], [0, -1]], pool, 2) == [[2, 0], [0, 3]]
     assert R.nearest([[1, 1]], pool, 9) == [[2, 0, 1, 3]]  # k larger than the pool
     assert R.nearest([[1, 1]], np.zeros((0, 2)), 3) == [[]]  # no clean turn at all
     assert R.nearest(np.zeros((0, 2)), pool, 3) == []
@@ -70,7 +79,8 @@ def test_entropy_is_mean_nll_of_the_reply(tiny):
     tpl = ChatTemplate.from_pretrained(tiny / "tiny")
     chats = [[{"role": "user", "content": "Start at 5."}, {"role": "assistant", "content": "5"},
               {"role": "user", "content": "Add 2."}], [{"role": "user", "content": "Hello there"}]]
-    replies, compute = ["7", "Hi, how can I help?"], R.Compute()
+    replies = ["7", "Hi, how can I help?"]
+    compute = new_compute()
     got = R.entropies(net, tpl, chats + chats[:1], replies + [""], 2, compute)
     assert math.isinf(got[2])
     for chat, reply, g in zip(chats, replies, got):
@@ -88,10 +98,13 @@ def test_refine_replaces_exactly_the_selected_turns():
         {"role": "user", "content": "Start at 5."},
         {"role": "assistant", "content": "5", "noisy": False, "noise_type": None, "reference": "5"},
         {"role": "user", "content": "Add 2."},
-        {"role": "assistant", "content": "9", "noisy": True, "noise_type": "wrong", "reference": "7"},
+        {"role": "assistant", "content": "9", "noisy": True, "noise_type": "wrong",
+         "reference": "7"},
         {"role": "user", "content": "Add 1."},
-        {"role": "assistant", "content": "8", "noisy": True, "noise_type": "wrong", "reference": "8x"}]},
-        {"id": "b", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "8", "noisy": True, "noise_type": "wrong",
+         "reference": "8x"}]},
+        {"id": "b", "messages": [{"role": "system", "content": "s"},
+                                 {"role": "user", "content": "u"},
                                  {"role": "assistant", "content": "x", "extra": [1, 2]}]}]
     before = json.dumps(convs)
     out = R.refine(convs, {(0, 3): "7", (0, 5): None})
@@ -99,15 +112,16 @@ def test_refine_replaces_exactly_the_selected_turns():
     assert json.dumps(out[1]) == json.dumps(convs[1])
     for i in (0, 1, 2, 4):
         assert json.dumps(out[0]["messages"][i]) == json.dumps(convs[0]["messages"][i])
-    assert out[0]["messages"][3] == {"role": "assistant", "content": "7", "noisy": False, "noise_type": None,
-                                     "reference": "7", "original_content": "9", "robustft": "relabeled"}
-    assert out[0]["messages"][5] == {**convs[0]["messages"][5], "train": False, "robustft": "dropped"}
+    assert out[0]["messages"][3] == {"role": "assistant", "content": "7", "noisy": False,
+                                     "noise_type": None, "reference": "7",
+                                     "original_content": "9", "robustft": "relabeled"}
+    dropped = {**convs[0]["messages"][5], "train": False, "robustft": "dropped"}
+    assert out[0]["messages"][5] == dropped
     assert {k: v for k, v in out[0].items() if k != "messages"} == {"id": "a"}
 
 
 def run_cli(tiny, out, *extra):
-    cmd = [sys.executable, str(ROOT / "baselines" / "robustft.py"), "--model", str(tiny / "tiny"), "--data",
-           str(tiny / "data" / "train_L.jsonl"), "--out", str(out), *SMALL, *extra]
+    cmd = [sys.executable, str(ROOT / "baselines" / "robustft.py"), *rft_argv(tiny, out, *extra)]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -120,7 +134,8 @@ def test_cli_end_to_end_base_detector(tiny):
     src = load_conversations(tiny / "data" / "train_L.jsonl")
     got = load_conversations(out / "train.jsonl")
     # every checked turn is kept, relabeled or dropped as refine.json says; nothing else moved
-    assert len(recs) == rep["turns"] == sum(m["role"] == "assistant" for c in src for m in c["messages"])
+    replies = sum(m["role"] == "assistant" for c in src for m in c["messages"])
+    assert len(recs) == rep["turns"] == replies
     changed = set()
     for r in recs:
         m, m0 = got[r["conv"]]["messages"][r["msg"]], src[r["conv"]]["messages"][r["msg"]]
@@ -132,11 +147,14 @@ def test_cli_end_to_end_base_detector(tiny):
         else:
             assert m == {**m0, "train": False, "robustft": "dropped"}
         changed.add((r["conv"], r["msg"]))
-    assert all(got[ci]["messages"][i] == m for ci, c in enumerate(src) for i, m in enumerate(c["messages"])
-               if (ci, i) not in changed)
+    for ci, c in enumerate(src):
+        for i, m in enumerate(c["messages"]):
+            if (ci, i) not in changed:
+                assert got[ci]["messages"][i] == m
     assert rep["detected"] == sum(not r["clean"] for r in recs) == rep["selected"] + rep["dropped"]
     noisy_recs = [r for r in recs if not r["clean"]]
-    keep = R.select_lowest([math.inf if r["entropy"] is None else r["entropy"] for r in noisy_recs], 0.5)
+    scores = [math.inf if r["entropy"] is None else r["entropy"] for r in noisy_recs]
+    keep = R.select_lowest(scores, 0.5)
     assert {i for i, r in enumerate(noisy_recs) if r.get("selected")} == set(keep)
     assert rep["selected"] == len(keep) > 0
     noisy = [m["noisy"] for c in src for m in c["messages"] if m["role"] == "assistant"]
@@ -144,11 +162,15 @@ def test_cli_end_to_end_base_detector(tiny):
     tp = sum(d and n for d, n in zip(det, noisy))
     assert rep["recall"] == pytest.approx(tp / sum(noisy))
     assert rep["original_label_accuracy"] == pytest.approx(1 - sum(noisy) / len(noisy))
-    # compute: one training of 2 steps, each a single batch holding every example (batch size 16 > 8)
+    # compute: one training of 2 steps, each a single batch holding every example (batch size
+    # 16 > 8)
     tpl = ChatTemplate.from_pretrained(tiny / "tiny")
     tokens = build_examples(got, tpl, 128)[1]["tokens"]
     c = rep["compute"]
-    assert (c["trainings"], c["optimizer_steps"], c["train_tokens"], c["comparisons"]) == (1, 2, 2 * tokens, 0)
+    assert c["trainings"] == 1
+    assert c["optimizer_steps"] == 2
+    assert c["train_tokens"] == 2 * tokens
+    assert c["comparisons"] == 0
     assert all(isinstance(v, int) for v in c.values())
     assert c["generated_tokens"] > 0
     assert c["forward_tokens"] > 0
@@ -185,10 +207,11 @@ def test_crossfit_detector_trains_on_the_other_half(tiny):
 def test_bad_input_one_line(tiny, tmp_path, monkeypatch, capsys, extra, says):
     monkeypatch.chdir(tmp_path)
     Path("bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    argv = ["--model", str(tiny / "tiny"), "--data", str(tiny / "data" / "train_L.jsonl"), "--out", "o", *extra]
+    argv = ["--model", str(tiny / "tiny"), "--data", str(tiny / "data" / "train_L.jsonl"), "--out",
+            "o", *extra]
     try:
         code = R.cli(argv)
-    except SystemExit as e:  # argparse's own errors, one line and exit 2 like train.py's
+    except SystemExit as e:  # cli's exit 2 after its one line
         code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
@@ -197,9 +220,10 @@ def test_bad_input_one_line(tiny, tmp_path, monkeypatch, capsys, extra, says):
 
 
 def test_cli_bad_input_no_traceback(tiny, tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "baselines" / "robustft.py"), "--model", str(tiny / "tiny"),
-                        "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / "baselines" / "robustft.py"), "--model",
+                        str(tiny / "tiny"), "--data", str(tmp_path / "none.jsonl"), "--out",
+                        str(tmp_path / "o")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 2
     assert p.stderr.startswith("robustft.py: error: ")
     assert p.stderr.count("\n") == 1
@@ -207,20 +231,124 @@ def test_cli_bad_input_no_traceback(tiny, tmp_path):
     assert "no such file" in p.stderr
 
 
-def test_ctrl_c_is_one_line_and_exit_130_in_every_baseline_command(monkeypatch, capsys):
-    """A Ctrl-C outside a training (proposals, pairs, refinement) ends the baseline commands with one line, not a
-    KeyboardInterrupt traceback; the trainings inside keep their own checkpoints (train.py)."""
+def test_a_stop_before_any_work_is_one_line_in_every_baseline_command(monkeypatch, capsys):
+    """A Ctrl-C or SIGTERM before a baseline's work starts (main raising it at once) ends the
+    commands with one line, not a traceback."""
     import baselines
 
     def interrupted(argv=None):
         raise KeyboardInterrupt
+
+    def terminated(argv=None):
+        raise SystemExit(143)
     with pytest.raises(SystemExit) as e:
         baselines.cli("ilr.py", interrupted)
     assert e.value.code == 130
-    monkeypatch.setattr(R, "main", interrupted)
+    monkeypatch.setattr(R, "main", terminated)
     with pytest.raises(SystemExit) as e:
         R.cli([])
-    assert e.value.code == 130
+    assert e.value.code == 143
     assert capsys.readouterr().err.splitlines() == [
-        "ilr.py: interrupted; the same command, rerun, continues from what was saved",
-        "robustft.py: interrupted; the same command, rerun, continues from what was saved"]
+        "ilr.py: stopped by SIGINT before any work; the same command starts it",
+        "robustft.py: stopped by SIGTERM before any work; the same command starts it"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Interruptions (helpers in tests/test_ilr.py)
+
+RFT_FILES = ["train.jsonl", "final/adapter/adapter_model.safetensors",
+             "adapter/adapter_model.safetensors"]
+
+
+def refinement_records(out):
+    """refine.json's per-turn records (its seconds differ between runs)."""
+    return json.loads((out / "refine.json").read_text())["records"]
+
+
+def rft_argv(tiny, out, *extra):
+    return ["--model", str(tiny / "tiny"), "--data", str(tiny / "data" / "train_L.jsonl"), "--out",
+            str(out), *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def rft_reference(tiny):
+    out = tiny / "reference"
+    return reference_run(R.main, rft_argv(tiny, out), out, RFT_FILES)
+
+
+def test_every_file_is_written_whole(rft_reference):
+    assert written_in_place(rft_reference.opened, rft_reference.out) == []
+
+
+@pytest.mark.parametrize("point", range(3))
+def test_a_stop_at_any_write_is_one_line_and_the_same_command_ends_as_uninterrupted(
+        tiny, rft_reference, capsys, monkeypatch, point):
+    n = stop_points(rft_reference, 3)[point]
+    out = tiny / f"stopped-{point}"
+    stop = stops(3)[point]
+    stop_and_rerun(R.main, R.PROG, rft_argv(tiny, out), out, stop, capsys, monkeypatch, n=n)
+    check_same(out, RFT_FILES, rft_reference.outcome)
+    assert refinement_records(out) == refinement_records(rft_reference.out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("detector", ["base", "crossfit"])
+def test_a_stop_at_every_third_write_ends_as_uninterrupted(tiny, capsys, monkeypatch, detector):
+    reference = tiny / f"every-reference-{detector}"
+    argv = rft_argv(tiny, reference, "--detector", detector)
+    expected = reference_run(R.main, argv, reference, RFT_FILES)
+    for i, n in enumerate(range(1, len(expected.renames) + 1, 3)):
+        out = tiny / f"every-{detector}-{n}"
+        argv = rft_argv(tiny, out, "--detector", detector)
+        stop_and_rerun(R.main, R.PROG, argv, out, stops(2)[i % 2], capsys, monkeypatch, n=n)
+        check_same(out, RFT_FILES, expected.outcome)
+        assert refinement_records(out) == refinement_records(reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_final_model_is_saved_says_one_line_and_the_rerun_ends_equal(
+        tiny, rft_reference, capsys, monkeypatch, signum):
+    """The signal lands as train.py saves the final adapter: it finishes the run and exits
+    130 / 143; one line says so, and the same command writes the rest."""
+    out = tiny / f"signal-{signum}"
+    final_adapter = os.path.join(str(out), "final", "adapter")
+    real_save = train.save_adapter
+
+    def save_then_signal(net, path, *args):
+        if os.fspath(path) == final_adapter:
+            os.kill(os.getpid(), signum)
+        return real_save(net, path, *args)
+    monkeypatch.setattr(train, "save_adapter", save_then_signal)
+    code, lines, _ = as_command(R.PROG, R.main, rft_argv(tiny, out), capsys)
+    monkeypatch.setattr(train, "save_adapter", real_save)
+    assert code == 128 + signum, lines
+    check_stop_line(lines, R.PROG, code)
+    assert "final (finished)" in lines[0]
+    code, lines, _ = as_command(R.PROG, R.main, rft_argv(tiny, out), capsys)
+    assert code == 0, lines
+    check_same(out, RFT_FILES, rft_reference.outcome)
+    assert refinement_records(out) == refinement_records(rft_reference.out)
+
+
+def test_a_torn_refinement_record_is_named_and_computed_again(tiny, rft_reference, capsys,
+                                                              monkeypatch):
+    """refine.json torn (as an in-place write killed half way would leave it) after a stop in the
+    final training: the rerun names it in one line, computes the refinement again and ends as the
+    uninterrupted run."""
+    out = tiny / "torn"
+    argv = rft_argv(tiny, out)
+
+    def final_training(dst):
+        return os.path.join("final", "") in dst
+    monkeypatch.setattr(os, "replace", StopAtWrite(SystemExit(143), where=final_training))
+    with pytest.raises(SystemExit):
+        R.main(argv)
+    monkeypatch.setattr(os, "replace", REAL_REPLACE)
+    record = out / "refine.json"
+    text = record.read_text()
+    record.write_text(text[:len(text) // 2])
+    capsys.readouterr()
+    code, lines, said = as_command(R.PROG, R.main, argv, capsys)
+    assert code == 0, lines
+    assert f"{record}: not a valid JSON file" in said
+    check_same(out, RFT_FILES, rft_reference.outcome)
