@@ -9,10 +9,12 @@ per-unit losses (a dialogue or one assistant turn), all-gathered so that every r
 same global batch (resure.py), backward on this rank's share of Eq. 7 (ReSURELoss below); only the
 LoRA adapter trains. The run folder (support/runs.py) loses nothing: checkpoints are whole or
 absent, a signal finishes the step and saves, a rerun resumes exactly.
+
+Reading order: the settings, the objective, the run's state (Sampler, Run), train_step and the
+loop, build(), then main() and the command line.
 """
 import argparse
 import copy
-import gc
 import json
 import math
 import os
@@ -31,15 +33,14 @@ from data import ChatTemplate, build_examples, collate, epoch_batches, rank_slic
 from eval import accuracy, per_turn_loss
 from lora import apply_lora, disabled, load_adapter, lora_state_dict, save_adapter
 from model import Transformer
-from resure import ReSURE, count_units, gain_of, prefilter
-from resure import reweighted_loss, unit_losses
+from resure import ReSURE, count_units, gain_of, prefilter, reweighted_loss, unit_losses
 from support.distributed import all_reduce_sum, gather
 from support import runs
-from support.checkpoint import read_json
-from support.cli import Parser, UsageError, given_flags, num
+from support.cli import UsageError, check_model_and_data, given_flags, refuse_idle_flags
+from support.cli import run_main, train_parser
 from support.conversations import load_conversations, read_scores
 from support.export import export_merged
-from support.report import flag_report, log_line
+from support.report import announce, flag_report, log_step
 
 START = time.time()  # the demo reports its whole time
 BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -62,10 +63,6 @@ DEMO = dict(
     stats="ema", stats_update="winsorized",
     grad_checkpointing=False, dtype="fp32",
 )
-# Flags that do not change what a run computes; resuming with any other flag changed is refused.
-NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_every",
-                "save_every", "resume", "no_resume", "allow_changed_config", "merge", "report_top",
-                "demo_eval", "demo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,8 +81,8 @@ class ReSURELoss:
 
     def examples(self, convs, template, args):
         """(training examples, data.Report); with --detector loss+gain each reply also alone."""
-        free = args.detector == "loss+gain"
         groups = args.max_turn_groups or None
+        free = args.detector == "loss+gain"
         return build_examples(convs, template, args.max_len, groups, free=free)
 
     def collate(self, examples, pad_id):
@@ -126,7 +123,9 @@ def context_gain(net, autocast, unit, b, losses, sidx, turn, rows=8):
     ids = b["free_ids"]
     labels = b["free_labels"]
     mask = b["free_mask"]
-    start = shared_start(ids, labels)
+    # the unsupervised tokens every row starts with, less the last (where each row's scoring begins)
+    same = (ids == ids[:1]) & (labels == -100)
+    start = max(0, int(same.all(0).long().cumprod(0).sum()) - 1)
     lengths = mask.sum(1)
     tok = torch.zeros(labels[:, start:].shape, device=ids.device)
     cache = None
@@ -143,13 +142,6 @@ def context_gain(net, autocast, unit, b, losses, sidx, turn, rows=8):
             tok[r, :end - start] = scored.float()
     batch = len(b["input_ids"])
     return gain_of(tok, labels[:, start:], b["free_unit"], losses, sidx, turn, unit, batch)
-
-
-def shared_start(ids, labels):
-    """How many unsupervised tokens every free row starts with, less one (the last of them is where
-    the scoring of each row begins)."""
-    same = (ids == ids[:1]) & (labels == -100)
-    return max(0, int(same.all(0).long().cumprod(0).sum()) - 1)
 
 
 @torch.no_grad()
@@ -210,9 +202,7 @@ class Sampler:
     def dropped(self):
         """Examples left out of each epoch: a last batch that would leave a rank empty."""
         rest = self.n % self.global_batch
-        if rest < self.world:
-            return rest
-        return 0
+        return rest if rest < self.world else 0
 
     @property
     def per_epoch(self):
@@ -231,7 +221,7 @@ class Sampler:
 
 @dataclass
 class Run:
-    """One training run, as build() makes it. train_step() advances it; support/runs.py keeps it
+    """One training run, as build() makes it; train_step() advances it, support/runs.py keeps it
     in OUT through save_state() and load_state()."""
     args: argparse.Namespace          # the command line, resolved (parse_args)
     rank: int                         # this process among world (torchrun's RANK; 0 alone)
@@ -260,8 +250,8 @@ class Run:
         return {"resure": self.rs.state_dict(), "last_seen": list(self.last_seen.values())}
 
     def restore(self, trainer, state):
-        """Put what trainer_state() and unit_state() returned back in place; the optimizer keeps
-        this command's betas and weight decay (--allow-changed-config may have changed them)."""
+        """Put trainer_state() and unit_state() back; the optimizer keeps this command's betas and
+        weight decay (--allow-changed-config may have changed them)."""
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         self.opt.load_state_dict(trainer["optimizer"])
         for group, own in zip(self.opt.param_groups, settings):
@@ -271,20 +261,15 @@ class Run:
         self.last_seen = {(r["sample"], r["turn"]): r for r in state["last_seen"]}
 
     def save_state(self, path):
-        """This run's part of checkpoint folder `path`: the adapter, trainer.pt (optimizer, scaler)
-        and state.json (ReSURE, the report's table); support/runs.py writes the rest."""
+        """This run's part of a checkpoint: the adapter, trainer.pt and state.json."""
         save_adapter(self.net, path, self.args.model)
         torch.save(self.trainer_state(), os.path.join(path, "trainer.pt"))
         runs.dump(self.unit_state(), os.path.join(path, "state.json"))
 
     def load_state(self, path):
-        """Restore save_state()'s files. Each is read and checked before anything changes, and a
-        failure half way puts back what was there: a damaged checkpoint leaves a fresh run fresh."""
-        trainer_file = os.path.join(path, "trainer.pt")
-        trainer = torch.load(trainer_file, weights_only=True, map_location="cpu")
-        state = read_json(os.path.join(path, "state.json"), runs.RunError)
-        if not isinstance(state.get("last_seen"), list):
-            raise runs.RunError(f"{path}/state.json: no list of units")
+        """Restore save_state()'s files, each read and checked first; a failure half way puts back
+        what was there, so that a damaged checkpoint leaves a fresh run fresh."""
+        trainer, state = runs.read_trainer_state(path)
         adapter = {k: v.detach().clone() for k, v in lora_state_dict(self.net).items()}
         before = (copy.deepcopy(self.trainer_state()), self.unit_state())
         try:
@@ -424,27 +409,14 @@ def train(run, folder, step, stop):
         if args.eval_every and step % args.eval_every == 0:
             log_eval(run, step)
         if stop.requested():
-            save_checkpoint(run, folder, step)
+            runs.save_checkpoint(run, folder, step)
             stop.exit_after(step)  # saying which command continues (Folder.continuing)
         if args.save_every and step % args.save_every == 0 and step < run.total:
-            save_checkpoint(run, folder, step)
+            runs.save_checkpoint(run, folder, step)
     if blind:  # the last steps' every loss was NaN: the adapter diverged, nothing final is written
         raise UsageError(f"the last {blind} steps had no finite unit loss: the adapter diverged "
                          "(is --lr too high?)")
-    save_checkpoint(run, folder, step)
-
-
-def log_step(run, result, tokens, seconds, skipped):
-    """(rank 0) The step's line on stdout and in metrics.jsonl; tokens: this rank's in `seconds`."""
-    if run.rank != 0:
-        return
-    eta = seconds / run.args.log_every * (run.total - result.step)
-    record = dict(step=result.step, epoch=result.epoch, loss=result.loss,
-                  weighted_loss=result.weighted_loss, lr=result.lr, grad_norm=result.grad_norm,
-                  tokens_per_s=tokens * run.world / seconds, eta_s=eta, skipped_steps=skipped,
-                  **run.rs.summary())
-    runs.append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [record])
-    print(log_line(record))
+    runs.save_checkpoint(run, folder, step)
 
 
 def log_eval(run, step):
@@ -454,17 +426,6 @@ def log_eval(run, step):
     res = per_turn_loss(run.net, run.eval_examples, pad_id=run.template.pad_id)  # eval mode
     runs.append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [{"step": step, "eval": res}])
     print(f"eval step {step}: " + json.dumps(res, default=float))
-
-
-def save_checkpoint(run, folder, step):
-    """Checkpoint step-NNNNNNN, whole or not at all; an adapter gone NaN or infinite is refused."""
-    if all(bool(torch.isfinite(p).all()) for p in run.params):
-        folder.save(step, run.save_state)
-        return
-    previous = folder.checkpoints()
-    last = f"the last good checkpoint is {previous[-1]}" if previous else "nothing was saved"
-    raise runs.RunError(f"the adapter's weights are NaN or infinite after step {step} (is --lr "
-                        f"too high?); {last}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,10 +454,13 @@ def build(args, rank, world, device, objective):
     scaler = torch.amp.GradScaler(device.type, enabled=fp16_cuda)
     sampler = make_sampler(args, examples, rank, world)
     total, warmup = schedule(args, sampler)
+    ddp = TokenLoss(net)  # what the backward runs through, in DDP when several ranks train
+    if world > 1:
+        ddp = DDP(ddp, device_ids=[device.index] if device.type == "cuda" else None)
     return Run(args=args, rank=rank, world=world, device=device, objective=objective, net=net,
                template=template, autocast=autocast, rs=rs, examples=examples,
                eval_examples=eval_examples, params=params, opt=opt, scaler=scaler,
-               ddp=token_loss(net, world, device), sampler=sampler, total=total, warmup=warmup)
+               ddp=ddp, sampler=sampler, total=total, warmup=warmup)
 
 
 def schedule(args, sampler):
@@ -527,15 +491,6 @@ def new_resure(args, record):
                   mode=args.method, stats=args.stats, stats_update=args.stats_update,
                   ema_decay=args.ema_decay, window=args.window, gain_alpha=gain_alpha,
                   record=record)
-
-
-def token_loss(net, world, device):
-    """What the backward runs through: TokenLoss(net), in DDP when several ranks train."""
-    module = TokenLoss(net)
-    if world == 1:
-        return module
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids)
 
 
 def load_data(args, objective, template, net, autocast, rs):
@@ -597,10 +552,9 @@ def make_sampler(args, examples, rank, world):
     lengths = None
     if args.group_by_length:
         lengths = [len(e["input_ids"]) for e in examples]
-    n = len(examples)
-    sampler = Sampler(n, args.batch_size * world, args.seed, rank, world, lengths)
+    sampler = Sampler(len(examples), args.batch_size * world, args.seed, rank, world, lengths)
     if sampler.per_epoch < 1:
-        raise UsageError(f"--data {args.data}: {n} examples cannot feed {world} ranks")
+        raise UsageError(f"--data {args.data}: {len(examples)} examples cannot feed {world} ranks")
     if sampler.dropped:
         print0(f"sampler: dropping the last {sampler.dropped} samples of each epoch (fewer than "
                f"{world} ranks)")
@@ -627,18 +581,6 @@ def setup_distributed():
     return rank, world, torch.device("cuda", local)
 
 
-def teardown(run, folder):
-    """The end of main, also on an error: the lock given back, then DDP (unwrapped and collected:
-    a reducer in a reference cycle that outlives the gloo group makes torch 2.13 abort at exit now
-    and then), then the process group."""
-    folder.release()
-    if run is not None and isinstance(run.ddp, DDP):
-        run.ddp = run.ddp.module
-    gc.collect()
-    if dist.is_initialized():  # torchrun, also with one rank
-        dist.destroy_process_group()
-
-
 def main(argv=None, objective=None):
     """Train; returns the finished Run, None when --out already held this run, finished.
     objective: ReSURELoss() unless a baseline brings its own."""
@@ -648,18 +590,21 @@ def main(argv=None, objective=None):
                          fresh=args.no_resume, allow_changed=args.allow_changed_config)
     run = None
     try:
-        demo_test = resolve_model(args)
-        check_inputs(args)
-        identity = run_identity(args, world)
+        demo_test = None
+        if args.model is None:  # the demo's files, or its model alone, made on first use
+            from support.demo import resolve_model
+            demo_test = resolve_model(args, DEMO, print0)
+        check_model_and_data(args)
+        identity = runs.run_identity(args, world)
         # each setting's value when its flag is left out: what a record older than it ran with
         defaults = vars(parse_args([] if args.demo else ["--data", args.data]))
-        if not folder.claim(identity, final_outputs(args), defaults):
+        if not folder.claim(identity, runs.final_outputs(args), defaults):
             return None
         run = build(args, rank, world, device, objective or ReSURELoss())
         folder.start(getattr(run.net, "fingerprint", None))
         with runs.Stop(folder) as stop:  # a signal is answered after a step, or at the end
-            step = resume(run, folder)
-            announce(run)
+            step = runs.resume(run, folder)
+            announce(args, run.total, world, print0)
             run.net.train()
             train(run, folder, step, stop)
             if rank == 0:
@@ -669,72 +614,7 @@ def main(argv=None, objective=None):
             stop.exit_finished()
         return run
     finally:
-        teardown(run, folder)
-
-
-def resolve_model(args):
-    """The demo fills --model and --data with its own (support/demo.py) and returns its clean
-    test file; --data alone trains the demo's model with the paper's settings."""
-    if args.demo:
-        from support.demo import prepare  # the demo's files, made on first use
-        args.model, args.data, test = prepare(args.seed)
-        print0("demo: SmolLM2-135M-Instruct + LoRA + ReSURE on the synthetic noisy multi-turn "
-               "benchmark (tier N)")
-        print0("demo settings: " + " ".join(f"{k}={getattr(args, k)}" for k in DEMO))
-        return test
-    if args.model is None:
-        from support.smollm2 import prepare_smollm2  # converted from its GGUF on first use
-        args.model = prepare_smollm2()
-    return None
-
-
-def check_inputs(args):
-    if not os.path.isdir(args.model):
-        raise UsageError(f"--model {args.model}: not a folder")
-    if not os.path.isfile(args.data):
-        raise UsageError(f"--data {args.data}: no such file")
-
-
-def run_identity(args, world):
-    """run.json's record of the settings that change what the run computes, and of its inputs."""
-    keys = [k for k in vars(args) if k not in NOT_RUN_KEYS]
-    return runs.identity(args, keys, world)
-
-
-def resume(run, folder):
-    """The step the checkpoint resumed (a step past the run's end is refused); one of other
-    settings (--allow-changed-config) leaves its report table, which may number other examples."""
-    step = folder.resume(run.load_state)
-    if step > run.total:
-        raise UsageError(f"{run.args.out}: its checkpoint is at step {step}, past this run's "
-                         f"{run.total} steps (--max-steps, --epochs)")
-    if folder.resumed_changes and run.last_seen:
-        run.last_seen = {}
-        print0(f"report.json: lists the units of steps {step + 1} on (the checkpoint's run had "
-               "other settings)")
-    return step
-
-
-def announce(run):
-    """(rank 0) The run's steps; under --model, an effective batch other than the paper's 64 in
-    one line: Eq. 6's floor is a percentile over one gathered micro-batch (the paper's 4 x 4)."""
-    args = run.args
-    micro = args.batch_size * run.world
-    print0(f"training {run.total} steps x {args.grad_accum} micro-batches x {args.batch_size} x "
-           f"{run.world} ranks; method={args.method} unit={args.unit} "
-           f"stats={args.stats}/{args.stats_update}")
-    if not args.demo and micro * args.grad_accum != 64:
-        print0(f"batch: {micro * args.grad_accum} samples per optimizer step, the paper's 64; Eq. "
-               f"6's floor is a percentile over each micro-batch's {micro} gathered samples (the "
-               "paper's 16)")
-
-
-def final_outputs(args):
-    """What a finished run leaves in OUT, relative to it."""
-    outputs = [os.path.join("adapter", "adapter_model.safetensors")]
-    if args.merge:
-        outputs.append("merged")
-    return outputs
+        runs.teardown(run, folder)
 
 
 def finish(run, folder, demo_test):
@@ -749,8 +629,7 @@ def finish(run, folder, demo_test):
                          f"{folder.continuing()} writes it") from None
     runs.dump(run.rs.state_dict(), os.path.join(args.out, "resure_state.json"))
     views = ("loss", "gain") if args.detector == "loss+gain" else ()
-    units = run.last_seen.values()
-    table = flag_report(units, run.examples, run.template, args.report_top, views)
+    table = flag_report(run.last_seen.values(), run.examples, run.template, args.report_top, views)
     runs.dump({"steps": run.total, **table}, os.path.join(args.out, "report.json"))
     log_eval(run, run.total)
     if args.merge:
@@ -779,88 +658,12 @@ def demo_report(run, test_file):
 
 
 # -------------------------------------------------------------------------------------------------
-# The command line
-
-POSITIVE = num(float, 0, lo_ok=False)
-COUNT = num(int, 1, 10**9, hi_ok=True)
-NONNEGATIVE = num(float, 0)
-NONNEGATIVE_INT = num(int, 0, 10**9, hi_ok=True)
-
-
-def parser():
-    p = Parser(prog="train.py", description=__doc__.split("\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--model", help="a Hugging Face folder (safetensors, tokenizer.json); none: the demo's")
-    add("--data", help="training conversations (.jsonl or .json, OpenAI messages or ShareGPT)")
-    add("--eval-data", help="held-out conversations for per-turn loss every --eval-every steps")
-    add("--warmup-data", help="clean conversations to initialize the statistics (paper: 640)")
-    add("--out", default="out", help="run folder: checkpoints, adapter, metrics, report")
-    add("--chat-template", help="force a template (qwen2.5, smollm2, llama3, qwen3, chatml)")
-    add("--on-bad-sample", choices=["error", "skip"], default="error")
-    # the schedule and the optimizer
-    add("--epochs", type=num(float, 0, 1e6, lo_ok=False, hi_ok=True), help="paper: 3")
-    add("--max-steps", type=COUNT, help="optimizer steps (instead of --epochs)")
-    add("--batch-size", type=COUNT, help="per device; paper: 4")
-    add("--grad-accum", type=COUNT, help="paper: 4 (4 GPUs x 4 x 4 = 64)")
-    add("--lr", type=POSITIVE, help="paper: 1e-5, cosine")
-    add("--warmup-ratio", type=num(float, 0, 1), help="linear lr warm-up fraction; paper: 0.01")
-    add("--weight-decay", type=NONNEGATIVE, default=0.0)
-    add("--beta2", type=num(float, 0, 1, lo_ok=False), default=0.95)
-    add("--grad-clip", type=NONNEGATIVE, default=1.0, help="max gradient norm; 0: no clipping")
-    add("--max-len", type=num(int, 2, 10**9, hi_ok=True), help="tokens; longer: last turns cut")
-    add("--seed", type=num(int, 0, 2**32 - 1, hi_ok=True), default=42)
-    add("--dtype", choices=["fp32", "bf16", "fp16"], help="base weights, autocast; adapter: fp32")
-    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="paper: on")
-    add("--group-by-length", action="store_true", help="batch similar lengths: less padding")
-    # LoRA
-    add("--lora-r", type=num(int, 1, 65536, hi_ok=True), help="paper: 128")
-    add("--lora-alpha", type=POSITIVE, help="paper: 16")
-    add("--lora-dropout", type=num(float, 0, 1), help="paper: 0.3")
-    # ReSURE
-    add("--method", choices=["resure", "sft", "global", "hard"], default="resure",
-        help="sft: every weight 1 (Vicuna-style tuning); global, hard: ablations of this project")
-    add("--unit", choices=["dialogue", "turn"], help="what one loss l_s is (paper: dialogue)")
-    add("--loss-norm", choices=["sample", "token"], default="sample", help="per unit (paper)")
-    add("--alpha", type=NONNEGATIVE, help="tau = mu + alpha * sigma (Eq. 5); paper: 1.0")
-    add("--floor-percentile", type=num(float, 0, 100, hi_ok=True),
-        help="eps = this percentile of one gathered micro-batch's weights (Eq. 6); paper: 5")
-    add("--floor-over", choices=["all", "flagged"], default="all",
-        help="the weights eps is a percentile of: every unit's, or the flagged units' only")
-    add("--warmup-samples", type=NONNEGATIVE_INT, help="units before detection; paper: 640")
-    add("--ramp-steps", type=NONNEGATIVE_INT, help="steps over which down-weighting grows")
-    add("--max-turn-groups", type=NONNEGATIVE_INT, default=0,
-        help="deeper turns share the last one; 0: one group per depth")
-    add("--stats", choices=["welford", "ema", "window", "mad"], help="paper: welford")
-    add("--stats-update", choices=["reliable", "winsorized", "all"], help="paper: reliable")
-    add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
-    add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
-    add("--detector", choices=["loss", "loss+gain"], default="loss", help="loss: the paper; "
-        "loss+gain: also a context gain outside mu_g +- gain_alpha sigma_g (ours)")
-    add("--gain-alpha", type=POSITIVE, default=2.0, help="the gain band's half-width in sigmas")
-    add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
-        help="static baseline: train on this fraction only")
-    add("--prefilter-scores", help="quality scores, one per conversation (higher is better), "
-        "instead of the base model's loss: a number per line, or JSON lines {\"id\", \"score\"}")
-    # the run folder and the reports
-    add("--record-units", action="store_true", help="every unit's loss, tau, weight: units.jsonl")
-    add("--log-every", type=COUNT, default=10)
-    add("--eval-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
-    add("--save-every", type=NONNEGATIVE_INT, default=0, help="0: only at the end")
-    add("--resume", action="store_true", help="require a checkpoint (one found resumes anyway)")
-    add("--no-resume", action="store_true", help="start over, every time (a job a scheduler "
-        "may requeue leaves it out): an earlier run in --out is moved aside first")
-    add("--allow-changed-config", action="store_true", help="resume with a setting changed")
-    add("--merge", action="store_true", help="also export a merged model to OUT/merged")
-    add("--report-top", type=NONNEGATIVE_INT, default=20, help="samples listed in report.json")
-    add("--demo-eval", type=NONNEGATIVE_INT, default=32, help="the demo's test dialogues")
-    return p
-
+# The command line (its flags: support/cli.py)
 
 def parse_args(argv=None):
     """The flags, each left out taking the paper's (the demo's) value; contradicting or idle
     flags are refused in one line."""
-    p = parser()
+    p = train_parser(__doc__.split("\n")[0])
     args = p.parse_args(argv)
     given = given_flags(p, argv, args)
     args.demo = args.model is None and args.data is None
@@ -875,40 +678,6 @@ def parse_args(argv=None):
     return args
 
 
-def refuse_idle_flags(args, given):
-    """A flag given where it does nothing is refused in one line naming both flags. With --method
-    sft nothing is flagged, so what shapes flags and weights idles (the statistics and --alpha's
-    tau are still logged); with hard, flagged units weigh 0 and nothing is floored."""
-    sft = args.method == "sft"
-    method = f"--method {args.method}"
-    floorless = args.method in ("sft", "hard")
-    idle = [  # (its setting, the flag, what it does nothing with, whether it is idle)
-        ("detector", "--detector loss+gain", method, sft and args.detector == "loss+gain"),
-        ("gain_alpha", "--gain-alpha", f"--detector {args.detector}", args.detector == "loss"),
-        ("ema_decay", "--ema-decay", f"--stats {args.stats}", args.stats != "ema"),
-        ("window", "--window", f"--stats {args.stats}", args.stats not in ("window", "mad")),
-        ("floor_percentile", "--floor-percentile", method, floorless),
-        ("floor_over", "--floor-over", method, floorless),
-        ("ramp_steps", "--ramp-steps", method, sft),
-        ("stats_update", "--stats-update", method, sft),
-        ("prefilter_scores", "--prefilter-scores", "--prefilter-keep 1", args.prefilter_keep == 1),
-        ("eval_every", "--eval-every", "no --eval-data", not args.eval_data),
-        ("epochs", "--epochs", f"--max-steps {args.max_steps}", args.max_steps is not None),
-        ("demo_eval", "--demo-eval", "--model or --data (no demo)", not args.demo),
-    ]
-    for setting, flag, beside, idles in idle:
-        if setting in given and idles:
-            raise UsageError(f"{flag} does nothing with {beside}: leave it out")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # bad input: one line, exit 2
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"train.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # before training started (then a signal finishes the step)
-        print("train.py: interrupted before training started, nothing lost: the same command "
-              "starts it", file=sys.stderr)
-        sys.exit(130)
+if __name__ == "__main__":  # Ctrl-C before training starts (after, a signal finishes the step)
+    sys.exit(run_main(main, "train.py", "interrupted before training started, nothing lost: the "
+                      "same command starts it"))

@@ -1,6 +1,9 @@
 """train.py's report.json: the most down-weighted units, and how ReSURE's flags match the data's
 noise labels (the per-turn "noisy" fields that support/synth.py and bench/real_noise.py write),
-overall and per detector view."""
+overall and per detector view; and the lines train.py prints about its run and each step."""
+import os
+
+from support.runs import append_jsonl
 
 
 def unit_noisy(ex, turn):
@@ -82,3 +85,30 @@ def log_line(r):
     return (f"step {r['step']:5d} ep {r['epoch']:.2f} loss {r['loss']:.4f} "
             f"wloss {r['weighted_loss']:.4f} lr {r['lr']:.2e} gnorm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f} eta {r['eta_s'] / 60:.1f}m | {groups}")
+
+
+def log_step(run, result, tokens, seconds, skipped):
+    """(rank 0) A step's record in metrics.jsonl and its line on stdout (log_line); run: train.py's
+    Run, result: its StepResult, tokens: this rank's in `seconds`, skipped: the run's so far."""
+    if run.rank != 0:
+        return
+    eta = seconds / run.args.log_every * (run.total - result.step)
+    record = dict(step=result.step, epoch=result.epoch, loss=result.loss,
+                  weighted_loss=result.weighted_loss, lr=result.lr, grad_norm=result.grad_norm,
+                  tokens_per_s=tokens * run.world / seconds, eta_s=eta, skipped_steps=skipped,
+                  **run.rs.summary())
+    append_jsonl(os.path.join(run.args.out, "metrics.jsonl"), [record])
+    print(log_line(record))
+
+
+def announce(args, total, world, log):
+    """The run's steps; under --model, an effective batch other than the paper's 64 in one line:
+    Eq. 6's floor is a percentile over one gathered micro-batch (the paper's 4 x 4)."""
+    micro = args.batch_size * world
+    log(f"training {total} steps x {args.grad_accum} micro-batches x {args.batch_size} x "
+        f"{world} ranks; method={args.method} unit={args.unit} "
+        f"stats={args.stats}/{args.stats_update}")
+    if not args.demo and micro * args.grad_accum != 64:
+        log(f"batch: {micro * args.grad_accum} samples per optimizer step, the paper's 64; Eq. "
+            f"6's floor is a percentile over each micro-batch's {micro} gathered samples (the "
+            "paper's 16)")

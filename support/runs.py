@@ -18,11 +18,13 @@ checkpoint and exit 130 / 143 (Stop). A failed write (a full disk) removes the p
 and names the intact one. Everything is read as data: torch.load runs with weights_only, so a
 pickle payload planted in a checkpoint cannot execute.
 
-This module handles files and the ranks' agreement about them. What touches the model stays with
-the trainer: it hands Folder.save a function that writes its state into a folder, and
-Folder.resume one that reads it back.
+This module handles files and the ranks' agreement about them, from run.json's record of a run
+(run_identity) to the end of the job (teardown). What touches the model stays with the trainer:
+it hands Folder.save a function that writes its state into a folder, and Folder.resume one that
+reads it back.
 """
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -37,12 +39,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from support.checkpoint import read_json
+from support.cli import UsageError
 
 OURS = ("run.json", "metrics.jsonl", "units.jsonl", "report.json", "resure_state.json", "adapter",
         "merged")
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # a full disk shows up as any of these
+# train.py's flags that do not change what a run computes; resuming with another changed is refused
+NOT_RUN_KEYS = ("data", "eval_data", "out", "record_units", "log_every", "eval_every",
+                "save_every", "resume", "no_resume", "allow_changed_config", "merge", "report_top",
+                "demo_eval", "demo")
 
 
 class RunError(ValueError):
@@ -190,7 +198,8 @@ class Folder:
                      if n in OURS or n.startswith(("step-", ".tmp-step-"))]
             aside = self.move_aside(names)
             if aside:
-                self.log(f"--no-resume: the earlier run's files in {self.out} were moved to {aside}")
+                self.log(f"--no-resume: the earlier run's files in {self.out} were moved to "
+                         f"{aside}")
         self.barrier()
         if self.rank == 0:
             dump({"run": self.identity, "finished": False}, os.path.join(self.out, "run.json"))
@@ -428,7 +437,7 @@ class Stop:
         return 128 + (self.signum or signal.SIGTERM)
 
     def exit_after(self, step):
-        """(every rank) Exit after checkpoint step-NNNNNNN, rank 0 saying which command continues."""
+        """(every rank) Exit after checkpoint step-NNNNNNN; rank 0 says which command continues."""
         self.folder.log(f"train.py: stopped by signal {self.signum} after step {step}; checkpoint "
                         f"step-{step:07d} written: {self.folder.continuing()} continues the run")
         raise SystemExit(self.exit_code)
@@ -440,11 +449,14 @@ class Stop:
         raise SystemExit(self.exit_code)
 
 
-def identity(args, keys, world):
-    """The settings that define a run (keys of args), the sha256 of every input file, absolute
-    paths, the world size; the base model's fingerprint joins it once the model is loaded
-    (Folder.start)."""
-    ident = {k: getattr(args, k, None) for k in keys}
+# -------------------------------------------------------------------------------------------------
+# train.py's run (a train.Run) in its folder, from main's claim to its teardown
+
+def run_identity(args, world):
+    """run.json's record of a run: the settings that change what it computes (every setting of
+    train.py's args but NOT_RUN_KEYS), the sha256 of every input file, absolute paths, the world
+    size; the base model's fingerprint joins it once the model is loaded (Folder.start)."""
+    ident = {k: getattr(args, k, None) for k in vars(args) if k not in NOT_RUN_KEYS}
     for k in ("data", "warmup_data", "prefilter_scores"):
         path = getattr(args, k)
         ident[k + "_sha256"] = path and os.path.isfile(path) and _sha256(path)
@@ -452,6 +464,65 @@ def identity(args, keys, world):
                  warmup_data=args.warmup_data and os.path.abspath(args.warmup_data))
     return ident
 
+
+def final_outputs(args):
+    """What a finished run of train.py leaves in OUT, relative to it."""
+    outputs = [os.path.join("adapter", "adapter_model.safetensors")]
+    if args.merge:
+        outputs.append("merged")
+    return outputs
+
+
+def resume(run, folder):
+    """The step the run starts from: Folder.resume's, one past the run's end refused; a checkpoint
+    of other settings (--allow-changed-config) leaves the run's report table, which may number
+    other examples."""
+    step = folder.resume(run.load_state)
+    if step > run.total:
+        raise UsageError(f"{run.args.out}: its checkpoint is at step {step}, past this run's "
+                         f"{run.total} steps (--max-steps, --epochs)")
+    if folder.resumed_changes and run.last_seen:
+        run.last_seen = {}
+        folder.log(f"report.json: lists the units of steps {step + 1} on (the checkpoint's run "
+                   "had other settings)")
+    return step
+
+
+def read_trainer_state(path):
+    """(trainer.pt, state.json) of checkpoint `path`, both read and checked before the run
+    restores anything (train.Run.load_state)."""
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True, map_location="cpu")
+    state = read_json(os.path.join(path, "state.json"), RunError)
+    if not isinstance(state.get("last_seen"), list):
+        raise RunError(f"{path}/state.json: no list of units")
+    return trainer, state
+
+
+def save_checkpoint(run, folder, step):
+    """Checkpoint step-NNNNNNN, whole or not at all; an adapter gone NaN or infinite is refused."""
+    if all(bool(torch.isfinite(p).all()) for p in run.params):
+        folder.save(step, run.save_state)
+        return
+    previous = folder.checkpoints()
+    last = f"the last good checkpoint is {previous[-1]}" if previous else "nothing was saved"
+    raise RunError(f"the adapter's weights are NaN or infinite after step {step} (is --lr too "
+                   f"high?); {last}")
+
+
+def teardown(run, folder):
+    """The end of train.main, also on an error (run None before it is built): the lock given back,
+    then DDP (unwrapped and collected: a reducer in a reference cycle that outlives the gloo group
+    makes torch 2.13 abort at exit now and then), then the process group."""
+    folder.release()
+    if run is not None and isinstance(run.ddp, DDP):
+        run.ddp = run.ddp.module
+    gc.collect()
+    if dist.is_initialized():  # torchrun, also with one rank
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------
+# Files
 
 def _sha256(path):
     h = hashlib.sha256()

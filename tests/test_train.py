@@ -181,13 +181,14 @@ def test_floor_over_reaches_resure_and_the_run_identity(setup):
     """--floor-over is handed to ReSURE and recorded in run.json's settings, so that a rerun with
     the other value is a different run."""
     import train
+    from support.runs import run_identity
     argv = ["--model", str(setup / "tiny"), "--data", str(setup / "data" / "train_N.jsonl")]
     default = train.parse_args(argv)
     flagged = train.parse_args([*argv, "--floor-over", "flagged"])
     assert default.floor_over == "all"
     assert train.new_resure(flagged, record=False).config.floor_over == "flagged"
-    assert train.run_identity(default, 1)["floor_over"] == "all"
-    assert train.run_identity(flagged, 1)["floor_over"] == "flagged"
+    assert run_identity(default, 1)["floor_over"] == "all"
+    assert run_identity(flagged, 1)["floor_over"] == "flagged"
 
 
 @pytest.mark.slow
