@@ -45,7 +45,7 @@ from support.report import announce, flag_report, log_step
 START = time.time()  # the demo reports its whole time
 BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-# The paper's settings (Sec. 4), for a flag left out under --model; the README lists deviations.
+# The paper's settings (Sec. 4), for a flag left out under --model; docs/method.md lists deviations.
 PAPER = dict(
     lora_r=128, lora_alpha=16, lora_dropout=0.3,
     lr=1e-5, warmup_ratio=0.01, epochs=3,
