@@ -23,6 +23,7 @@ import reprlib
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from lora import load_adapter, merge_lora
 from model import Transformer, generate
 from support.answers import Producer, answer_file, conversation_question, file_question
 from support.answers import file_sha256, read_objects
-from support.cli import UsageError, check_paths, num
+from support.cli import UsageError, check_paths, num, run_main
 from support.conversations import load_conversations
 
 
@@ -420,17 +421,8 @@ def main(argv=None):
 
 def cli(argv=None):
     """main() with failures reported in one line; exit code 2 for bad input, 130 on Ctrl-C."""
-    try:
-        main(argv)
-    except (ValueError, OSError, RuntimeError, MemoryError) as e:
-        lines = str(e).splitlines() or [type(e).__name__]
-        print(f"eval.py: error: {lines[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("eval.py: interrupted (generate keeps the answers it wrote; the same command "
-              "continues)", file=sys.stderr)
-        return 130
-    return 0
+    interrupted = "interrupted (generate keeps the answers it wrote; the same command continues)"
+    return run_main(partial(main, argv), "eval.py", interrupted)
 
 
 if __name__ == "__main__":
