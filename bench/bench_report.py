@@ -8,9 +8,16 @@ Holm-adjusted. A difference is resolved when its Holm-adjusted p is below 0.05; 
 ("beats", "flattens", bold) are kept for those, every other comparison reads "no difference
 resolved". The t distribution is computed here (its tail through the regularized incomplete beta
 function), so the reports need no scipy; the tests check it against scipy.stats.
+
+Where only each setting's count of right answers on one test set is kept (the baselines' single
+runs), two settings are compared as independent proportions: Newcombe's score interval of the
+difference (method 10 of Newcombe 1998, from the two Wilson intervals) and the two-sided p of the
+pooled z-test. Answers to the same test questions are positively correlated, so the unpaired
+interval is wider than a paired one would be.
 """
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -204,6 +211,37 @@ def compare(name, setting, differences):
     half = t_quantile((1.0 + CONFIDENCE) / 2.0, n - 1) * se
     p = 2.0 * t_tail(abs(mean) / se, n - 1)
     return Comparison(name, setting, n, mean, sd, mean - half, mean + half, min(1.0, p))
+
+
+def wilson(hits, total, z):
+    """The Wilson score interval of the proportion hits / total."""
+    share = hits / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total))
+    half /= 1 + z * z / total
+    return centre - half, centre + half
+
+
+def compare_proportions(name, setting, hits, total, reference_hits, reference_total):
+    """hits / total against reference_hits / reference_total as independent proportions: the
+    difference, Newcombe's 95 % score interval (method 10) and the pooled z-test's two-sided p.
+    n is the smaller of the two totals; sd is not defined here (nan)."""
+    z = NormalDist().inv_cdf((1.0 + CONFIDENCE) / 2.0)
+    share = hits / total
+    reference = reference_hits / reference_total
+    mean = share - reference
+    low, high = wilson(hits, total, z)
+    reference_low, reference_high = wilson(reference_hits, reference_total, z)
+    below = math.hypot(share - low, reference_high - reference)
+    above = math.hypot(high - share, reference - reference_low)
+    pooled = (hits + reference_hits) / (total + reference_total)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / total + 1 / reference_total))
+    if se == 0.0:  # both all right or both all wrong
+        p = 1.0
+    else:
+        p = 2.0 * NormalDist().cdf(-abs(mean) / se)
+    n = min(total, reference_total)
+    return Comparison(name, setting, n, mean, math.nan, mean - below, mean + above, p)
 
 
 def holm(ps):

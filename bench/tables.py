@@ -1,6 +1,7 @@
 """Every experiment table of README.md, bench/README.md and docs/method.md, written from the results
-the repository keeps: bench/results/noise-cpu/results.json (`python bench/noise.py --cpu`) and
-bench/results/real-noise/results.json (`python bench/real_noise.py`).
+the repository keeps: bench/results/noise-cpu/results.json (`python bench/noise.py --cpu`),
+bench/results/real-noise/results.json (`python bench/real_noise.py`) and
+bench/results/baselines/results.json (the baselines' clean-test answer counts).
 
     python bench/tables.py           # rewrite every table in place
     python bench/tables.py --check   # exit 1, naming each table its results no longer give
@@ -29,8 +30,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import noise  # noqa: E402
 import real_noise  # noqa: E402
 import real_noise_report as report  # noqa: E402
-from bench_report import (NO_DIFFERENCE, comparison_table, difference_text,  # noqa: E402
-                          family_note, fixed, head, mean_sd, mean_sd_text, percent, row)
+from bench_report import (LEVEL, NO_DIFFERENCE, compare_proportions,  # noqa: E402
+                          comparison_table, difference_text, family, family_note, fixed, head,
+                          interval_text, mean_sd, mean_sd_text, p_text, percent, row, signed,
+                          verdict)
 from noise_flags import pooled  # noqa: E402
 from noise_report import FAMILIES, Context  # noqa: E402
 from noise_run import VARIANTS, resure_flags, unit_of  # noqa: E402
@@ -39,6 +42,7 @@ from real_noise_data import KINDS  # noqa: E402
 DOCUMENTS = ("README.md", "bench/README.md", "docs/method.md")
 NOISE = noise.RESULTS / "results.json"
 REAL = real_noise.RESULTS / "results.json"
+BASELINES = ROOT / "bench" / "results" / "baselines" / "results.json"
 OPEN = re.compile(r"^<!-- table: (.*) -->$")
 CLOSE = "<!-- /table -->"
 SHARED = ("--alpha", "--warmup-samples", "--ramp-steps")  # flags of every ReSURE configuration
@@ -290,8 +294,58 @@ def gain_summary(real):
     return [real.status(), ""] + lines
 
 
+# ------------------------------------------------------------------------------------ baselines
+class Baselines:
+    """The baselines' clean-test answer counts (bench/results/baselines/results.json): per table,
+    each setting's right answers out of the same test answers, and the comparator queries spent."""
+
+    def __init__(self, path=BASELINES):
+        self.path = Path(path)
+        self.saved = json.loads(self.path.read_text()) if self.path.is_file() else None
+
+    def comparisons(self):
+        """Every setting against its table's reference, one family: (table, comparison) pairs."""
+        pairs = []
+        for table in self.saved["tables"].values():
+            total = table["answers"]
+            reference = table["reference"]
+            for name, right in table["right"].items():
+                if name == reference:
+                    continue
+                c = compare_proportions(name, reference, right, total,
+                                        table["right"][reference], total)
+                pairs.append((table, c))
+        family([c for _, c in pairs])
+        return pairs
+
+
+def baselines_vs_sft(b):
+    """Each baseline's clean-test accuracy against SFT on the same data, with Newcombe's interval
+    and the Holm p over all of them."""
+    if b.saved is None:
+        return [f"{relative(b.path)} is not in the repository yet."]
+    lines = head(["setting", "against", "right of answers", "comparator queries",
+                  "difference, points", f"{LEVEL} interval", "Holm p", ""])
+    for table, c in b.comparisons():
+        right = f"{table['right'][c.name]} of {table['answers']}"
+        queries = table["comparator_queries"].get(c.name, "none")
+        difference = signed(100 * c.mean, 1)
+        if c.resolved:
+            difference = f"**{difference}**"
+        lines.append(row([c.name, c.setting, right, queries, difference,
+                          interval_text(c, 100, 1), p_text(c.p_holm), verdict(c)]))
+    note = (f"{b.saved['source']} ({relative(b.path)}). One run per setting, so the pairs are "
+            "not seeds: each accuracy is a proportion of the same test answers, compared as two "
+            f"independent proportions (difference in points, Newcombe's {LEVEL} score interval, "
+            "the pooled z-test's p Holm-adjusted over the rows; answers to the same questions are "
+            "positively correlated, so a paired interval would be narrower). Resolved (bold): "
+            f"Holm p < 0.05; otherwise {NO_DIFFERENCE}.")
+    return lines + ["", note]
+
+
 # --------------------------------------------------------------------------------- the documents
-# name -> (its results: "noise" or "real", the function that writes it, its further arguments)
+# name -> (its results: "noise", "real" or "baselines", the function that writes it, its further
+# arguments)
 TABLES = {
     "noise/configurations": ("noise", configurations, ()),
     "noise/accuracy": ("noise", scores, ("accuracy",)),
@@ -314,6 +368,7 @@ TABLES = {
     "real-noise/vs-sft": ("real", section, (report.comparison_section,)),
     "real-noise/acceptance": ("real", section, (acceptance_rows,)),
     "real-noise/replay": ("real", section, (replay_rows,)),
+    "baselines/vs-sft": ("baselines", baselines_vs_sft, ()),
 }
 
 
@@ -363,8 +418,10 @@ def main(argv=None):
     p.add_argument("--root", default=str(ROOT), help="the folder of the documents")
     p.add_argument("--noise", default=str(NOISE), help="the noise experiment's results.json")
     p.add_argument("--real", default=str(REAL), help="bench/real_noise.py's results.json")
+    p.add_argument("--baselines", default=str(BASELINES),
+                   help="the baselines' answer counts (results.json)")
     a = p.parse_args(argv)
-    sources = {"noise": Noise(a.noise), "real": Real(a.real)}
+    sources = {"noise": Noise(a.noise), "real": Real(a.real), "baselines": Baselines(a.baselines)}
     stale = []
     for document in DOCUMENTS:
         path = Path(a.root) / document

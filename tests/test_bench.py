@@ -158,6 +158,30 @@ def test_t_distribution_against_scipy():
         t_quantile(1.0, 3)
 
 
+@pytest.mark.parametrize("counts, low, high", [
+    ((56, 70, 48, 80), 0.0524, 0.3339),   # Newcombe (1998), Table II, example (a), method 10
+    ((9, 10, 3, 10), 0.1705, 0.8090),     # example (b)
+])
+def test_proportion_interval_against_newcombe(counts, low, high):
+    from bench_report import compare_proportions
+    c = compare_proportions("x", "ref", *counts)
+    assert c.low == pytest.approx(low, abs=5e-5)
+    assert c.high == pytest.approx(high, abs=5e-5)
+
+
+@pytest.mark.parametrize("counts", [(62, 97, 53, 97), (11, 114, 65, 114), (5, 40, 9, 60)])
+def test_proportion_p_against_scipy(counts):
+    """The pooled two-proportion z-test's p equals the uncorrected chi-square test's."""
+    from scipy import stats
+    from bench_report import compare_proportions
+    hits, total, reference_hits, reference_total = counts
+    table = [[hits, total - hits], [reference_hits, reference_total - reference_hits]]
+    want = stats.chi2_contingency(table, correction=False).pvalue
+    c = compare_proportions("x", "ref", *counts)
+    assert c.p == pytest.approx(want, rel=1e-9)
+    assert c.mean == pytest.approx(hits / total - reference_hits / reference_total)
+
+
 def test_paired_comparison_against_scipy():
     from scipy import stats
     from bench_report import compare, paired_differences
