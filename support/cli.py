@@ -164,7 +164,8 @@ def train_parser(description):
     add("--ema-decay", type=num(float, 0, 1, lo_ok=False), default=0.05)
     add("--window", type=num(int, 2, 10**9, hi_ok=True), default=256)
     add("--detector", choices=["loss", "loss+gain"], default="loss", help="loss: the paper; "
-        "loss+gain: also a context gain outside mu_g +- gain_alpha sigma_g (ours)")
+        "loss+gain: also a context gain outside mu_g +- gain_alpha sigma_g (ours; its band needs "
+        "tracking statistics, --stats ema --stats-update winsorized: docs/method.md)")
     add("--gain-alpha", type=POSITIVE, default=2.0, help="the gain band's half-width in sigmas")
     add("--prefilter-keep", type=num(float, 0, 1, lo_ok=False, hi_ok=True), default=1.0,
         help="static baseline: train on this fraction only")

@@ -103,7 +103,8 @@ def log_step(run, result, tokens, seconds, skipped):
 
 def announce(args, total, world, log):
     """The run's steps; under --model, an effective batch other than the paper's 64 in one line:
-    Eq. 6's floor is a percentile over one gathered micro-batch (the paper's 4 x 4)."""
+    Eq. 6's floor is a percentile over one gathered micro-batch (the paper's 4 x 4); the gain view
+    under cumulative statistics in one line."""
     micro = args.batch_size * world
     log(f"training {total} steps x {args.grad_accum} micro-batches x {args.batch_size} x "
         f"{world} ranks; method={args.method} unit={args.unit} "
@@ -112,3 +113,7 @@ def announce(args, total, world, log):
         log(f"batch: {micro * args.grad_accum} samples per optimizer step, the paper's 64; Eq. "
             f"6's floor is a percentile over each micro-batch's {micro} gathered samples (the "
             "paper's 16)")
+    if args.detector == "loss+gain" and args.stats == "welford":
+        log("detector: loss+gain under cumulative --stats welford: the gain band remembers the "
+            "early gains and lags behind them (--stats ema --stats-update winsorized tracks; "
+            "docs/method.md)")

@@ -529,6 +529,23 @@ def test_a_batch_other_than_the_papers_is_said_in_one_line(setup, tmp_path, caps
     assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("batch:")]
 
 
+@pytest.mark.parametrize("stats, said", [("welford", True), ("ema", False), ("window", False)])
+def test_the_gain_view_under_cumulative_statistics_is_said_in_one_line(stats, said):
+    """--detector loss+gain with the cumulative Welford statistics names the lag and the tracking
+    statistics in one line; with tracking statistics nothing is said."""
+    import train
+    from support.report import announce
+    args = train.parse_args(["--model", "m", "--data", "d.jsonl", "--detector", "loss+gain",
+                             "--stats", stats, "--batch-size", "16", "--grad-accum", "4"])
+    lines = []
+    announce(args, 3, 1, lines.append)
+    notes = [x for x in lines if x.startswith("detector:")]
+    expected = ["detector: loss+gain under cumulative --stats welford: the gain band remembers the "
+                "early gains and lags behind them (--stats ema --stats-update winsorized tracks; "
+                "docs/method.md)"]
+    assert notes == (expected if said else [])
+
+
 def test_a_signal_during_the_final_save_says_the_run_finished(setup, tmp_path, monkeypatch, capsys):
     """SIGINT while the finished run writes its outputs: they are written whole, run.json says finished, and the one
     line says so (exit 130); the same command then has nothing to do."""
