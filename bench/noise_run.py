@@ -47,6 +47,8 @@ VARIANTS = {
     "resure[turn,ema/winsorized,loss+gain]": dict(
         PAPER, unit="turn", detector="loss+gain", **TRACKING,
         label="per-turn units, EMA / winsorized statistics, the loss+gain detector"),
+    "resure[turn,loss+gain]": dict(PAPER, unit="turn", detector="loss+gain",
+                                   label="per-turn units, the loss+gain detector"),
     "resure[ema/winsorized]": dict(PAPER, **TRACKING, label="EMA / winsorized statistics"),
     "resure[mad/all]": dict(PAPER, stats="mad", stats_update="all",
                             label="median / MAD statistics over every unit"),
