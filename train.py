@@ -55,6 +55,8 @@ PAPER = dict(
     grad_checkpointing=True, dtype="bf16" if BF16 else "fp32",
 )
 # The demo: minutes on 2 CPU cores, and the effect shows (its settings are printed at the start).
+# Not the paper's configuration: per-turn units, and EMA / winsorized statistics because the loss
+# falls within a few dozen steps, where cumulative Welford statistics lag (docs/method.md).
 DEMO = dict(
     lora_r=16, lora_alpha=32, lora_dropout=0.05,
     lr=1e-3, warmup_ratio=0.05, epochs=1, max_steps=45,

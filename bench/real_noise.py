@@ -13,7 +13,9 @@ Measured, all from train.py's own code (bench/real_noise_scores.py):
   (a) the base model's per-turn loss and context gain of every training turn (train.score_units,
       what the detectors see at first sighting before any training): ROC AUC per noise kind
       against the clean turns of the loss, of low gain (-gain) and of high gain;
-  (b) sft, resure --detector loss and resure --detector loss+gain, unit turn, the same data, seed
+  (b) sft, resure[turn,ema/winsorized] (--detector loss) and
+      resure[turn,ema/winsorized,loss+gain], per-turn units and EMA / winsorized statistics (not the
+      paper's configuration: the tracking statistics the gain view needs), the same data, seed
       and steps, with --record-units: flag precision / recall per view and per noise kind at the
       first judged sighting of each turn and at its last sighting, and the AUC of the loss at first
       sighting during training;
@@ -71,10 +73,12 @@ PRESETS = {
 RESULTS = ROOT / "bench" / "results" / "real-noise"  # the repository keeps its results.json
 QUICK_RESULTS = Path("runs/real_noise_quick")
 # name -> train.py flags beyond the common ones; the three runs share data, seed, steps and batches
+LOSS_RUN = "resure[turn,ema/winsorized]"              # the loss detector, named by what it changes
+GAIN_RUN = "resure[turn,ema/winsorized,loss+gain]"    # and with the context-gain view
 METHODS = {
     "sft": ["--method", "sft"],
-    "resure": ["--method", "resure", "--detector", "loss", "--warmup-data", "{warm}"],
-    "resure+gain": ["--method", "resure", "--detector", "loss+gain", "--warmup-data", "{warm}"],
+    LOSS_RUN: ["--method", "resure", "--detector", "loss", "--warmup-data", "{warm}"],
+    GAIN_RUN: ["--method", "resure", "--detector", "loss+gain", "--warmup-data", "{warm}"],
 }
 
 
@@ -301,15 +305,15 @@ def run(model_dir, out_dir, seed=0, quick=False, *, data=None, extra=None, sweep
     for name, flags in {**METHODS, **(extra or {})}.items():
         res["runs"][name] = train_and_measure(plan, model_dir, out, seed, d, name, flags, res)
     warm_scores = (base["warm"]["loss"], base["warm"]["group"], base["warm"]["gain"])
-    if sweep and "resure+gain" in res["runs"]:
-        res["replay"] = replay_sweep(out / "runs" / "resure+gain", d.examples, plan, warm_scores)
+    if sweep and GAIN_RUN in res["runs"]:
+        res["replay"] = replay_sweep(run_folder(out, GAIN_RUN), d.examples, plan, warm_scores)
     if overhead_steps:
         res["overhead"] = step_overhead(model_dir, d.files, plan, out / "speed", overhead_steps,
                                         seed)
-    loss_flags = res["runs"]["resure"]["flagging"]
+    loss_flags = res["runs"][LOSS_RUN]["flagging"]
     res["acceptance"] = {name: acceptance(r["flagging"], loss_flags)
                          for name, r in res["runs"].items()
-                         if name != "resure" and "flagging" in r and "gain" in r["flagging"]}
+                         if name != LOSS_RUN and "flagging" in r and "gain" in r["flagging"]}
     comps = heldout_family(res["heldout_dialogues"])
     res["comparisons"] = {"held-out loss vs sft": [dict(asdict(c), resolved=c.resolved)
                                                    for c in comps]}
@@ -335,10 +339,15 @@ def summary(plan, model_dir, seed, path, d, base):
             "heldout_dialogues": {}, "runs": {}}
 
 
+def run_folder(out, name):
+    """A run's folder: its name with the characters a path cannot hold (/ and :) as _."""
+    return out / "runs" / name.replace("/", "_").replace(":", "_")
+
+
 def train_and_measure(plan, model_dir, out, seed, d, name, flags, res):
     """One run trained (or found finished), its held-out loss (overall, per turn and per dialogue)
     put into res, and its record: flags, wall and CPU seconds, flagging unless it is sft."""
-    folder = out / "runs" / name
+    folder = run_folder(out, name)
     cpu = time.process_time()
     wall = train_one(plan, model_dir, d.files, folder, seed, flags)
     r = {"flags": flags, "wall_s": wall, "cpu_s": time.process_time() - cpu}

@@ -220,8 +220,8 @@ def comparison_section(res):
 
 
 def acceptance_section(name, acc):
-    lines = ["", f"## Acceptance of the context-gain view: {name} (view any) against resure "
-             "--detector loss", ""]
+    lines = ["", f"## Acceptance of the context-gain view: {name} (view any) against the loss "
+             "detector's run", ""]
     lines += head(["target", "first sighting", "last sighting"])
     for target, c in acc.items():
         lines.append(row([target, verdict_cell(c["first"]), verdict_cell(c["last"])]))

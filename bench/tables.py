@@ -270,15 +270,15 @@ def replay_rows(res):
 
 def gain_summary(real):
     """Per noise kind: what the base model's scores can see (ROC AUC against the clean turns) and
-    the recall of resure (--detector loss) and resure+gain (loss+gain) at each turn's last
-    sighting; then precision, recall and the clean flag rate."""
+    the recall of real_noise's two ReSURE runs (the loss detector, and loss+gain) at each turn's
+    last sighting; then precision, recall and the clean flag rate."""
     if real.res is None:
         return [real.status()]
     detect = real.res["detectability"]
     runs = {name: real.res["runs"][name]["flagging"]["any"]["last"]
-            for name in ("resure", "resure+gain")}
+            for name in (real_noise.LOSS_RUN, real_noise.GAIN_RUN)}
     lines = head(["noise kind (turns)", "AUC: loss", "AUC: low gain", "AUC: high gain",
-                  "recall, resure", "recall, resure+gain"])
+                  *[f"recall, {name}" for name in runs]])
     for kind in KINDS:
         if kind not in detect:
             continue

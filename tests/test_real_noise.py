@@ -140,11 +140,11 @@ def test_quick_run_end_to_end(tiny, fixtures_dir, tmp_path):
     data = fixtures_dir / "mt_bench_101" / "mtbench101.jsonl"
     res = R.run(tiny, out, seed=1, quick=True, data=data)
     saved = json.loads((out / "results.json").read_text())
-    assert saved["runs"].keys() == {"sft", "resure", "resure+gain"}
+    assert saved["runs"].keys() == {"sft", R.LOSS_RUN, R.GAIN_RUN}
     md = (out / "results.md").read_text()
     assert "A loss threshold cannot see" in md
     assert "## Held-out loss against sft, paired by held-out dialogue" in md
-    assert set(res["heldout"]) == {"base", "sft", "resure", "resure+gain"}
+    assert set(res["heldout"]) == {"base", "sft", R.LOSS_RUN, R.GAIN_RUN}
     for name, h in res["heldout"].items():
         assert math.isfinite(h["overall"]["loss"]), name
     for k, v in res["detectability"].items():
@@ -166,7 +166,7 @@ def check_document_tables(out, res):
     summary = tables.gain_summary(real)
     assert summary[0].startswith("3 of 3 training runs of `python bench/real_noise.py` are finished")
     rows = {r[0].split(" (")[0]: r for r in table_rows(summary)}
-    last = {name: res["runs"][name]["flagging"]["any"]["last"] for name in ("resure", "resure+gain")}
+    last = {name: res["runs"][name]["flagging"]["any"]["last"] for name in (R.LOSS_RUN, R.GAIN_RUN)}
     for kind, d in res["detectability"].items():
         if kind == "clean":
             continue
@@ -196,8 +196,8 @@ def check_flag_tables(res, out, tiny):
     convs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     tpl = ChatTemplate.from_pretrained(tiny)
     examples = build_examples(convs, tpl, R.PRESETS["quick"]["max_len"], None)[0]
-    for name in ("resure", "resure+gain"):
-        lines = (out / "runs" / name / "units.jsonl").read_text().splitlines()
+    for name in (R.LOSS_RUN, R.GAIN_RUN):
+        lines = (R.run_folder(out, name) / "units.jsonl").read_text().splitlines()
         units = [json.loads(line) for line in lines]
         last = {(u["sample"], u["turn"]): u for u in units if not u["warmup"] and not u["skipped"]}
         kind = {}
@@ -205,7 +205,7 @@ def check_flag_tables(res, out, tiny):
             messages = convs[examples[sample]["conv_index"]]["messages"]
             m = [m for m in messages if m["role"] == "assistant"][turn - 1]
             kind[sample, turn] = m["noise_type"] if m["noisy"] else "clean"
-        for view in ("any", "loss", "gain") if name == "resure+gain" else ("any", "loss"):
+        for view in ("any", "loss", "gain") if name == R.GAIN_RUN else ("any", "loss"):
             if view == "any":
                 hit = {key: u["flagged"] for key, u in last.items()}
             else:
@@ -226,13 +226,13 @@ def check_heldout_pairs(res):
     evaluation reports; and the comparison with sft as scipy's paired t-test computes it."""
     from scipy import stats
     per_dialogue = res["heldout_dialogues"]
-    assert set(per_dialogue) == {"sft", "resure", "resure+gain"}
+    assert set(per_dialogue) == {"sft", R.LOSS_RUN, R.GAIN_RUN}
     for name, d in per_dialogue.items():
         assert len(d["loss"]) == res["data"]["heldout_dialogues"], name
         weighted = np.dot(d["loss"], d["tokens"]) / sum(d["tokens"])
         assert weighted == pytest.approx(res["heldout"][name]["overall"]["loss"], rel=1e-4), name
     comps = {c["name"]: c for c in res["comparisons"]["held-out loss vs sft"]}
-    assert set(comps) == {"resure", "resure+gain"}
+    assert set(comps) == {R.LOSS_RUN, R.GAIN_RUN}
     for name, c in comps.items():
         test = stats.ttest_rel(per_dialogue[name]["loss"], per_dialogue["sft"]["loss"])
         assert c["n"] == len(per_dialogue["sft"]["loss"]), name
