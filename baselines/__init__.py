@@ -33,11 +33,7 @@ import argparse
 import contextlib
 import io
 import os
-import shutil
-import signal
 import sys
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +45,10 @@ from eval import generate_texts, load  # noqa: E402
 from support import runs  # noqa: E402
 from support.checkpoint import read_json  # noqa: E402
 from support.cli import UsageError  # noqa: E402
+from support.runs import SIGNAL_NAMES, Stopped, read_state, sigterm_exits, signal_code  # noqa: E402
 
 COMPUTE_KEYS = ("trainings", "optimizer_steps", "train_tokens", "generated_tokens",
                 "forward_tokens", "comparisons")
-SIGNAL_NAMES = {130: "SIGINT", 143: "SIGTERM"}
 
 
 class BaselineError(ValueError):
@@ -66,149 +62,6 @@ def new_compute():
 def add_compute(total, part):
     for key, value in part.items():
         total[key] = total.get(key, 0) + int(value)
-
-
-# -------------------------------------------------------------------------------------------------
-# Files written whole
-
-def replace_folder(build, dst):
-    """Folder dst written whole: build(tmp) fills a fresh .tmp-NAME beside it, which then takes
-    dst's place (dst is briefly absent, never half written)."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    return dst
-
-
-def copy_folder(src, dst):
-    """A whole copy of folder src at dst."""
-    def build(tmp):
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-    return replace_folder(build, dst)
-
-
-def read_state(path, log):
-    """A state file this baseline wrote (runs.dump), or None when it is absent or damaged (then
-    one line says so, and what it held is computed again)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return read_json(path, BaselineError)
-    except BaselineError as e:
-        log(f"{e}; computed again")
-        return None
-
-
-# -------------------------------------------------------------------------------------------------
-# Signals: one line naming what was kept
-
-class Stopped(SystemExit):
-    """A baseline stopped by a signal: exit code 130 (SIGINT) or 143 (SIGTERM), and the line that
-    says what was kept and that the same command continues."""
-
-    def __init__(self, code, line):
-        super().__init__(code)
-        self.line = line
-
-
-@dataclass
-class Progress:
-    """Where a baseline's run stands, for the line a signal prints: what it is doing, what it has
-    saved whole (names relative to out), and the training under way."""
-    out: Path
-    doing: str = "starting"
-    saved: list[str] = field(default_factory=list)
-    training: Path | None = None   # a train.py run folder being trained
-
-    def start(self, doing, training=None):
-        self.doing = doing
-        self.training = training
-
-    def done(self, path):
-        self.saved.append(self.name(path))
-        self.training = None
-
-    def name(self, path):
-        return os.path.relpath(path, self.out)
-
-    def kept(self):
-        """The things saved, the last three by name, and the state of the training under way."""
-        parts = self.saved[-3:]
-        if len(self.saved) > 3:
-            parts.insert(0, f"{len(self.saved) - 3} earlier")
-        if self.training is not None:
-            state = training_state(self.training)
-            if state:
-                parts.append(f"{self.name(self.training)} ({state})")
-        return ", ".join(parts) or "nothing yet"
-
-    def line(self, code):
-        return (f"stopped by {SIGNAL_NAMES.get(code, code)} while {self.doing}; kept in "
-                f"{self.out}: {self.kept()}; the same command continues")
-
-
-def training_state(out):
-    """What train.py's run folder `out` keeps: 'finished', its newest checkpoint, or None."""
-    folder = runs.Folder(str(out))
-    record = None
-    try:
-        record = folder.read_record()
-    except runs.RunError:  # a damaged run.json: the checkpoints may still be whole
-        pass
-    if record and record.get("finished"):
-        return "finished"
-    checkpoints = folder.checkpoints()
-    if checkpoints:
-        return f"checkpoint {checkpoints[-1]}"
-    return None
-
-
-def exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def sigterm_exits():
-    """Inside (in the main thread): SIGTERM raises SystemExit(143), as SIGINT raises
-    KeyboardInterrupt, so that the stop can be reported; the previous handler comes back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def signal_code(error):
-    """130 / 143 when `error` is a stop by SIGINT / SIGTERM (train.main exits so after the
-    checkpoint a signal asked for), else None."""
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    if isinstance(error, SystemExit) and error.code in SIGNAL_NAMES:
-        return error.code
-    return None
-
-
-@contextlib.contextmanager
-def stops_reported(progress):
-    """main's body: any stop by a signal becomes Stopped, whose line names what progress has
-    kept."""
-    try:
-        with sigterm_exits():
-            yield progress
-    except Stopped:
-        raise
-    except (KeyboardInterrupt, SystemExit) as e:
-        code = signal_code(e)
-        if code is None:
-            raise
-        raise Stopped(code, progress.line(code)) from None
 
 
 # -------------------------------------------------------------------------------------------------

@@ -45,10 +45,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from baselines import BaselineError, Counted, Progress, add_compute, check_inputs  # noqa: E402
+from baselines import BaselineError, Counted, add_compute, check_inputs  # noqa: E402
 from baselines import cli, device, generate, label_accuracy, label_positions  # noqa: E402
-from baselines import new_compute, parser, replace_folder, set_flag  # noqa: E402
-from baselines import stops_reported, train_run, training_args  # noqa: E402
+from baselines import new_compute, parser, set_flag, train_run, training_args  # noqa: E402
 from baselines.feedback import Feedback, check_references, make, realized_accuracy  # noqa: E402
 from baselines.feedback import reference  # noqa: E402
 from data import ChatTemplate, collate  # noqa: E402
@@ -59,7 +58,7 @@ from support.checkpoint import read_json  # noqa: E402
 from support.conversations import load_conversations, save_jsonl  # noqa: E402
 from support.distributed import gather  # noqa: E402
 from support.export import export_merged  # noqa: E402
-from support.runs import dump  # noqa: E402
+from support.runs import Progress, dump, replace_folder, stops_reported  # noqa: E402
 
 PROG = "baselines/dpo.py"
 

@@ -55,16 +55,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from baselines import BaselineError, Progress, add_compute, check_inputs, cli  # noqa: E402
-from baselines import copy_folder, generate, label_accuracy, label_positions  # noqa: E402
-from baselines import new_compute, parser, stops_reported, train_run, trained_model  # noqa: E402
-from baselines import training_args  # noqa: E402
+from baselines import BaselineError, add_compute, check_inputs, cli  # noqa: E402
+from baselines import generate, label_accuracy, label_positions  # noqa: E402
+from baselines import new_compute, parser, train_run, trained_model, training_args  # noqa: E402
 from baselines.feedback import Feedback, check_references, make, realized_accuracy  # noqa: E402
 from baselines.feedback import reference  # noqa: E402
 from data import ChatTemplate  # noqa: E402
 from eval import answer_matches  # noqa: E402
 from support.conversations import load_conversations, save_jsonl  # noqa: E402
-from support.runs import dump  # noqa: E402
+from support.runs import Progress, copy_folder, dump, stops_reported  # noqa: E402
 
 PROG = "baselines/ilr.py"
 

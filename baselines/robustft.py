@@ -68,14 +68,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import baselines  # noqa: E402
-from baselines import BaselineError, Parser, Progress, copy_folder, device  # noqa: E402
-from baselines import new_compute, read_state, stops_reported, train_run  # noqa: E402
+from baselines import BaselineError, Parser, device, new_compute, train_run  # noqa: E402
 from baselines import training_args  # noqa: E402
 from data import collate  # noqa: E402
 from eval import answer_matches, generate_texts, load  # noqa: E402
 from support.checkpoint import read_json  # noqa: E402
 from support.conversations import load_conversations, save_jsonl  # noqa: E402
-from support.runs import dump  # noqa: E402
+from support.runs import Progress, copy_folder, dump, read_state, stops_reported  # noqa: E402
 
 REASON = ("{question}\n\nThink step by step about the conversation so far, then give your final "
           "reply on its own last line, starting with \"Answer: \".")
