@@ -223,6 +223,50 @@ def claims(n):
     return lines
 
 
+def answer(n):
+    """The paper's question on this experiment: does any configuration beat SFT on the noisiest
+    mixture without losing to it on the clean one? Read from the family "accuracy vs sft": beating
+    is a resolved positive difference on the noisy mixture, losing a resolved negative one on H."""
+    if n.cx is None:
+        return [n.status(), "", "The answer waits for finished runs."]
+    noisy = n.mixes[-1]
+    comps = {(c.name, c.setting): c for c in n.cx.families["accuracy vs sft"]}
+    names = [v for v in n.methods() if v != "sft"]
+    lines = head(["configuration", f"{noisy} vs sft, points", "H vs sft, points", ""])
+    winners = []
+    for v in names:
+        on_noisy = comps.get((v, noisy))
+        on_h = comps.get((v, "H"))
+        if on_noisy is None or on_h is None or min(on_noisy.n, on_h.n) < 2:
+            lines.append(row([v, "-", "-", "fewer than two seeds on each mixture"]))
+            continue
+        beats = on_noisy.resolved and on_noisy.mean > 0
+        loses = on_h.resolved and on_h.mean < 0
+        if beats and not loses:
+            winners.append(v)
+        words = ("beats sft on " + noisy) if beats else f"{NO_DIFFERENCE} on {noisy}"
+        words += "; loses on H" if loses else ""
+        lines.append(row([v, difference_text(on_noisy, 100, 1), difference_text(on_h, 100, 1),
+                          words]))
+    planned = n.planned
+    finished = len(n.saved["results"])
+    if winners:
+        found = (f"{', '.join(winners)} has accuracy on {noisy} resolved above sft's and no loss "
+                 "on H resolved (its interval on H says how large a loss it still allows).")
+    else:
+        found = (f"no configuration has accuracy on {noisy} resolved above sft's (Holm over the "
+                 f"{len(comps)} comparisons of the accuracy-vs-sft table).")
+    if finished < planned:
+        verdict_line = f"Not answered yet ({finished} of {planned} runs finished); so far {found}"
+    elif winners:
+        verdict_line = f"Yes: {found}"
+    else:
+        verdict_line = f"No: {found}"
+    note = ("Paired by seed; each cell: the mean difference, its 95 % t-interval and the Holm p "
+            "over the accuracy-vs-sft family (bench/README.md).")
+    return [n.status(), "", verdict_line, ""] + lines + ["", note]
+
+
 # --------------------------------------------------------------------- real dialogues with noise
 class Real:
     """bench/real_noise.py's committed results.json (None when it is not there)."""
@@ -358,6 +402,7 @@ TABLES = {
     "noise/vs-paper": ("noise", comparisons, ("accuracy vs resure",)),
     "noise/flagging": ("noise", flagging, ()),
     "noise/claims": ("noise", claims, ()),
+    "noise/answer": ("noise", answer, ()),
     "real-noise/summary": ("real", gain_summary, ()),
     "real-noise/detect": ("real", section, (report.detect_section,)),
     "real-noise/flags-first": ("real", section, (report.sighting_section, "first")),

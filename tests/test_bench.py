@@ -796,6 +796,29 @@ def test_tables_check_names_a_stale_table(tmp_path, capsys):
     assert tables.main(["--check", "--root", str(tmp_path)]) == 0
 
 
+@pytest.mark.parametrize("planned, opening", [
+    (30, "Yes: resure has accuracy on H+N+L resolved above sft's"),
+    (40, "Not answered yet (30 of 40 runs finished); so far resure has accuracy on H+N+L"),
+])
+def test_the_papers_question_is_answered_from_the_accuracy_vs_sft_family(tmp_path, planned,
+                                                                          opening):
+    """resure (x) beats sft on H+N+L beyond doubt and does not lose on H; hard (y) resolves
+    nothing: the answer names resure alone, and says it is provisional while runs are missing."""
+    import tables
+    names = {"x": "resure", "y": "hard"}
+    results = [dict(r, variant=names.get(r["variant"], r["variant"]))
+               for r in synthetic_results() if r["mixture"] != "H+N"]
+    plan = {"preset": "cpu", "mixtures": ["H", "H+N+L"], "seeds": [1, 2, 3, 4, 5],
+            "methods": ["sft", "resure", "hard"], "kinds": {}}
+    saved = {"plan": plan, "results": results, "runs_planned": planned, "base": {}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    lines = tables.answer(tables.Noise(tmp_path / "results.json"))
+    assert lines[2].startswith(opening)
+    rows = {r[0]: r for r in table_rows("\n".join(lines))}
+    assert rows["resure"][3] == "beats sft on H+N+L"
+    assert rows["hard"][3] == "no difference resolved on H+N+L"
+
+
 def test_tables_bad_markers_are_one_line_errors(tmp_path):
     import tables
     cases = {
