@@ -312,12 +312,12 @@ def comparison_table(comparisons, names, scale=1.0, digits=3):
 
 
 def difference_text(c, scale=1.0, digits=3, unit=""):
-    """'+5.0 points (95 % CI [+1.1, +8.9], Holm p 0.031)': a comparison in a sentence."""
+    """'+5.0 points (n = 5, 95 % CI [+1.1, +8.9], Holm p 0.031)': a comparison in a sentence."""
     amount = signed(c.mean * scale, digits) + (f" {unit}" if unit else "")
     if not math.isfinite(c.low):
         return f"{amount} (n = {c.n}, no interval)"
     interval = interval_text(c, scale, digits)
-    return f"{amount} ({LEVEL} CI {interval}, Holm p {p_text(c.p_holm)})"
+    return f"{amount} (n = {c.n}, {LEVEL} CI {interval}, Holm p {p_text(c.p_holm)})"
 
 
 def family_note(kind):
